@@ -1,0 +1,197 @@
+"""The one training configuration: CLI, config files, checkpoints, Tune and jobs all use `TrainConfig`.
+
+Precedence, written down once: command-line flags > `--config FILE` (YAML or TOML) > field defaults.
+The CLI is generated from the dataclass fields, so a new field is a new flag with its docstring as help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's configuration; the message names the flag and what to do."""
+
+
+def _opt(default: Any, help: str, *, cli: bool = True, identity: bool = True, **extra: Any) -> Any:
+    """A dataclass field with its CLI help.
+
+    `identity=False` marks operational settings that do not change what is trained (where checkpoints go,
+    how many retries): they are left out of the default run name, so changing them continues the same run.
+    `cli=False` marks fields filled from the data or the checkpoint, never from a flag.
+    """
+    return field(default=default, metadata={"help": help, "cli": cli, "identity": identity, **extra})
+
+
+# Fields that define the network's shapes: a checkpoint can only be loaded into the same values.
+ARCH_FIELDS = ("hidden_dim", "num_layers", "num_heads")
+DATA_ARCH_FIELDS = ("feature_dim", "seq_len", "num_classes", "per_step")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # --- data ---
+    data: str = _opt(
+        "data/demo.pkl",
+        "Dataset: a pickled dict {'train': {'x', 'y'}, 'val': {...}} (see README, 'Dataset format').",
+    )
+    val_fraction: float = _opt(0.1, "Fraction of train held out for validation when the dataset has no 'val' split.")
+    aug_noise_std: float = _opt(0.0, "Std of Gaussian noise added to training features (augmentation; may change on resume).")
+
+    # --- model (architecture fields must match a checkpoint being loaded) ---
+    hidden_dim: int = _opt(64, "Transformer width.")
+    num_layers: int = _opt(2, "Number of Transformer blocks.")
+    num_heads: int = _opt(4, "Attention heads; must divide --hidden-dim.")
+    dropout: float = _opt(0.1, "Dropout probability (may change when fine-tuning).")
+    feature_dim: int = _opt(0, "Input features per step, from the data.", cli=False)
+    seq_len: int = _opt(0, "Sequence length, from the data.", cli=False)
+    num_classes: int = _opt(0, "Number of classes, from the data.", cli=False)
+    per_step: bool = _opt(False, "True when targets are [N, T] (one class per step), from the data.", cli=False)
+
+    # --- optimisation ---
+    epochs: int = _opt(5, "Total epochs (not additional ones): resuming at epoch 5 with --epochs 10 runs 6-10.")
+    lr: float = _opt(1e-3, "Peak learning rate (AdamW), reached after warmup, then cosine decay to lr/10.")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (applied to matrices, not to biases and norms).")
+    batch_size: int = _opt(32, "Sequences per worker per micro-batch.")
+    grad_accum_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    warmup_steps: int = _opt(20, "Linear warmup, in optimizer steps.")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value (0 disables).")
+    eval_every: int = _opt(50, "Validate and checkpoint every N optimizer steps (and at the end of every epoch).")
+    seed: int = _opt(0, "Seed for initialisation, data order, dropout and augmentation.")
+
+    # --- precision and speed ---
+    use_amp: bool = _opt(False, "Mixed precision with torch.autocast (bf16 or fp16, see --amp-dtype).")
+    amp_dtype: str = _opt("bf16", "Autocast dtype with --use-amp; fp16 also uses a GradScaler.", choices=("bf16", "fp16"))
+    compile: bool = _opt(False, "torch.compile the model.")
+
+    # --- cluster and run ---
+    num_workers: int = _opt(2, "Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = _opt(False, "One GPU per worker.")
+    save_dir: str = _opt("./checkpoints", "Where runs live (Ray storage_path): <save-dir>/<run-name>/.", identity=False)
+    run_name: str | None = _opt(
+        None, "Run name; by default derived from the hyperparameters, so the same command continues the same run.",
+        identity=False,
+    )
+    resume_from_checkpoint: str | None = _opt(
+        None, "Start from a checkpoint: a .pt file, a checkpoint folder or a run folder (its best checkpoint)."
+    )
+    max_failures: int = _opt(3, "Worker-group restarts from the latest checkpoint before the run fails.", identity=False)
+    keep_checkpoints: int = _opt(3, "Checkpoints kept per run: the N best by validation loss, plus always the latest.",
+                                 identity=False)
+    use_wandb: bool = _opt(False, "Log to Weights & Biases.", identity=False)
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "grad_accum_steps", "eval_every", "hidden_dim", "num_layers",
+                    "num_heads", "num_workers", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "aug_noise_std", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.hidden_dim % self.num_heads:
+            raise ConfigError(
+                f"--num-heads {self.num_heads} must divide --hidden-dim {self.hidden_dim}; pick e.g. "
+                f"--num-heads {_largest_divisor(self.hidden_dim, self.num_heads)}"
+            )
+        if self.amp_dtype not in ("bf16", "fp16"):
+            raise ConfigError(f"--amp-dtype must be bf16 or fp16, got {self.amp_dtype!r}")
+
+    # --- round trips ---
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def identity_hash(self) -> str:
+        """A short hash of everything that changes what is trained; the default run name is built from it."""
+        ident = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"] and f.metadata["cli"]}
+        for key in ("data", "resume_from_checkpoint"):
+            if ident[key] and "://" not in ident[key]:
+                ident[key] = os.path.abspath(ident[key])
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+
+    def default_run_name(self) -> str:
+        return f"run-{self.identity_hash()}"
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    return [f for f in fields(TrainConfig) if f.metadata["cli"]]
+
+
+def build_parser(prog: str = "python -m raytrain_app.main", description: str | None = None) -> argparse.ArgumentParser:
+    """The CLI, generated from `TrainConfig`. Every default is SUPPRESS so we know which flags were given."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings; command-line flags win.")
+    for f in cli_fields():
+        flag = f"--{_flag(f.name)}"
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML or TOML settings file; keys may use dashes or underscores."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if path.endswith(".toml"):
+            values = tomllib.loads(raw.decode())
+        else:
+            import yaml
+
+            values = yaml.safe_load(raw) or {}
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
+        raise ConfigError(f"--config {path} could not be parsed: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of settings, got {type(values).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    allowed = {f.name for f in cli_fields()}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in --config {path}: {', '.join(unknown)}")
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """Parse the command line into a config, and the set of fields the user set (flags or config file)."""
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config", None)
+    values = load_config_file(config_path) if config_path else {}
+    values.update(args)  # flags win over the file
+    return TrainConfig.from_dict(values), set(values)

@@ -1,0 +1,320 @@
+"""The training step and loop: plain PyTorch, no Ray and no argparse.
+
+`Trainer` owns every piece of resumable state (model, optimizer, scaler, schedule, counters, EMA, RNG, data
+position) and exposes it through `state_dict()` / `load_state_dict()`. `fit()` calls `on_checkpoint` at every
+validation; the caller decides where the state goes (Ray in `train_worker.py`, a plain file in a benchmark).
+Distributed pieces use torch.distributed directly and are no-ops in a single process.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from raytrain_app.checkpoint import FORMAT_VERSION
+from raytrain_app.config import TrainConfig
+from raytrain_app.data import Dataset, augment, batches_per_epoch, eval_batches, shard_batches
+from raytrain_app.model import loss_fn
+
+EMA_DECAY = 0.98
+MIN_LR_RATIO = 0.1
+
+
+def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to peak_lr, then cosine decay to peak_lr * MIN_LR_RATIO at total_steps.
+
+    A pure function of the step, so resuming needs only the step (and a fork's new --lr applies at once).
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return peak_lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class WarmupCosineSchedule:
+    """Sets the optimizer's learning rate from `lr_at`. Peak, warmup and length come from the current config,
+    so a fine-tuning run's --lr / --epochs / --warmup-steps replace the checkpoint's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> None:
+        self.optimizer, self.cfg, self.total_steps, self.step = optimizer, cfg, total_steps, 0
+
+    def set_step(self, step: int) -> float:
+        self.step = step
+        lr = lr_at(step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps, total_steps=self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "peak_lr": self.cfg.lr, "warmup_steps": self.cfg.warmup_steps,
+                "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.set_step(int(state["step"]))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # numpy's key array is stored as a list: weights_only loading admits no numpy objects.
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Per-rank streams (different dropout masks per rank) from one seed."""
+    random.seed(seed * 1000 + rank)
+    np.random.seed((seed * 1000 + rank) % 2**32)
+    torch.manual_seed(seed * 1000 + rank)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if _world()[1] == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@dataclass
+class LoadReport:
+    """What `load_state_dict` restored, for the resume summary."""
+
+    model: bool = False
+    optimizer: bool = False
+    scaler: bool = False
+    scheduler: bool = False
+    rng: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# The callback receives (metrics, state or None on ranks > 0, is_best) on every rank at every validation.
+CheckpointFn = Callable[[dict[str, float], "dict[str, Any] | None", bool], None]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, train_model: nn.Module, device: torch.device) -> None:
+        """`model` is the plain module (its state_dict is what we save); `train_model` is what runs forward
+        in training: the same module, possibly compiled and/or wrapped in DDP."""
+        self.cfg, self.model, self.train_model, self.device = cfg, model, train_model, device
+        self.rank, self.world_size = _world()
+        self.ddp = train_model if isinstance(train_model, DistributedDataParallel) else None
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+        )
+        self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+        # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.use_amp and cfg.amp_dtype == "fp16")
+        self.schedule = WarmupCosineSchedule(self.optimizer, cfg, total_steps=1)
+        self.epoch = 0  # completed epochs
+        self.global_step = 0  # optimizer steps taken
+        self.batch_index = 0  # micro-batches of the current epoch already consumed by this rank
+        self.best_val_loss = math.inf
+        self.ema = torch.zeros((), device=device)  # stays on the device: no host sync per step
+        self.ema_started = False
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def state_dict(self, eval_val_loss: float | None = None) -> dict[str, Any] | None:
+        """The full training state on rank 0, None elsewhere. Collective: every rank must call it."""
+        per_rank = _all_gather({"rng": capture_rng_state(), "ema": self.ema.item(), "ema_started": self.ema_started})
+        if self.rank != 0:
+            return None
+        return {
+            "format_version": FORMAT_VERSION,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model_state_dict": self.model.state_dict(),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "scheduler_state_dict": self.schedule.state_dict(),
+            "val_loss": self.best_val_loss,
+            "train_ema_loss": sum(r["ema"] for r in per_rank) / len(per_rank),
+            "config": self.cfg.to_dict(),
+            "rng_states": [r["rng"] for r in per_rank],
+            "rank_ema_losses": [(r["ema"], r["ema_started"]) for r in per_rank],
+            "data_position": {"epoch": self.epoch, "batch_index": self.batch_index,
+                              "batch_size": self.cfg.batch_size, "world_size": self.world_size},
+            "eval_val_loss": eval_val_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> LoadReport:
+        """Restore everything the state holds, then apply the current config's overrides (lr, weight decay,
+        dropout were already applied when the model was built). Missing parts start fresh."""
+        report = LoadReport()
+        self.model.load_state_dict(state["model_state_dict"])
+        report.model = True
+        if state.get("optimizer_state_dict"):
+            self.optimizer.load_state_dict(state["optimizer_state_dict"])
+            report.optimizer = True
+        # Hyperparameters come from the current config, not the checkpoint (fine-tuning overrides).
+        self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay
+        for group in self.optimizer.param_groups:
+            group["fused"] = self.device.type == "cuda"
+        if self.scaler.is_enabled() and state.get("scaler_state_dict"):
+            self.scaler.load_state_dict(state["scaler_state_dict"])
+            report.scaler = True
+        self.epoch = int(state.get("epoch", 0) or 0)
+        self.global_step = int(state.get("global_step", 0) or 0)
+        if state.get("scheduler_state_dict"):
+            report.scheduler = True
+        self.schedule.set_step(self.global_step)
+        best = state.get("val_loss")
+        self.best_val_loss = math.inf if best is None else float(best)
+        self._load_ema(state)
+        self.batch_index = self._resume_batch_index(state.get("data_position"))
+        rng_states = state.get("rng_states") or []
+        if self.rank < len(rng_states):
+            restore_rng_state(rng_states[self.rank])
+            report.rng = True
+        else:  # a checkpoint from fewer ranks or another tool: a fresh, still deterministic stream
+            seed_everything(self.cfg.seed + self.global_step, self.rank)
+        return report
+
+    def _load_ema(self, state: dict[str, Any]) -> None:
+        per_rank = state.get("rank_ema_losses") or []
+        if self.rank < len(per_rank) and len(per_rank) == self.world_size:
+            value, self.ema_started = per_rank[self.rank]
+        else:
+            value = state.get("train_ema_loss")
+            self.ema_started = value is not None
+        self.ema = torch.tensor(float(value or 0.0), dtype=torch.float32, device=self.device)
+
+    def _resume_batch_index(self, position: dict[str, Any] | None) -> int:
+        if not position or int(position.get("epoch", -1)) != self.epoch:
+            return 0
+        index = int(position["batch_index"])
+        if position.get("batch_size") != self.cfg.batch_size or position.get("world_size") != self.world_size:
+            # Another batch geometry: continue after the same number of samples of this epoch.
+            samples = index * int(position["batch_size"]) * int(position["world_size"])
+            index = samples // (self.cfg.batch_size * self.world_size)
+        return index
+
+    # --- step, evaluation, loop ---------------------------------------------------------------------------
+    def _autocast(self):  # noqa: ANN202
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.use_amp)
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One optimizer step over `micro_batches` (gradient accumulation). No host sync unless fp16 scaling."""
+        self.train_model.train()
+        step_loss = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = i == len(micro_batches) - 1
+            # Skip DDP's gradient all-reduce on all but the last micro-batch: one all-reduce per step.
+            sync = nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = loss_fn(self.train_model(x), y) / len(micro_batches)
+                self.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        self.schedule.set_step(self.global_step)
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self.ema = step_loss if not self.ema_started else EMA_DECAY * self.ema + (1 - EMA_DECAY) * step_loss
+        self.ema_started = True
+
+    @torch.no_grad()
+    def evaluate(self, data: Dataset) -> float:
+        """Mean validation loss over every sample of the split, across all ranks."""
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for x, y in eval_batches(data.val, rank=self.rank, world_size=self.world_size,
+                                 batch_size=max(self.cfg.batch_size, 64)):
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = self.model(x)
+            totals[0] += loss_fn(logits, y, reduction="sum").double()
+            totals[1] += y.numel()
+        _all_reduce_sum(totals)
+        return (totals[0] / totals[1]).item()
+
+    def mean_ema(self) -> float:
+        ema = self.ema.detach().clone().reshape(1)
+        return (_all_reduce_sum(ema) / self.world_size).item()
+
+    def _validate(self, data: Dataset, on_checkpoint: CheckpointFn) -> None:
+        val_loss = self.evaluate(data)
+        is_best = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        metrics = {
+            "epoch": self.epoch, "global_step": self.global_step, "batch_index": self.batch_index,
+            "val_loss": val_loss, "best_val_loss": self.best_val_loss, "train_ema_loss": self.mean_ema(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        on_checkpoint(metrics, self.state_dict(eval_val_loss=val_loss), is_best)
+
+    def steps_per_epoch(self, data: Dataset) -> int:
+        n = batches_per_epoch(len(data.train), self.cfg.batch_size, self.world_size)
+        return math.ceil(n / self.cfg.grad_accum_steps)
+
+    def fit(self, data: Dataset, on_checkpoint: CheckpointFn) -> None:
+        """Train until `cfg.epochs` epochs are complete, validating and checkpointing every `eval_every` optimizer
+        steps and at the end of every epoch."""
+        cfg = self.cfg
+        n_batches = batches_per_epoch(len(data.train), cfg.batch_size, self.world_size)
+        self.schedule.total_steps = cfg.epochs * self.steps_per_epoch(data)
+        while self.epoch < cfg.epochs:
+            micro: list[tuple[torch.Tensor, torch.Tensor]] = []
+            batches = shard_batches(data.train, seed=cfg.seed, epoch=self.epoch, rank=self.rank,
+                                    world_size=self.world_size, batch_size=cfg.batch_size,
+                                    start_batch=self.batch_index)
+            for b, x, y in batches:
+                x = augment(x, cfg.aug_noise_std, seed=cfg.seed, epoch=self.epoch, rank=self.rank, batch_index=b)
+                micro.append((x, y))
+                if (b + 1) % cfg.grad_accum_steps and b != n_batches - 1:
+                    continue
+                self.train_step(micro)
+                micro = []
+                self.batch_index = b + 1
+                if self.batch_index < n_batches and self.global_step % cfg.eval_every == 0:
+                    self._validate(data, on_checkpoint)  # mid-epoch checkpoint
+            self.epoch += 1
+            self.batch_index = 0
+            self._validate(data, on_checkpoint)

@@ -1,0 +1,278 @@
+"""Train on Ray: `python -m raytrain_app.main --data dataset.pkl [flags]` (see --help).
+
+The driver parses the config, checks the data and any checkpoint before a worker starts (a mistake costs
+seconds, not a cluster), picks the run, and hands the loop to Ray Train's TorchTrainer.
+
+Resume contract:
+  * the same command continues the same run (<save-dir>/<run-name>) from its latest checkpoint;
+  * --resume-from-checkpoint X with changed hyperparameters starts a new run initialised from X;
+  * --epochs is a total; architecture flags not given come from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+import tempfile
+from typing import Any
+
+from raytrain_app.checkpoint import (
+    BEST_MODEL_FILE,
+    CheckpointError,
+    StateSummary,
+    latest_run_checkpoint,
+    resolve_checkpoint,
+    summarize,
+)
+from raytrain_app.config import ARCH_FIELDS, ConfigError, TrainConfig, parse_config
+from raytrain_app.data import Dataset, DataError, batches_per_epoch, load_dataset
+
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_FAILED = 1
+# Ray Train's controller polls workers this often; each ray.train.report waits about one poll. Ray's default
+# is 2 s; we only report at validations, so polling faster costs little and keeps checkpoints cheap.
+DEFAULT_POLL_INTERVAL_S = "0.2"
+
+
+class UserError(Exception):
+    """Stops the run with one line on stderr and exit code 2, before anything is written."""
+
+
+# --- choosing where the run starts ---------------------------------------------------------------------------
+
+def _infer_arch_from_weights(weights: dict[str, Any]) -> dict[str, Any]:
+    """Architecture from tensor shapes, for .pt files written by other tools without a full config."""
+    arch: dict[str, Any] = {}
+    if "input_proj.weight" in weights:
+        arch["hidden_dim"], arch["feature_dim"] = tuple(weights["input_proj.weight"].shape)
+    if "pos_emb" in weights:
+        arch["seq_len"] = weights["pos_emb"].shape[1]
+    if "head.weight" in weights:
+        arch["num_classes"] = weights["head.weight"].shape[0]
+    layers = {k.split(".")[1] for k in weights if k.startswith("blocks.")}
+    if layers:
+        arch["num_layers"] = len(layers)
+    return arch
+
+
+def fit_to_checkpoint(
+    cfg: TrainConfig, given: set[str], summary: StateSummary, *, num_classes_given: bool
+) -> TrainConfig:
+    """Take architecture fields from the checkpoint; a flag given with another value is an error (exit 2).
+
+    `num_classes_given`: the dataset states its class count (else it is max label + 1 and may be smaller)."""
+    saved = {**_infer_arch_from_weights(summary.model_state_dict), **summary.config}
+    changes: dict[str, Any] = {}
+    mismatches = []
+    for name in ARCH_FIELDS:
+        if saved.get(name) is None:
+            continue
+        if name in given and getattr(cfg, name) != saved[name]:
+            mismatches.append(f"--{name.replace('_', '-')} {getattr(cfg, name)} (checkpoint has {saved[name]})")
+        else:
+            changes[name] = saved[name]
+    for name, what in (("feature_dim", "feature dimension"), ("seq_len", "sequence length"),
+                       ("num_classes", "class count"), ("per_step", "label kind (per-step)")):
+        if saved.get(name) in (None, 0) or name == "per_step" and "per_step" not in summary.config:
+            continue
+        data_value = getattr(cfg, name)
+        if name == "num_classes" and not num_classes_given and data_value <= saved[name]:
+            changes[name] = saved[name]  # the data just doesn't use the top classes
+        elif data_value != saved[name]:
+            mismatches.append(f"dataset {what} {data_value} (checkpoint has {saved[name]})")
+    if mismatches:
+        raise UserError(
+            f"checkpoint {summary.path} does not fit this model: {'; '.join(mismatches)}. "
+            "Drop the architecture flags to use the checkpoint's, or use data with the same shape."
+        )
+    return cfg.replace(**changes)
+
+
+def check_weights_fit(cfg: TrainConfig, summary: StateSummary) -> None:
+    """Compare the checkpoint's tensors with the model on the meta device: no memory, no compute."""
+    import torch
+
+    from raytrain_app.model import SequenceTransformer
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in SequenceTransformer(cfg).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in summary.model_state_dict.items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k]} vs {expected[k]}" for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
+    if missing or unexpected or wrong:
+        details = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}" if unexpected else "",
+            f"shape {', '.join(wrong[:3])}" if wrong else "",
+        ]))
+        raise UserError(f"checkpoint {summary.path} holds a different model ({details}); "
+                        "pass the architecture flags it was trained with")
+
+
+def with_data_shape(cfg: TrainConfig, data: Dataset) -> TrainConfig:
+    return cfg.replace(feature_dim=data.feature_dim, seq_len=data.seq_len, num_classes=data.num_classes,
+                       per_step=data.per_step)
+
+
+def print_resume_summary(summary: StateSummary, cfg: TrainConfig, uses_scaler: bool) -> None:
+    print(f"📂 Loading checkpoint from: {summary.path}")
+    print("  ✅ Loaded model weights")
+    print("  ✅ Loaded optimizer state" if summary.has_optimizer else "  ⚠️  No optimizer state: starting it fresh")
+    if summary.has_scaler:
+        print("  ✅ Loaded gradient scaler state")
+    elif uses_scaler:
+        print("  ⚠️  No gradient scaler state: starting it fresh")
+    print(f"  ✅ Resuming from epoch {summary.epoch}")
+    print(f"  ✅ Resuming from global step {summary.global_step}")
+    if summary.best_val_loss is not None and math.isfinite(summary.best_val_loss):
+        print(f"  ✅ Best val loss: {summary.best_val_loss:.6f}")
+    if summary.train_ema_loss is not None:
+        print(f"  ✅ Train EMA loss: {summary.train_ema_loss:.6f}")
+    print("\n  🎯 Checkpoint loaded successfully!\n")
+
+
+def start_position(summary: StateSummary | None, cfg: TrainConfig) -> tuple[int, int]:
+    """(completed epochs, batch index within the next epoch) training will start from."""
+    if summary is None:
+        return 0, 0
+    position = summary.data_position or {}
+    in_epoch = int(position.get("batch_index", 0)) if int(position.get("epoch", -1)) == summary.epoch else 0
+    return summary.epoch, in_epoch
+
+
+# --- Ray ---------------------------------------------------------------------------------------------------
+
+def connect_ray(cfg: TrainConfig) -> None:
+    """Join the cluster this process belongs to (RAY_ADDRESS, `ray job submit`, a local `ray start`), or start
+    a local instance with enough logical CPUs for the workers."""
+    address = os.environ.get("RAY_ADDRESS")
+    local_cluster_file = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")  # written by `ray start`
+    start_local = not address and not os.path.exists(local_cluster_file)
+    if start_local:
+        # A private instance stays on loopback; Ray reads this at import time, so set it before importing ray.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                            DEFAULT_POLL_INTERVAL_S),
+        # Ray Train tees workers' print() into its logger, which doubles every line on the console.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    if start_local:
+        ray.init(num_cpus=max(4, cfg.num_workers), runtime_env={"env_vars": env_vars})
+    else:
+        ray.init(address=address or "auto", runtime_env={"env_vars": env_vars})
+
+
+def run_trainer(cfg: TrainConfig, run_name: str, init_from: str | None) -> Any:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raytrain_app.train_worker import train_func
+
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": cfg.to_dict(), "init_from": init_from, "save_dir": cfg.save_dir},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=cfg.save_dir,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,  # the best by val_loss; Ray always keeps the latest too
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+# --- the command -------------------------------------------------------------------------------------------
+
+def prepare(argv: list[str]) -> tuple[TrainConfig, str, str | None, StateSummary | None]:
+    """Everything before Ray: config, data, run name, checkpoint. Raises UserError/ConfigError/DataError."""
+    cfg, given = parse_config(argv)
+    run_name = cfg.run_name or cfg.default_run_name()
+    data = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    cfg = with_data_shape(cfg.replace(data=os.path.abspath(cfg.data), save_dir=os.path.abspath(cfg.save_dir)), data)
+    if batches_per_epoch(len(data.train), cfg.batch_size, cfg.num_workers) == 0:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} with --num-workers {cfg.num_workers} needs at least "
+            f"{cfg.batch_size * cfg.num_workers} training sequences; {cfg.data} has {len(data.train)}. "
+            "Lower --batch-size."
+        )
+    run_dir = os.path.join(cfg.save_dir, run_name)
+    source, init_from = None, None
+    if os.path.isdir(run_dir) and (latest := latest_run_checkpoint(run_dir)):
+        print(f"Run {run_name} has checkpoints: continuing it from its latest one.")
+        source = latest
+    elif cfg.resume_from_checkpoint:
+        if "://" in cfg.resume_from_checkpoint:
+            raise UserError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: storage URIs are not "
+                            "supported yet; copy the checkpoint to a local path")
+        source = init_from = resolve_checkpoint(cfg.resume_from_checkpoint)
+        if source is None:
+            print(f"⚠️  WARNING: Checkpoint file not found: {cfg.resume_from_checkpoint}")
+            print("  Starting training from scratch...")
+    summary = None
+    if source:
+        summary = summarize(source)
+        cfg = fit_to_checkpoint(cfg, given, summary, num_classes_given=data.num_classes_given)
+        check_weights_fit(cfg, summary)
+    return cfg, run_name, init_from, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, run_name, init_from, summary = prepare(argv)
+    except (UserError, ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+    if summary is not None:
+        print_resume_summary(summary, cfg, uses_scaler=cfg.use_amp and cfg.amp_dtype == "fp16")
+    done_epochs, in_epoch = start_position(summary, cfg)
+    if done_epochs >= cfg.epochs:
+        print(f"Nothing to train: the checkpoint has completed {done_epochs} epochs and --epochs is {cfg.epochs} "
+              "(a total). Pass a larger --epochs to train more.")
+        return 0
+    print("🚀 Starting training...")
+    print(f"  Run: {run_name} in {os.path.join(cfg.save_dir, run_name)}")
+    start = f"starting from epoch {done_epochs + 1}" + (f", batch {in_epoch}" if in_epoch else "")
+    print(f"  Epochs: {cfg.epochs} ({start})")
+    print(f"  Workers: {cfg.num_workers} x {'GPU' if cfg.use_gpu else 'CPU'}, batch {cfg.batch_size} per worker, "
+          f"accumulation {cfg.grad_accum_steps}", flush=True)
+
+    connect_ray(cfg)
+    import ray.train
+
+    try:
+        result = run_trainer(cfg, run_name, init_from)
+    except ray.train.TrainingFailedError as e:
+        print(f"error: training failed after {cfg.max_failures} restart(s): {str(e).strip().splitlines()[0]}",
+              file=sys.stderr)
+        print(f"Re-run the same command to continue from the latest checkpoint in "
+              f"{os.path.join(cfg.save_dir, run_name)}.", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+
+    metrics = result.metrics or {}
+    command = shlex.join(["python", "-m", "raytrain_app.main", *argv])
+    print("\n✅ Training finished.")
+    if metrics:
+        print(f"  Epoch {metrics.get('epoch')}, global step {metrics.get('global_step')}, "
+              f"best val loss {metrics.get('best_val_loss', float('nan')):.6f}")
+    print(f"  Checkpoints: {os.path.join(cfg.save_dir, run_name)}")
+    print(f"  Best model:  {os.path.join(cfg.save_dir, BEST_MODEL_FILE)}")
+    print(f"  Resume (same run, e.g. after an interruption): {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The thin layer between Ray Train and the plain-PyTorch loop: restore, prepare, fit, report.
+
+Runs on every Ray Train worker. Ray calls appear only here (and in the driver, `main.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from raytrain_app.checkpoint import STATE_FILE, checkpoint_dir_name, load_state, save_checkpoint_dir, write_best_model
+from raytrain_app.config import TrainConfig
+from raytrain_app.data import load_dataset
+from raytrain_app.loop import LoadReport, Trainer, seed_everything
+from raytrain_app.model import SequenceTransformer
+
+
+def _restore_source(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The run's own latest checkpoint wins (restart, resubmission); else the checkpoint this run was forked from."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as checkpoint_dir:
+            path = os.path.join(checkpoint_dir, STATE_FILE)
+            return load_state(path), checkpoint.path
+    init_from = loop_config.get("init_from")
+    if init_from:
+        return load_state(init_from), init_from
+    return None, None
+
+
+def _print_load_report(source: str, report: LoadReport, trainer: Trainer) -> None:
+    print(f"📂 Loaded checkpoint on the workers: {source}")
+    print("  ✅ Loaded model weights")
+    print("  ✅ Loaded optimizer state" if report.optimizer else "  ⚠️  No optimizer state: optimizer starts fresh")
+    if trainer.scaler.is_enabled():
+        print("  ✅ Loaded gradient scaler state" if report.scaler else "  ⚠️  No gradient scaler state: scaler starts fresh")
+    print(f"  ✅ Resuming at epoch {trainer.epoch}, global step {trainer.global_step}, batch {trainer.batch_index}",
+          flush=True)
+
+
+def _quiet_ray_report_logs() -> None:
+    """Our one line per validation says what matters; Ray's per-report INFO lines repeat it at length."""
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):  # Ray names the first logger after its file path
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    _quiet_ray_report_logs()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.seed, rank)
+    data = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    state, source = _restore_source(loop_config)
+
+    model = SequenceTransformer(cfg).to(device)  # built from the current config: a new --dropout applies
+    train_model = torch.compile(model) if cfg.compile else model
+    train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # DDP when world size > 1
+    trainer = Trainer(cfg, model, train_model, device)
+    if state is not None:
+        report = trainer.load_state_dict(state)
+        del state
+        if rank == 0:
+            _print_load_report(str(source), report, trainer)
+
+    save_dir = loop_config["save_dir"]
+
+    def on_checkpoint(metrics: dict[str, float], state: dict[str, Any] | None, is_best: bool) -> None:
+        if rank == 0:
+            print(
+                f"epoch {metrics['epoch'] + (metrics['batch_index'] > 0)}/{cfg.epochs} step {metrics['global_step']} "
+                f"train_ema_loss {metrics['train_ema_loss']:.4f} val_loss {metrics['val_loss']:.4f} "
+                f"best {metrics['best_val_loss']:.4f} lr {metrics['lr']:.2e}",
+                flush=True,
+            )
+        if state is None:  # ranks > 0: the report is a barrier, so every rank reports the same number of times
+            ray.train.report(metrics)
+            return
+        local_dir = tempfile.mkdtemp(prefix="raytrain-ckpt-")
+        try:
+            save_checkpoint_dir(local_dir, state)
+            if is_best:
+                write_best_model(save_dir, state)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(local_dir),
+                checkpoint_dir_name=checkpoint_dir_name(metrics["global_step"]),
+            )
+        finally:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+    trainer.fit(data, on_checkpoint)

@@ -1,0 +1,125 @@
+"""Shared fixtures: one real Ray cluster (`ray start --head` on 127.0.0.1) for the session, tiny datasets, and
+helpers that run `python -m raytrain_app.main` as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from raytrain_app.data import make_synthetic, write_pickle_atomic
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RAY_BIN = Path(sys.executable).with_name("ray")
+# Small enough for seconds per run on 2 cores, big enough for several checkpoints per epoch.
+TINY_MODEL = ["--hidden-dim", "16", "--num-layers", "2", "--num-heads", "2", "--warmup-steps", "4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep every Ray process on 127.0.0.1
+        "RAY_AUTH_MODE": "token",  # the test cluster uses Ray's default token auth
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """A real local Ray cluster shared by every test that trains; its own temp dir, so a user's or the demo's
+    cluster is never touched."""
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = _free_port()
+    env = base_env()
+    cmd = [str(RAY_BIN), "start", "--head", "--num-cpus", "4", "--port", str(port), "--temp-dir", temp_dir,
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(_free_port()), "--disable-usage-stats",
+           "--include-dashboard", "false"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    try:
+        yield address
+    finally:
+        subprocess.run([str(RAY_BIN), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def write_dataset(path: Path, **overrides: object) -> Path:
+    sizes = {"num_train": 256, "num_val": 64, "seq_len": 8, "feature_dim": 4, "num_classes": 3,
+             "per_step": False, "seed": 0}
+    sizes.update(overrides)
+    write_pickle_atomic(make_synthetic(**sizes), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "tiny.pkl")
+
+
+def main_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "raytrain_app.main", *args]
+
+
+def run_main(args: list[str], ray_address: str | None = None, timeout: float = 300,
+             cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = base_env()
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return subprocess.run(main_command(*args), env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or REPO_ROOT)
+
+
+def latest_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run's latest checkpoint as Ray Train registered it (what a restart would load)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return int(latest["checkpoint_dir_name"].split("=")[1]) if latest else None
+
+
+def run_until_checkpoint(args: list[str], ray_address: str, run_dir: Path, kill_at_steps: set[int],
+                         timeout: float = 240) -> str:
+    """Start training as a real process and SIGKILL it once the run's latest registered checkpoint is one of
+    `kill_at_steps`. Returns its output."""
+    env = base_env()
+    env["RAY_ADDRESS"] = ray_address
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(main_command(*args), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while latest_checkpoint_step(run_dir) not in kill_at_steps:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"training ended (rc {proc.returncode}) before a checkpoint at "
+                                     f"{sorted(kill_at_steps)} was registered:\n{log.read()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no checkpoint at {sorted(kill_at_steps)} in {run_dir} within {timeout} s")
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: the way a lost node or OOM kill ends it
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log.seek(0)
+    return log.read()

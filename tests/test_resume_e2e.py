@@ -1,0 +1,124 @@
+"""End to end on a real Ray cluster: kill a training process for real, re-run it, and get the same bits.
+
+Each test runs `python -m raytrain_app.main` as a separate process against the session's `ray start` cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytrain_app.checkpoint import load_state
+from raytrain_app.loop import lr_at
+from tests.conftest import TINY_MODEL, run_main, run_until_checkpoint, write_dataset
+
+pytestmark = pytest.mark.e2e
+
+STEPS_PER_EPOCH = 16  # 256 train sequences / (workers * batch * accumulation) = 16 in every setup below
+EPOCHS = 3
+LAST_STEP = EPOCHS * STEPS_PER_EPOCH
+MID_EPOCH_2 = {18, 21, 24, 27, 30}  # checkpoints inside epoch 2 (16 and 32 are epoch ends)
+
+
+def ckpt(run_dir: Path, step: int) -> Path:
+    return run_dir / f"checkpoint_step={step:06d}"
+
+
+def train_args(dataset: Path, save_dir: Path, workers: int, *extra: str) -> list[str]:
+    # Checkpoints every 3 steps: 3 ... 15, 16 (epoch end), 18, 21, 24, 27, 30, 32 (epoch end), ...
+    geometry = ["--batch-size", "4", "--grad-accum-steps", "2"] if workers == 2 else ["--batch-size", "16"]
+    return ["--data", str(dataset), "--save-dir", str(save_dir), "--num-workers", str(workers),
+            "--epochs", str(EPOCHS), "--eval-every", "3", "--dropout", "0.1", "--aug-noise-std", "0.05",
+            "--keep-checkpoints", "2", *geometry, *TINY_MODEL, *extra]
+
+
+def run_name_of(output: str) -> str:
+    match = re.search(r"Run: (\S+) in", output)
+    assert match, output
+    return match.group(1)
+
+
+def assert_same_training_state(a_path: Path, b_path: Path) -> None:
+    a, b = load_state(str(a_path)), load_state(str(b_path))
+    assert a["global_step"] == b["global_step"] == LAST_STEP
+    assert a["epoch"] == b["epoch"] == EPOCHS
+    assert a["val_loss"] == b["val_loss"]
+    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
+    for name, tensor in a["model_state_dict"].items():
+        assert torch.equal(tensor, b["model_state_dict"][name]), name
+    sa, sb = a["optimizer_state_dict"]["state"], b["optimizer_state_dict"]["state"]
+    assert sa.keys() == sb.keys()
+    for param_id, moments in sa.items():
+        for key, tensor in moments.items():
+            assert torch.equal(tensor, sb[param_id][key]), (param_id, key)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, ray_address: str, workers: int) -> None:
+    reference = run_main(train_args(dataset, tmp_path / "reference", workers), ray_address)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    run_name = run_name_of(reference.stdout)
+
+    args = train_args(dataset, tmp_path / "interrupted", workers)
+    run_dir = tmp_path / "interrupted" / run_name
+    killed_output = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
+    assert run_name_of(killed_output) == run_name  # same command, same run name
+    assert not ckpt(run_dir, LAST_STEP).exists(), "the run finished before it was killed"
+
+    resumed = run_main(args, ray_address)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"Run {run_name} has checkpoints: continuing it from its latest one." in resumed.stdout
+    # The latest checkpoint at the kill was a mid-epoch one of epoch 2: resume mid-epoch.
+    resumed_step = int(re.search(r"Resuming from global step (\d+)", resumed.stdout).group(1))
+    assert resumed_step in MID_EPOCH_2, resumed.stdout
+    assert "Epochs: 3 (starting from epoch 2, batch" in resumed.stdout
+
+    assert_same_training_state(ckpt(tmp_path / "reference" / run_name, LAST_STEP) / "state.pt",
+                               ckpt(run_dir, LAST_STEP) / "state.pt")
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, ray_address: str) -> Path:
+    """A finished 2-epoch, 2-worker run to fork from (module-scoped: several tests read it, none writes it)."""
+    save_dir = tmp_path_factory.mktemp("base")
+    args = train_args(dataset, save_dir, 2)
+    args[args.index("--epochs") + 1] = "2"
+    result = run_main(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return save_dir / run_name_of(result.stdout)
+
+
+def snapshot_tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def _fork_and_kill(args: list[str], save_dir: Path, ray_address: str) -> str:
+    """Run `args` until its run has registered a mid-epoch checkpoint past the fork point (16), kill it."""
+    from raytrain_app.config import parse_config
+
+    run_name = parse_config(args)[0].default_run_name()
+    run_until_checkpoint(args, ray_address, save_dir / run_name, MID_EPOCH_2 - {18})
+    assert not ckpt(save_dir / run_name, LAST_STEP).exists(), "the run finished before it was killed"
+    return run_name
+
+
+def test_a_rerun_with_resume_flag_continues_its_own_run(tmp_path: Path, dataset: Path, base_run: Path,
+                                                        ray_address: str) -> None:
+    source = ckpt(base_run, STEPS_PER_EPOCH) / "state.pt"  # end of epoch 1 of the base run
+    args = train_args(dataset, tmp_path, 2, "--resume-from-checkpoint", str(source))
+    run_name = _fork_and_kill(args, tmp_path, ray_address)
+    run_dir = tmp_path / run_name
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    latest_name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    assert latest_name != ckpt(run_dir, STEPS_PER_EPOCH).name
+
+    again = run_main(args, ray_address)  # the very same command, --resume-from-checkpoint included
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"Run {run_name} has checkpoints: continuing it from its latest one." in again.stdout
+    assert f"Loading checkpoint from: {run_dir / latest_name / 'state.pt'}" in again.stdout
+    final = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))
+    assert final["global_step"] == LAST_STEP and final["epoch"] == EPOCHS
