@@ -43,7 +43,9 @@ class TrainConfig:
         "Dataset: a pickled dict {'train': {'x', 'y'}, 'val': {...}} (see README, 'Dataset format').",
     )
     val_fraction: float = _opt(0.1, "Fraction of train held out for validation when the dataset has no 'val' split.")
-    aug_noise_std: float = _opt(0.0, "Std of Gaussian noise added to training features (augmentation; may change on resume).")
+    aug_noise_std: float = _opt(
+        0.0, "Std of Gaussian noise added to training features (augmentation; may change on resume)."
+    )
 
     # --- model (architecture fields must match a checkpoint being loaded) ---
     hidden_dim: int = _opt(64, "Transformer width.")
@@ -68,7 +70,9 @@ class TrainConfig:
 
     # --- precision and speed ---
     use_amp: bool = _opt(False, "Mixed precision with torch.autocast (bf16 or fp16, see --amp-dtype).")
-    amp_dtype: str = _opt("bf16", "Autocast dtype with --use-amp; fp16 also uses a GradScaler.", choices=("bf16", "fp16"))
+    amp_dtype: str = _opt(
+        "bf16", "Autocast dtype with --use-amp; fp16 also uses a GradScaler.", choices=("bf16", "fp16")
+    )
     compile: bool = _opt(False, "torch.compile the model.")
 
     # --- cluster and run ---
@@ -82,7 +86,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _opt(
         None, "Start from a checkpoint: a .pt file, a checkpoint folder or a run folder (its best checkpoint)."
     )
-    max_failures: int = _opt(3, "Worker-group restarts from the latest checkpoint before the run fails.", identity=False)
+    max_failures: int = _opt(
+        3, "Worker-group restarts from the latest checkpoint before the run fails.", identity=False
+    )
     keep_checkpoints: int = _opt(3, "Checkpoints kept per run: the N best by validation loss, plus always the latest.",
                                  identity=False)
     use_wandb: bool = _opt(False, "Log to Weights & Biases.", identity=False)

@@ -213,7 +213,9 @@ def shard_batches(
         yield b, split.x[idx], split.y[idx]
 
 
-def eval_batches(split: Split, *, rank: int, world_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    split: Split, *, rank: int, world_size: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's strided share of a split, in order; every sample is seen by exactly one rank."""
     idx = torch.arange(rank, len(split), world_size)
     for start in range(0, len(idx), batch_size):

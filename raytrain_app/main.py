@@ -27,7 +27,7 @@ from raytrain_app.checkpoint import (
     summarize,
 )
 from raytrain_app.config import ARCH_FIELDS, ConfigError, TrainConfig, parse_config
-from raytrain_app.data import Dataset, DataError, batches_per_epoch, load_dataset
+from raytrain_app.data import DataError, Dataset, batches_per_epoch, load_dataset
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1

@@ -40,7 +40,8 @@ def _print_load_report(source: str, report: LoadReport, trainer: Trainer) -> Non
     print("  ✅ Loaded model weights")
     print("  ✅ Loaded optimizer state" if report.optimizer else "  ⚠️  No optimizer state: optimizer starts fresh")
     if trainer.scaler.is_enabled():
-        print("  ✅ Loaded gradient scaler state" if report.scaler else "  ⚠️  No gradient scaler state: scaler starts fresh")
+        scaler = "  ✅ Loaded gradient scaler state" if report.scaler else "  ⚠️  No gradient scaler state: starts fresh"
+        print(scaler)
     print(f"  ✅ Resuming at epoch {trainer.epoch}, global step {trainer.global_step}, batch {trainer.batch_index}",
           flush=True)
 

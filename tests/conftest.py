@@ -50,8 +50,7 @@ def ray_address() -> str:
     port = _free_port()
     env = base_env()
     cmd = [str(RAY_BIN), "start", "--head", "--num-cpus", "4", "--port", str(port), "--temp-dir", temp_dir,
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(_free_port()), "--disable-usage-stats",
-           "--include-dashboard", "false"]
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(_free_port()), "--disable-usage-stats"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     address = f"127.0.0.1:{port}"
     try:

@@ -87,6 +87,7 @@ def base_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, ray_addres
     save_dir = tmp_path_factory.mktemp("base")
     args = train_args(dataset, save_dir, 2)
     args[args.index("--epochs") + 1] = "2"
+    args[args.index("--keep-checkpoints") + 1] = "100"  # keep every checkpoint: tests fork from several
     result = run_main(args, ray_address)
     assert result.returncode == 0, result.stdout + result.stderr
     return save_dir / run_name_of(result.stdout)
@@ -122,3 +123,135 @@ def test_a_rerun_with_resume_flag_continues_its_own_run(tmp_path: Path, dataset:
     assert f"Loading checkpoint from: {run_dir / latest_name / 'state.pt'}" in again.stdout
     final = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))
     assert final["global_step"] == LAST_STEP and final["epoch"] == EPOCHS
+
+
+def test_b_fork_with_new_hyperparameters_restores_then_overrides(tmp_path: Path, dataset: Path, base_run: Path,
+                                                                  ray_address: str) -> None:
+    source = base_run.parent / "best_model.pt"
+    source_state = load_state(str(source))
+    before = snapshot_tree(base_run)
+    args = train_args(dataset, tmp_path, 2, "--resume-from-checkpoint", str(source), "--lr", "3e-4",
+                      "--dropout", "0.0", "--weight-decay", "0.05")
+    result = run_main(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    fork_name = run_name_of(result.stdout)
+    assert fork_name != base_run.name
+    assert snapshot_tree(base_run) == before  # the run the checkpoint came from is untouched
+    fork_steps = sorted(int(p.name.split("=")[1]) for p in (tmp_path / fork_name).glob("checkpoint_step=*"))
+    assert fork_steps and min(fork_steps) > source_state["global_step"]  # counters continued, not reset
+
+    final = load_state(str(ckpt(tmp_path / fork_name, LAST_STEP) / "state.pt"))
+    assert final["config"]["lr"] == 3e-4 and final["config"]["dropout"] == 0.0
+    decay_group = final["optimizer_state_dict"]["param_groups"][0]
+    assert decay_group["weight_decay"] == 0.05
+    # The new --lr is what the optimizer used: the schedule's value for the last step at the new peak.
+    assert decay_group["lr"] == lr_at(LAST_STEP - 1, peak_lr=3e-4, warmup_steps=4, total_steps=LAST_STEP)
+    assert final["val_loss"] <= source_state["val_loss"]  # best-so-far carried over, never forgotten
+
+
+def test_c_pt_file_from_another_tool_without_epoch_starts_at_epoch_0_with_its_weights(
+        tmp_path: Path, dataset: Path, base_run: Path, ray_address: str) -> None:
+    best = load_state(str(base_run.parent / "best_model.pt"))
+    foreign = {  # only the keys the old script wrote, no 'epoch' or 'global_step', a config of its own
+        "model_state_dict": best["model_state_dict"],
+        "optimizer_state_dict": best["optimizer_state_dict"],
+        "val_loss": best["val_loss"],
+        "train_ema_loss": best["train_ema_loss"],
+        "config": {"hidden_dim": 16, "num_layers": 2, "num_heads": 2, "batch_size": 2, "lr": 1e-4},
+    }
+    torch.save(foreign, tmp_path / "exported.pt")
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "1", "--epochs", "1",
+            "--batch-size", "16", "--eval-every", "100", "--lr", "1e-9", "--warmup-steps", "0",
+            "--resume-from-checkpoint", str(tmp_path / "exported.pt")]  # no architecture flags: from the file
+    result = run_main(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✅ Resuming from epoch 0" in result.stdout
+    assert "Epochs: 1 (starting from epoch 1)" in result.stdout
+    final = load_state(str(ckpt(tmp_path / "runs" / run_name_of(result.stdout), STEPS_PER_EPOCH) / "state.pt"))
+    assert final["epoch"] == 1 and final["global_step"] == STEPS_PER_EPOCH
+    for name, tensor in foreign["model_state_dict"].items():  # lr 1e-9: the weights are the file's
+        assert torch.allclose(final["model_state_dict"][name], tensor, atol=1e-6), name
+
+
+def test_d_epochs_is_a_total_from_a_checkpoint_folder(tmp_path: Path, dataset: Path, base_run: Path,
+                                                      ray_address: str) -> None:
+    source = ckpt(base_run, STEPS_PER_EPOCH)  # a Ray checkpoint folder at the end of epoch 1
+    args = train_args(dataset, tmp_path, 2, "--resume-from-checkpoint", str(source))
+    args[args.index("--epochs") + 1] = "2"
+    result = run_main(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✅ Resuming from epoch 1" in result.stdout
+    assert "Epochs: 2 (starting from epoch 2)" in result.stdout
+    run_dir = tmp_path / run_name_of(result.stdout)
+    steps = sorted(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*"))
+    assert steps[-1] == 2 * STEPS_PER_EPOCH  # exactly one more epoch: epoch 2
+    assert load_state(str(ckpt(run_dir, steps[-1]) / "state.pt"))["epoch"] == 2
+
+
+def test_d_nothing_left_to_train_exits_0_without_writing(tmp_path: Path, dataset: Path, base_run: Path) -> None:
+    args = train_args(dataset, tmp_path / "runs", 2, "--resume-from-checkpoint", str(base_run))
+    args[args.index("--epochs") + 1] = "2"  # the base run already completed 2 epochs
+    result = run_main(args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Nothing to train: the checkpoint has completed 2 epochs and --epochs is 2" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--hidden-dim", "32", "--num-heads", "4"],
+     "--hidden-dim 32 (checkpoint has 16); --num-heads 4 (checkpoint has 2)"),
+    (["--num-layers", "3"], "--num-layers 3 (checkpoint has 2)"),
+])
+def test_e_architecture_mismatch_names_each_field_exit_2(tmp_path: Path, dataset: Path, base_run: Path,
+                                                         flags: list[str], expected: str) -> None:
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--resume-from-checkpoint",
+            str(base_run.parent / "best_model.pt"), *flags]
+    result = run_main(args)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_e_dataset_that_does_not_fit_the_checkpoint_exit_2(tmp_path: Path, base_run: Path) -> None:
+    other = write_dataset(tmp_path / "wide.pkl", feature_dim=5)
+    args = ["--data", str(other), "--save-dir", str(tmp_path / "runs"), "--resume-from-checkpoint",
+            str(base_run.parent / "best_model.pt")]
+    result = run_main(args)
+    assert result.returncode == 2
+    assert "dataset feature dimension 5 (checkpoint has 4)" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_f_missing_checkpoint_warns_and_starts_fresh(tmp_path: Path, dataset: Path, ray_address: str) -> None:
+    missing = tmp_path / "checkpoints" / "best_model.pt"
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "1", "--epochs", "1",
+            "--batch-size", "16", "--eval-every", "100", *TINY_MODEL, "--resume-from-checkpoint", str(missing)]
+    result = run_main(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Checkpoint file not found: {missing}" in result.stdout
+    assert "Starting training from scratch" in result.stdout
+    assert "Epochs: 1 (starting from epoch 1)" in result.stdout
+    state = load_state(str(ckpt(tmp_path / "runs" / run_name_of(result.stdout), STEPS_PER_EPOCH) / "state.pt"))
+    assert state["global_step"] == STEPS_PER_EPOCH
+
+
+def test_g_resume_prints_a_summary(tmp_path: Path, dataset: Path, base_run: Path) -> None:
+    source = base_run.parent / "best_model.pt"
+    state = load_state(str(source))
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--resume-from-checkpoint", str(source),
+            "--epochs", str(state["epoch"])]  # nothing left: prints the summary, then exits before Ray
+    result = run_main(args)
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    for expected in [
+        f"📂 Loading checkpoint from: {source}",
+        "✅ Loaded model weights",
+        "✅ Loaded optimizer state",
+        f"✅ Resuming from epoch {state['epoch']}",
+        f"✅ Resuming from global step {state['global_step']}",
+        f"✅ Best val loss: {state['val_loss']:.6f}",
+        f"✅ Train EMA loss: {state['train_ema_loss']:.6f}",
+    ]:
+        assert expected in lines, (expected, result.stdout)

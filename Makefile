@@ -1,0 +1,32 @@
+# The front door. `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DATA := data/demo.pkl
+
+.PHONY: demo test install lint clean
+
+# Recreated when pyproject.toml changes. torch==2.13.0 is the CPU wheel pinned in pyproject.toml.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DEMO_DATA): | $(VENV)/.installed
+	$(PY) -m raytrain_app.data synth --out $(DEMO_DATA)
+
+# Trains the demo model with 2 CPU workers on a local Ray instance (about 30 s on 2 cores).
+demo: $(VENV)/.installed $(DEMO_DATA)
+	$(PY) -m raytrain_app.main --data $(DEMO_DATA) --num-workers 2 --epochs 5
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check raytrain_app tests
+
+clean:
+	rm -rf $(VENV) checkpoints data .pytest_cache

@@ -1,0 +1,98 @@
+"""The config dataclass and the CLI generated from it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raytrain_app.config import ConfigError, TrainConfig, parse_config
+from tests.conftest import REPO_ROOT
+
+USER_FLAGS = [  # fixed names: users' scripts already use them
+    "--data", "--epochs", "--lr", "--weight-decay", "--dropout", "--batch-size", "--grad-accum-steps", "--use-amp",
+    "--compile", "--use-wandb", "--save-dir", "--resume-from-checkpoint", "--hidden-dim", "--num-layers",
+    "--num-heads", "--eval-every",
+]
+SERVICE_FLAGS = [
+    "--num-workers", "--use-gpu", "--amp-dtype", "--run-name", "--seed", "--warmup-steps", "--grad-clip",
+    "--aug-noise-std", "--max-failures", "--keep-checkpoints", "--config",
+]
+
+
+def test_help_lists_every_flag() -> None:
+    result = subprocess.run([sys.executable, "-m", "raytrain_app.main", "--help"], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=60)
+    assert result.returncode == 0
+    for flag in USER_FLAGS + SERVICE_FLAGS:
+        assert f"{flag} " in result.stdout or f"{flag}\n" in result.stdout, flag
+
+
+def test_defaults_and_given_fields() -> None:
+    cfg, given = parse_config(["--lr", "3e-4", "--use-amp", "--amp-dtype", "fp16"])
+    assert cfg.lr == 3e-4 and cfg.use_amp and cfg.amp_dtype == "fp16"
+    assert given == {"lr", "use_amp", "amp_dtype"}
+    assert cfg.save_dir == "./checkpoints" and cfg.epochs == TrainConfig().epochs
+
+
+def test_large_gpu_configuration_by_flags_alone() -> None:
+    cfg, _ = parse_config(["--hidden-dim", "2048", "--num-layers", "24", "--num-heads", "16", "--batch-size", "2",
+                           "--grad-accum-steps", "64", "--use-amp", "--use-gpu", "--compile"])
+    shape = (cfg.hidden_dim, cfg.num_layers, cfg.num_heads, cfg.batch_size, cfg.grad_accum_steps)
+    assert shape == (2048, 24, 16, 2, 64)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_config_file_then_flags_win(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".yaml":
+        path.write_text("lr: 0.01\nbatch-size: 7\nhidden_dim: 32\n")
+    else:
+        path.write_text('lr = 0.01\nbatch-size = 7\nhidden_dim = 32\n')
+    cfg, given = parse_config(["--config", str(path), "--lr", "0.002"])
+    assert (cfg.lr, cfg.batch_size, cfg.hidden_dim) == (0.002, 7, 32)
+    assert {"lr", "batch_size", "hidden_dim"} <= given
+
+
+def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("lr: 0.01\nlearning_rate: 3\n")
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) in --config .*bad.yaml: learning_rate"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lr", "0"], "--lr must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--epochs", "-1"], "--epochs must be positive"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be positive"),
+    (["--hidden-dim", "30", "--num-heads", "4"], "--num-heads 4 must divide --hidden-dim 30"),
+    (["--dropout", "1.5"], "--dropout must be in"),
+])
+def test_invalid_values_name_the_flag(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(flags)
+
+
+def test_invalid_value_on_the_command_line_is_one_line_exit_2(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "raytrain_app.main", "--lr", "-1", "--save-dir", str(tmp_path / "s")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --lr must be positive, got -1.0"
+    assert not (tmp_path / "s").exists()
+
+
+def test_round_trip_through_a_dict() -> None:
+    cfg = TrainConfig(lr=0.5, hidden_dim=8, num_heads=2, feature_dim=3, seq_len=4, num_classes=2)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_run_name_is_stable_and_follows_what_is_trained() -> None:
+    a, _ = parse_config(["--lr", "1e-3"])
+    b, _ = parse_config(["--lr", "1e-3", "--save-dir", "/elsewhere", "--max-failures", "9"])
+    c, _ = parse_config(["--lr", "2e-3"])
+    d, _ = parse_config(["--lr", "1e-3", "--resume-from-checkpoint", "x.pt"])
+    assert a.default_run_name() == b.default_run_name()  # where it is stored does not change what it is
+    assert len({a.default_run_name(), c.default_run_name(), d.default_run_name()}) == 3

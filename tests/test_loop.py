@@ -1,0 +1,149 @@
+"""The plain-PyTorch loop, without Ray: schedule, learning, AMP, and exact resume in one process."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from raytrain_app.config import TrainConfig
+from raytrain_app.data import Dataset, Split, make_synthetic
+from raytrain_app.loop import Trainer, lr_at, seed_everything
+from raytrain_app.model import SequenceTransformer
+
+
+def synthetic(num_train: int = 256, per_step: bool = False) -> Dataset:
+    raw = make_synthetic(num_train=num_train, num_val=64, seq_len=8, feature_dim=4, num_classes=3,
+                         per_step=per_step, seed=0)
+    split = lambda s: Split(torch.from_numpy(raw[s]["x"]), torch.from_numpy(raw[s]["y"]).long())  # noqa: E731
+    return Dataset(train=split("train"), val=split("val"), num_classes=3)
+
+
+def config(**overrides: object) -> TrainConfig:
+    values = dict(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, seq_len=8, num_classes=3, epochs=2,
+                  batch_size=16, eval_every=5, warmup_steps=4, dropout=0.1, aug_noise_std=0.05, num_workers=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def build(cfg: TrainConfig) -> Trainer:
+    seed_everything(cfg.seed, 0)
+    model = SequenceTransformer(cfg)
+    return Trainer(cfg, model, model, torch.device("cpu"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def copy_state(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def run(cfg: TrainConfig, data: Dataset, *, stop_at_step: int | None = None, start: dict | None = None):
+    """Fit; return (trainer, checkpoints by step). With stop_at_step, stop right after that checkpoint."""
+    trainer = build(cfg)
+    if start is not None:
+        trainer.load_state_dict(start)
+    saved: dict[int, dict] = {}
+
+    def on_checkpoint(metrics: dict, state: dict | None, is_best: bool) -> None:
+        saved[metrics["global_step"]] = copy_state(state)
+        if metrics["global_step"] == stop_at_step:
+            raise Interrupt
+
+    try:
+        trainer.fit(data, on_checkpoint)
+    except Interrupt:
+        pass
+    return trainer, saved
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+    assert a["val_loss"] == b["val_loss"] and a["train_ema_loss"] == b["train_ema_loss"]
+    for name, tensor in a["model_state_dict"].items():
+        assert torch.equal(tensor, b["model_state_dict"][name]), name
+    for pid, moments in a["optimizer_state_dict"]["state"].items():
+        for key, tensor in moments.items():
+            assert torch.equal(tensor, b["optimizer_state_dict"]["state"][pid][key]), (pid, key)
+    assert a["scaler_state_dict"] == b["scaler_state_dict"]
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth() -> None:
+    lrs = [lr_at(s, peak_lr=1.0, warmup_steps=10, total_steps=110) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[110] == pytest.approx(0.1)
+
+
+def test_the_loop_learns_well_below_chance() -> None:
+    cfg = config(epochs=6, lr=3e-3, dropout=0.0, aug_noise_std=0.0, eval_every=1000)
+    trainer, saved = run(cfg, synthetic(1024))
+    assert trainer.best_val_loss < 0.6 * math.log(3)
+    assert sorted(saved) == [64 * e for e in range(1, 7)]  # one checkpoint per epoch end
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"grad_accum_steps": 3},  # an epoch of 16 micro-batches ends with a short accumulation group
+    {"use_amp": True, "amp_dtype": "bf16"},
+    {"use_amp": True, "amp_dtype": "fp16"},  # GradScaler state goes through the checkpoint
+], ids=["fp32", "accum", "bf16", "fp16"])
+def test_mid_epoch_resume_is_bit_exact(overrides: dict) -> None:
+    cfg = config(**overrides)
+    data = synthetic()
+    reference, ref_saved = run(cfg, data)
+    mid_epoch = [step for step, s in ref_saved.items() if s["data_position"]["batch_index"] > 0 and s["epoch"] == 1]
+    stop = mid_epoch[0]
+    _, saved = run(cfg, data, stop_at_step=stop)
+    resumed, resumed_saved = run(cfg, data, start=saved[stop])
+    last = max(ref_saved)
+    assert_states_equal(ref_saved[last], resumed_saved[last])
+    if cfg.use_amp and cfg.amp_dtype == "fp16":
+        assert ref_saved[last]["scaler_state_dict"]["scale"] > 0
+
+
+def test_fork_applies_new_hyperparameters_after_restoring() -> None:
+    data = synthetic()
+    _, saved = run(config(), data)
+    state = saved[16]
+    fork = build(config(lr=5e-5, weight_decay=0.3, epochs=4))
+    fork.load_state_dict(state)
+    assert (fork.epoch, fork.global_step, fork.batch_index) == (1, 16, 0)
+    assert fork.best_val_loss == state["val_loss"]
+    fork.schedule.total_steps = 64
+    fork.train_step([(data.train.x[:16], data.train.y[:16])])
+    group = fork.optimizer.param_groups[0]
+    assert group["lr"] == lr_at(16, peak_lr=5e-5, warmup_steps=4, total_steps=64)
+    assert group["weight_decay"] == 0.3
+    assert torch.equal(fork.optimizer.state_dict()["state"][0]["step"], torch.tensor(17.0))  # moments continued
+
+
+def test_resume_with_another_batch_size_continues_after_the_same_samples() -> None:
+    data = synthetic()
+    _, saved = run(config(), data, stop_at_step=5)
+    assert saved[5]["data_position"]["batch_index"] == 5  # 5 batches of 16 = 80 samples into epoch 0
+    trainer = build(config(batch_size=8))
+    trainer.load_state_dict(saved[5])
+    assert trainer.batch_index == 10
+
+
+def test_compiled_model_checkpoints_plain_weights_and_resumes() -> None:
+    cfg = config(compile=True, epochs=1, eval_every=1000, dropout=0.0)
+    data = synthetic(64)
+    seed_everything(cfg.seed, 0)
+    model = SequenceTransformer(cfg)
+    trainer = Trainer(cfg, model, torch.compile(model), torch.device("cpu"))
+    saved: list[dict] = []
+    trainer.fit(data, lambda metrics, state, is_best: saved.append(copy_state(state)))
+    keys = set(saved[-1]["model_state_dict"])
+    assert keys == set(SequenceTransformer(cfg).state_dict())  # no "_orig_mod." prefix from torch.compile
+    fresh = SequenceTransformer(cfg)
+    Trainer(cfg, fresh, torch.compile(fresh), torch.device("cpu")).load_state_dict(saved[-1])
+    assert all(torch.equal(p, saved[-1]["model_state_dict"][k]) for k, p in fresh.state_dict().items())
