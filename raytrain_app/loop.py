@@ -265,8 +265,9 @@ class Trainer:
         """Mean validation loss over every sample of the split, across all ranks."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # The training batch size is known to fit in memory; evaluation needs less (no activations kept).
         for x, y in eval_batches(data.val, rank=self.rank, world_size=self.world_size,
-                                 batch_size=max(self.cfg.batch_size, 64)):
+                                 batch_size=self.cfg.batch_size):
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 logits = self.model(x)

@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
+    if cfg.use_wandb:
+        print("⚠️  --use-wandb: wandb logging is not part of this version yet; metrics are printed on the console.")
     if summary is not None:
         print_resume_summary(summary, cfg, uses_scaler=cfg.use_amp and cfg.amp_dtype == "fp16")
     done_epochs, in_epoch = start_position(summary, cfg)

@@ -28,10 +28,11 @@ def _restore_source(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None,
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
             path = os.path.join(checkpoint_dir, STATE_FILE)
-            return load_state(path), checkpoint.path
+            # mmap: tensors are read as they are copied into the model, not all held in memory per worker.
+            return load_state(path, mmap=True), checkpoint.path
     init_from = loop_config.get("init_from")
     if init_from:
-        return load_state(init_from), init_from
+        return load_state(init_from, mmap=True), init_from
     return None, None
 
 
