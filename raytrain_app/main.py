@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 from typing import Any
@@ -265,15 +266,29 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TRAINING_FAILED
 
     metrics = result.metrics or {}
-    command = shlex.join(["python", "-m", "raytrain_app.main", *argv])
+    command = shlex.join([_python_for_commands(), "-m", "raytrain_app.main", *argv])
+    best_path = os.path.join(cfg.save_dir, BEST_MODEL_FILE)
     print("\n✅ Training finished.")
     if metrics:
         print(f"  Epoch {metrics.get('epoch')}, global step {metrics.get('global_step')}, "
               f"best val loss {metrics.get('best_val_loss', float('nan')):.6f}")
     print(f"  Checkpoints: {os.path.join(cfg.save_dir, run_name)}")
-    print(f"  Best model:  {os.path.join(cfg.save_dir, BEST_MODEL_FILE)}")
-    print(f"  Resume (same run, e.g. after an interruption): {command}")
+    print(f"  Best model:  {best_path}")
+    print(f"  Resume this run after an interruption (the same command): {command}")
+    fine_tune = shlex.join([_python_for_commands(), "-m", "raytrain_app.main", "--data", cfg.data,
+                            "--resume-from-checkpoint", best_path, "--lr", f"{cfg.lr / 10:g}",
+                            "--epochs", str(cfg.epochs + 5)])
+    print(f"  Fine-tune the best model with a lower learning rate: {fine_tune}")
     return 0
+
+
+def _python_for_commands() -> str:
+    """`python`, or the project's venv interpreter when it is not the one on PATH (right after `make demo`)."""
+    on_path = shutil.which("python")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable):
+        return "python"
+    relative = os.path.relpath(sys.executable)
+    return relative if not relative.startswith("..") else sys.executable
 
 
 if __name__ == "__main__":

@@ -255,3 +255,12 @@ def test_g_resume_prints_a_summary(tmp_path: Path, dataset: Path, base_run: Path
         f"✅ Train EMA loss: {state['train_ema_loss']:.6f}",
     ]:
         assert expected in lines, (expected, result.stdout)
+
+
+def test_pinned_run_name_continues_that_run_with_new_settings(base_run: Path, dataset: Path) -> None:
+    args = train_args(dataset, base_run.parent, 2, "--run-name", base_run.name, "--lr", "5e-4")
+    args[args.index("--epochs") + 1] = "2"
+    result = run_main(args)  # the base run completed 2 epochs: found, nothing left, exit 0 before Ray
+    assert result.returncode == 0, result.stderr
+    assert f"Run {base_run.name} has checkpoints: continuing it from its latest one." in result.stdout
+    assert "Nothing to train: the checkpoint has completed 2 epochs" in result.stdout
