@@ -75,14 +75,19 @@ def fit_to_checkpoint(
         else:
             changes[name] = saved[name]
     for name, what in (("feature_dim", "feature dimension"), ("seq_len", "sequence length"),
-                       ("num_classes", "class count"), ("per_step", "label kind (per-step)")):
-        if saved.get(name) in (None, 0) or name == "per_step" and "per_step" not in summary.config:
+                       ("num_classes", "class count")):
+        if not saved.get(name):  # unknown: the weight shapes are checked next
             continue
         data_value = getattr(cfg, name)
         if name == "num_classes" and not num_classes_given and data_value <= saved[name]:
             changes[name] = saved[name]  # the data just doesn't use the top classes
         elif data_value != saved[name]:
             mismatches.append(f"dataset {what} {data_value} (checkpoint has {saved[name]})")
+    # Both heads have the same shapes, so only the config can tell them apart.
+    if "per_step" in summary.config and bool(summary.config["per_step"]) != cfg.per_step:
+        kinds = {True: "per-step labels [N, T]", False: "per-sequence labels [N]"}
+        saved_kind = kinds[bool(summary.config["per_step"])]
+        mismatches.append(f"dataset has {kinds[cfg.per_step]} (checkpoint has {saved_kind})")
     if mismatches:
         raise UserError(
             f"checkpoint {summary.path} does not fit this model: {'; '.join(mismatches)}. "

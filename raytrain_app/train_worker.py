@@ -81,8 +81,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(
                 f"epoch {metrics['epoch'] + (metrics['batch_index'] > 0)}/{cfg.epochs} step {metrics['global_step']} "
-                f"train_ema_loss {metrics['train_ema_loss']:.4f} val_loss {metrics['val_loss']:.4f} "
-                f"best {metrics['best_val_loss']:.4f} lr {metrics['lr']:.2e}",
+                f"train_ema_loss {metrics['train_ema_loss']:.4f} val_loss {metrics['val_loss']:.6f} "
+                f"best {metrics['best_val_loss']:.6f} lr {metrics['lr']:.2e}",
                 flush=True,
             )
         if state is None:  # ranks > 0: the report is a barrier, so every rank reports the same number of times

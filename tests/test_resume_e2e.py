@@ -42,6 +42,16 @@ def run_name_of(output: str) -> str:
     return match.group(1)
 
 
+def assert_kept_checkpoints(output: str, run_dir: Path, keep: int) -> None:
+    """--keep-checkpoints K keeps the K best by validation loss (as printed at each validation) and the latest."""
+    val_by_step = {int(m.group(1)): float(m.group(2))
+                   for m in re.finditer(r"step (\d+) train_ema_loss \S+ val_loss (\S+)", output)}
+    assert sorted(val_by_step) == [s for s in range(1, LAST_STEP + 1) if s % 3 == 0 or s % STEPS_PER_EPOCH == 0]
+    best = sorted(val_by_step, key=lambda s: (val_by_step[s], -s))[:keep]
+    kept = {int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*")}
+    assert kept == set(best) | {LAST_STEP}
+
+
 def assert_same_training_state(a_path: Path, b_path: Path) -> None:
     a, b = load_state(str(a_path)), load_state(str(b_path))
     assert a["global_step"] == b["global_step"] == LAST_STEP
@@ -62,6 +72,7 @@ def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, ray_address
     reference = run_main(train_args(dataset, tmp_path / "reference", workers), ray_address)
     assert reference.returncode == 0, reference.stdout + reference.stderr
     run_name = run_name_of(reference.stdout)
+    assert_kept_checkpoints(reference.stdout, tmp_path / "reference" / run_name, keep=2)
 
     args = train_args(dataset, tmp_path / "interrupted", workers)
     run_dir = tmp_path / "interrupted" / run_name
