@@ -30,7 +30,10 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
+
+from raytrain_app.storage import Location, check_bucket, parse_location
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
@@ -67,29 +70,54 @@ def save_checkpoint_dir(checkpoint_dir: str, state: dict[str, Any]) -> None:
         json.dump(_meta(state), f, indent=1)
 
 
-def write_best_model(save_dir: str, state: dict[str, Any]) -> str:
-    """Replace <save_dir>/best_model.pt atomically: a reader sees the old file or the new one, never a part."""
-    os.makedirs(save_dir, exist_ok=True)
-    path = os.path.join(save_dir, BEST_MODEL_FILE)
-    fd, tmp = tempfile.mkstemp(dir=save_dir, prefix=f".{BEST_MODEL_FILE}.", suffix=".tmp")
+def _as_location(location: Location | str) -> Location:
+    return parse_location(location) if isinstance(location, str) else location
+
+
+def write_best_model(save_dir: Location | str, state: dict[str, Any]) -> Location:
+    """Replace <save_dir>/best_model.pt so that a reader sees the old file or the new one, never a part.
+
+    Locally: a temporary file, then an atomic rename. On object stores an object becomes visible only when its
+    upload completes (multipart uploads included), so writing the key directly is already all-or-nothing.
+    """
+    save_dir = _as_location(save_dir)
+    target = save_dir.join(BEST_MODEL_FILE)
+    local_dir = save_dir.path if save_dir.is_local else None
+    if local_dir:
+        os.makedirs(local_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{BEST_MODEL_FILE}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if local_dir:
+            os.replace(tmp, target.path)
+        else:
+            pafs.copy_files(tmp, target.path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=save_dir.fs)
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
-    return path
+    return target
 
 
-def load_state(path: str, *, mmap: bool = False) -> dict[str, Any]:
-    """Load a state file. weights_only=True: no code in a checkpoint ever runs.
+def load_state(location: Location | str, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a state file (local path, or any Location). weights_only=True: no code in a checkpoint ever runs.
 
-    mmap=True maps tensors lazily, so reading the config of a 14 GB checkpoint costs almost nothing.
+    mmap=True maps a local file's tensors lazily, so reading the config of a 14 GB checkpoint costs almost
+    nothing. Remote files are downloaded to a temporary file first.
     """
+    location = _as_location(location)
+    if not location.is_local:
+        if not location.is_file():
+            raise CheckpointError(f"checkpoint file not found: {location}")
+        with location.local_copy() as path:
+            return _load_local(path, str(location), mmap=False)
+    return _load_local(location.path, str(location), mmap=mmap)
+
+
+def _load_local(path: str, label: str, *, mmap: bool) -> dict[str, Any]:
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -99,71 +127,74 @@ def load_state(path: str, *, mmap: bool = False) -> dict[str, Any]:
             else:
                 raise
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file not found: {path}") from None
+        raise CheckpointError(f"checkpoint file not found: {label}") from None
     except Exception as e:  # noqa: BLE001 - truncated, foreign or unsafe files all end here
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line})") from None
+        raise CheckpointError(f"{label} is not a readable checkpoint ({first_line})") from None
     if not isinstance(state, dict) or "model_state_dict" not in state:
-        raise CheckpointError(f"{path} is not a training checkpoint: it has no 'model_state_dict'")
+        raise CheckpointError(f"{label} is not a training checkpoint: it has no 'model_state_dict'")
     return state
 
 
-def _read_snapshot(run_dir: str) -> dict[str, Any] | None:
-    path = os.path.join(run_dir, RUN_SNAPSHOT_FILE)
-    if not os.path.isfile(path):
+def _read_json(location: Location) -> dict[str, Any] | None:
+    if not location.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return json.loads(location.read_bytes())
+    except json.JSONDecodeError:
+        return None
 
 
-def _state_path(run_dir: str, dir_name: str) -> str | None:
-    path = os.path.join(run_dir, dir_name, STATE_FILE)
-    return path if os.path.isfile(path) else None
-
-
-def latest_run_checkpoint(run_dir: str) -> str | None:
+def latest_run_checkpoint(run_dir: Location | str) -> Location | None:
     """The state file of the run's latest checkpoint, as Ray Train recorded it (the one a restart loads)."""
-    snapshot = _read_snapshot(run_dir)
-    latest = (snapshot or {}).get("latest_checkpoint_result")
-    return _state_path(run_dir, latest["checkpoint_dir_name"]) if latest else None
+    run_dir = _as_location(run_dir)
+    snapshot = _read_json(run_dir.join(RUN_SNAPSHOT_FILE)) or {}
+    latest = snapshot.get("latest_checkpoint_result")
+    if not latest:
+        return None
+    state = run_dir.join(latest["checkpoint_dir_name"], STATE_FILE)
+    return state if state.is_file() else None
 
 
-def best_run_checkpoint(run_dir: str) -> str | None:
+def best_run_checkpoint(run_dir: Location | str) -> Location | None:
     """The state file of the run's checkpoint with the lowest validation loss (latest on ties)."""
+    run_dir = _as_location(run_dir)
     candidates: list[tuple[float, int, str]] = []
-    for name in sorted(os.listdir(run_dir)):
-        meta_path = os.path.join(run_dir, name, META_FILE)
-        state_path = _state_path(run_dir, name)
-        if not (name.startswith(CHECKPOINT_PREFIX) and state_path and os.path.isfile(meta_path)):
+    for entry in run_dir.list():
+        name = entry.base_name
+        if not (entry.type == pafs.FileType.Directory and name.startswith(CHECKPOINT_PREFIX)):
             continue
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = _read_json(run_dir.join(name, META_FILE))
+        if meta is None or not run_dir.join(name, STATE_FILE).is_file():
+            continue
         loss = meta.get("eval_val_loss")
-        candidates.append((math.inf if loss is None else loss, -meta["global_step"], state_path))
-    return min(candidates)[2] if candidates else None
+        candidates.append((math.inf if loss is None else loss, -meta["global_step"], name))
+    return run_dir.join(min(candidates)[2], STATE_FILE) if candidates else None
 
 
-def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, RUN_SNAPSHOT_FILE)) or any(
-        n.startswith(CHECKPOINT_PREFIX) for n in os.listdir(path)
+def is_run_dir(location: Location) -> bool:
+    return location.join(RUN_SNAPSHOT_FILE).is_file() or any(
+        entry.base_name.startswith(CHECKPOINT_PREFIX) for entry in location.list()
     )
 
 
-def resolve_checkpoint(location: str) -> str | None:
-    """Turn what a user passed to --resume-from-checkpoint into a state file path.
+def resolve_checkpoint(location: str) -> Location | None:
+    """Turn what a user passed to --resume-from-checkpoint into the Location of a state file.
 
-    Accepts a .pt file, a checkpoint directory (state.pt inside) or a run directory (its best checkpoint).
-    Returns None when the location does not exist, so the caller can warn and start fresh.
+    Accepts a .pt file, a checkpoint directory (state.pt inside) or a run directory (its best checkpoint), as a
+    local path or a URI. Returns None when nothing exists there, so the caller can warn and start fresh.
     """
-    path = os.path.abspath(os.path.expanduser(location))
-    if not os.path.exists(path):
+    where = parse_location(location, flag="--resume-from-checkpoint")
+    check_bucket(where)
+    info = where.info()
+    if info.type == pafs.FileType.NotFound:
         return None
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return os.path.join(path, STATE_FILE)
-    if is_run_dir(path):
-        best = best_run_checkpoint(path)
+    if info.type == pafs.FileType.File:
+        return where
+    if where.join(STATE_FILE).is_file():
+        return where.join(STATE_FILE)
+    if is_run_dir(where):
+        best = best_run_checkpoint(where)
         if best:
             return best
         raise CheckpointError(f"--resume-from-checkpoint {location}: this run folder has no complete checkpoint yet")
@@ -190,8 +221,9 @@ class StateSummary:
     model_state_dict: dict[str, torch.Tensor]
 
 
-def summarize(path: str) -> StateSummary:
-    state = load_state(path, mmap=True)
+def summarize(location: Location) -> StateSummary:
+    state = load_state(location, mmap=True)
+    path = str(location)
     position = state.get("data_position")
     return StateSummary(
         path=path,

@@ -20,11 +20,14 @@ import os
 import pickle
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
+
+from raytrain_app.order import RowSource
+from raytrain_app.storage import StorageError, check_bucket, parse_location
 
 
 class DataError(ValueError):
@@ -86,26 +89,26 @@ class Split:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def num_rows(self) -> int:
+        return self.x.shape[0]
+
+    def read_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[start:stop], self.y[start:stop]
+
 
 @dataclass
 class Dataset:
-    train: Split
-    val: Split
+    """Two splits (in memory or streamed from Parquet) and the shapes the model is built for."""
+
+    train: RowSource
+    val: RowSource
     num_classes: int
+    seq_len: int
+    feature_dim: int
+    per_step: bool
     num_classes_given: bool = False  # False: inferred as max label + 1
-
-    @property
-    def seq_len(self) -> int:
-        return self.train.x.shape[1]
-
-    @property
-    def feature_dim(self) -> int:
-        return self.train.x.shape[2]
-
-    @property
-    def per_step(self) -> bool:
-        return self.train.y.dim() == 2
-
+    uri: str = ""  # where it was read from, canonical (what workers are given)
 
 
 def _as_tensor(value: object, name: str) -> torch.Tensor:
@@ -155,12 +158,19 @@ def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
 
 
 def load_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
-    if not os.path.exists(path):
+    """Load a dataset pickle from a local path or URI into memory, validated."""
+    location = parse_location(path, flag="--data")
+    check_bucket(location)
+    info = location.info()
+    if info.type == pafs.FileType.NotFound:
         raise DataError(f"--data file not found: {path}")
-    if os.path.isdir(path):
-        raise DataError(f"--data {path} is a folder; pass the dataset .pkl file")
-    with open(path, "rb") as f:
-        raw = safe_unpickle(f.read(), f"--data {path}")
+    if info.type == pafs.FileType.Directory:
+        raise DataError(f"--data {path} is a folder without Parquet files; pass a dataset .pkl or Parquet data")
+    raw = safe_unpickle(location.read_bytes(), f"--data {path}")
+    return _dataset_from_dict(raw, path, val_fraction=val_fraction, seed=seed, uri=location.uri)
+
+
+def _dataset_from_dict(raw: object, path: str, *, val_fraction: float, seed: int, uri: str) -> Dataset:
     if not isinstance(raw, dict):
         raise DataError(f"--data {path} must hold a dict with 'train' (and optionally 'val'), got {type(raw).__name__}")
     unknown = sorted(set(raw) - {"train", "val", "num_classes"})
@@ -180,48 +190,33 @@ def load_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0) -> Data
         raise DataError(f"val.y has {val.y.dim()} dims but train.y has {train.y.dim()}")
     labels_max = int(max(train.y.max(), val.y.max()))
     labels_min = int(min(train.y.min(), val.y.min()))
-    given = raw.get("num_classes")
+    num_classes, given = check_num_classes(raw.get("num_classes"), labels_min, labels_max)
+    return Dataset(train=train, val=val, num_classes=num_classes, num_classes_given=given,
+                   seq_len=train.x.shape[1], feature_dim=train.x.shape[2], per_step=train.y.dim() == 2, uri=uri)
+
+
+def check_num_classes(given: object, labels_min: int, labels_max: int) -> tuple[int, bool]:
+    """The class count (stated, or max label + 1) and whether it was stated; labels must lie in [0, C)."""
     if given is not None and (not isinstance(given, (int, np.integer)) or int(given) < 2):
         raise DataError(f"num_classes must be an integer >= 2, got {given!r}")
     num_classes = int(given) if given is not None else max(labels_max + 1, 2)
     if labels_min < 0 or labels_max >= num_classes:
         raise DataError(f"labels must be in [0, {num_classes}), found values from {labels_min} to {labels_max}")
-    return Dataset(train=train, val=val, num_classes=num_classes, num_classes_given=given is not None)
+    return num_classes, given is not None
 
 
-# --- per-worker batches -------------------------------------------------------------------------------------
+def open_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """A pickle is loaded into memory; Parquet (a file, a folder, or a URI to either) is streamed."""
+    from raytrain_app.parquet import is_parquet, open_parquet_dataset
 
-def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Full micro-batches each rank gets per epoch (every rank the same number: DDP needs it)."""
-    return (num_samples // world_size) // batch_size
-
-
-def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The global sample order of an epoch: depends only on (seed, epoch)."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def shard_batches(
-    split: Split, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int, start_batch: int = 0
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield (batch_index, x, y) for this rank's shard of the epoch, starting at `start_batch`."""
-    order = epoch_order(len(split), seed, epoch)
-    per_rank = len(split) // world_size
-    mine = order[rank * per_rank:(rank + 1) * per_rank]  # the shard depends only on (rank, world size)
-    for b in range(start_batch, batches_per_epoch(len(split), batch_size, world_size)):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
-        yield b, split.x[idx], split.y[idx]
+    location = parse_location(path, flag="--data")
+    check_bucket(location)
+    if is_parquet(location):
+        return open_parquet_dataset(location, val_fraction=val_fraction, label=path)
+    return load_dataset(path, val_fraction=val_fraction, seed=seed)
 
 
-def eval_batches(
-    split: Split, *, rank: int, world_size: int, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's strided share of a split, in order; every sample is seen by exactly one rank."""
-    idx = torch.arange(rank, len(split), world_size)
-    for start in range(0, len(idx), batch_size):
-        sel = idx[start:start + batch_size]
-        yield split.x[sel], split.y[sel]
-
+# --- augmentation -------------------------------------------------------------------------------------------
 
 def augment(x: torch.Tensor, noise_std: float, *, seed: int, epoch: int, rank: int, batch_index: int) -> torch.Tensor:
     """Gaussian feature noise from a generator keyed by the batch's position, so resume reproduces it."""
@@ -264,19 +259,38 @@ def write_pickle_atomic(obj: object, path: str) -> None:
         raise
 
 
+def _add_size_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-train", type=int, default=2048)
+    parser.add_argument("--num-val", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--feature-dim", type=int, default=8)
+    parser.add_argument("--num-classes", type=int, default=4)
+    parser.add_argument("--per-step", action="store_true", help="One class per step ([N, T] labels).")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raytrain_app.data")
     sub = parser.add_subparsers(dest="command", required=True)
-    synth = sub.add_parser("synth", help="Write a synthetic, learnable dataset in the new format.")
-    synth.add_argument("--out", required=True, help="Output .pkl path.")
-    synth.add_argument("--num-train", type=int, default=2048)
-    synth.add_argument("--num-val", type=int, default=256)
-    synth.add_argument("--seq-len", type=int, default=16)
-    synth.add_argument("--feature-dim", type=int, default=8)
-    synth.add_argument("--num-classes", type=int, default=4)
-    synth.add_argument("--per-step", action="store_true", help="One class per step ([N, T] labels).")
-    synth.add_argument("--seed", type=int, default=0)
+    synth = sub.add_parser("synth", help="Write a synthetic, learnable dataset.")
+    synth.add_argument("--out", required=True, help="Output: a .pkl file, or a folder / URI for Parquet.")
+    synth.add_argument("--format", choices=("pickle", "parquet"), default="pickle")
+    _add_size_flags(synth)
+    convert = sub.add_parser("convert", help="Convert a dataset pickle to Parquet (OUT/train.parquet, val.parquet).")
+    convert.add_argument("source", help="The dataset .pkl (local path or URI).")
+    convert.add_argument("out", help="Output folder or URI.")
+    convert.add_argument("--val-fraction", type=float, default=0.1,
+                         help="Held out when the pickle has no 'val' (the same rows training would hold out).")
+    convert.add_argument("--seed", type=int, default=0, help="The seed training will use (for the held-out rows).")
     args = parser.parse_args(argv)
+    try:
+        return _synth(parser, args) if args.command == "synth" else _convert(args)
+    except (DataError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _synth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for name in ("num_train", "num_val", "seq_len", "feature_dim"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -286,9 +300,27 @@ def main(argv: list[str] | None = None) -> int:
         num_train=args.num_train, num_val=args.num_val, seq_len=args.seq_len, feature_dim=args.feature_dim,
         num_classes=args.num_classes, per_step=args.per_step, seed=args.seed,
     )
-    write_pickle_atomic(data, args.out)
+    if args.format == "parquet":
+        from raytrain_app.parquet import write_parquet_dataset
+
+        write_parquet_dataset(args.out, (data["train"]["x"], data["train"]["y"]),
+                              (data["val"]["x"], data["val"]["y"]), data["num_classes"])
+    else:
+        write_pickle_atomic(data, args.out)
     print(f"Wrote {args.out}: train {args.num_train} x [{args.seq_len}, {args.feature_dim}], "
           f"val {args.num_val}, {args.num_classes} classes, {'per-step' if args.per_step else 'per-sequence'} labels")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from raytrain_app.parquet import write_parquet_dataset
+
+    ds = load_dataset(args.source, val_fraction=args.val_fraction, seed=args.seed)
+    train, val = ds.train, ds.val
+    assert isinstance(train, Split) and isinstance(val, Split)
+    out = write_parquet_dataset(args.out, (train.x.numpy(), train.y.numpy()), (val.x.numpy(), val.y.numpy()),
+                                ds.num_classes if ds.num_classes_given else None)
+    print(f"Wrote {out}: train {train.num_rows} rows, val {val.num_rows} rows")
     return 0
 
 

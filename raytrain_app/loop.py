@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_app.checkpoint import FORMAT_VERSION
 from raytrain_app.config import TrainConfig
-from raytrain_app.data import Dataset, augment, batches_per_epoch, eval_batches, shard_batches
+from raytrain_app.data import Dataset, augment
 from raytrain_app.model import loss_fn
+from raytrain_app.order import batches_per_epoch, eval_batches, shard_batches
 
 EMA_DECAY = 0.98
 MIN_LR_RATIO = 0.1
@@ -292,14 +293,14 @@ class Trainer:
         on_checkpoint(metrics, self.state_dict(eval_val_loss=val_loss), is_best)
 
     def steps_per_epoch(self, data: Dataset) -> int:
-        n = batches_per_epoch(len(data.train), self.cfg.batch_size, self.world_size)
+        n = batches_per_epoch(data.train.num_rows, self.cfg.batch_size, self.world_size)
         return math.ceil(n / self.cfg.grad_accum_steps)
 
     def fit(self, data: Dataset, on_checkpoint: CheckpointFn) -> None:
         """Train until `cfg.epochs` epochs are complete, validating and checkpointing every `eval_every` optimizer
         steps and at the end of every epoch."""
         cfg = self.cfg
-        n_batches = batches_per_epoch(len(data.train), cfg.batch_size, self.world_size)
+        n_batches = batches_per_epoch(data.train.num_rows, cfg.batch_size, self.world_size)
         self.schedule.total_steps = cfg.epochs * self.steps_per_epoch(data)
         while self.epoch < cfg.epochs:
             micro: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 from raytrain_app.checkpoint import (
@@ -28,7 +29,9 @@ from raytrain_app.checkpoint import (
     summarize,
 )
 from raytrain_app.config import ARCH_FIELDS, ConfigError, TrainConfig, parse_config
-from raytrain_app.data import DataError, Dataset, batches_per_epoch, load_dataset
+from raytrain_app.data import DataError, Dataset, open_dataset
+from raytrain_app.order import batches_per_epoch
+from raytrain_app.storage import FORWARDED_ENV_VARS, Location, StorageError, check_bucket, parse_location
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
@@ -164,6 +167,8 @@ def connect_ray(cfg: TrainConfig) -> None:
     if ray.is_initialized():
         return
     env_vars = {
+        # Endpoints and credentials the driver resolved storage with reach every worker.
+        **{name: os.environ[name] for name in FORWARDED_ENV_VARS if name in os.environ},
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
                                                             DEFAULT_POLL_INTERVAL_S),
         # Ray Train tees workers' print() into its logger, which doubles every line on the console.
@@ -175,19 +180,21 @@ def connect_ray(cfg: TrainConfig) -> None:
         ray.init(address=address or "auto", runtime_env={"env_vars": env_vars})
 
 
-def run_trainer(cfg: TrainConfig, run_name: str, init_from: str | None) -> Any:
+def run_trainer(plan: Plan) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from raytrain_app.train_worker import train_func
 
+    cfg, save_dir = plan.cfg, plan.save_dir
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": cfg.to_dict(), "init_from": init_from, "save_dir": cfg.save_dir},
+        train_loop_config={"config": cfg.to_dict(), "init_from": plan.init_from},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=cfg.save_dir,
+            name=plan.run_name,
+            storage_path=save_dir.path,
+            storage_filesystem=None if save_dir.is_local else save_dir.fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,  # the best by val_loss; Ray always keeps the latest too
                 checkpoint_score_attribute="val_loss",
@@ -201,46 +208,63 @@ def run_trainer(cfg: TrainConfig, run_name: str, init_from: str | None) -> Any:
 
 # --- the command -------------------------------------------------------------------------------------------
 
-def prepare(argv: list[str]) -> tuple[TrainConfig, str, str | None, StateSummary | None]:
-    """Everything before Ray: config, data, run name, checkpoint. Raises UserError/ConfigError/DataError."""
+@dataclass
+class Plan:
+    """What the driver decided before starting Ray."""
+
+    cfg: TrainConfig  # with data shapes, architecture from the checkpoint, canonical locations
+    run_name: str
+    save_dir: Location
+    init_from: str | None  # the checkpoint a new run starts from (a URI or path), None when continuing or fresh
+    summary: StateSummary | None  # what training starts from, None for a fresh start
+
+    @property
+    def run_dir(self) -> Location:
+        return self.save_dir.join(self.run_name)
+
+
+def prepare(argv: list[str]) -> Plan:
+    """Everything before Ray: config, data, run name, checkpoint. Raises the user-facing errors."""
     cfg, given = parse_config(argv)
     run_name = cfg.run_name or cfg.default_run_name()
-    data = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    cfg = with_data_shape(cfg.replace(data=os.path.abspath(cfg.data), save_dir=os.path.abspath(cfg.save_dir)), data)
-    if batches_per_epoch(len(data.train), cfg.batch_size, cfg.num_workers) == 0:
+    save_dir = parse_location(cfg.save_dir, flag="--save-dir")
+    check_bucket(save_dir)
+    data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    cfg = with_data_shape(cfg.replace(data=data.uri, save_dir=save_dir.uri), data)
+    if batches_per_epoch(data.train.num_rows, cfg.batch_size, cfg.num_workers) == 0:
         raise UserError(
             f"--batch-size {cfg.batch_size} with --num-workers {cfg.num_workers} needs at least "
-            f"{cfg.batch_size * cfg.num_workers} training sequences; {cfg.data} has {len(data.train)}. "
+            f"{cfg.batch_size * cfg.num_workers} training sequences; {cfg.data} has {data.train.num_rows}. "
             "Lower --batch-size."
         )
-    run_dir = os.path.join(cfg.save_dir, run_name)
+    run_dir = save_dir.join(run_name)
     source, init_from = None, None
-    if os.path.isdir(run_dir) and (latest := latest_run_checkpoint(run_dir)):
+    if (latest := latest_run_checkpoint(run_dir)) is not None:
         print(f"Run {run_name} has checkpoints: continuing it from its latest one.")
         source = latest
     elif cfg.resume_from_checkpoint:
-        if "://" in cfg.resume_from_checkpoint:
-            raise UserError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: storage URIs are not "
-                            "supported yet; copy the checkpoint to a local path")
-        source = init_from = resolve_checkpoint(cfg.resume_from_checkpoint)
+        source = resolve_checkpoint(cfg.resume_from_checkpoint)
         if source is None:
             print(f"⚠️  WARNING: Checkpoint file not found: {cfg.resume_from_checkpoint}")
             print("  Starting training from scratch...")
+        else:
+            init_from = source.uri
     summary = None
-    if source:
+    if source is not None:
         summary = summarize(source)
         cfg = fit_to_checkpoint(cfg, given, summary, num_classes_given=data.num_classes_given)
         check_weights_fit(cfg, summary)
-    return cfg, run_name, init_from, summary
+    return Plan(cfg=cfg, run_name=run_name, save_dir=save_dir, init_from=init_from, summary=summary)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg, run_name, init_from, summary = prepare(argv)
-    except (UserError, ConfigError, DataError, CheckpointError) as e:
+        plan = prepare(argv)
+    except (UserError, ConfigError, DataError, CheckpointError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    cfg, summary, run_dir = plan.cfg, plan.summary, plan.run_dir
 
     if cfg.use_wandb:
         print("⚠️  --use-wandb: wandb logging is not part of this version yet; metrics are printed on the console.")
@@ -252,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
               "(a total). Pass a larger --epochs to train more.")
         return 0
     print("🚀 Starting training...")
-    print(f"  Run: {run_name} in {os.path.join(cfg.save_dir, run_name)}")
+    print(f"  Run: {plan.run_name} in {run_dir}")
     start = f"starting from epoch {done_epochs + 1}" + (f", batch {in_epoch}" if in_epoch else "")
     print(f"  Epochs: {cfg.epochs} ({start})")
     print(f"  Workers: {cfg.num_workers} x {'GPU' if cfg.use_gpu else 'CPU'}, batch {cfg.batch_size} per worker, "
@@ -262,22 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     import ray.train
 
     try:
-        result = run_trainer(cfg, run_name, init_from)
+        result = run_trainer(plan)
     except ray.train.TrainingFailedError as e:
         print(f"error: training failed after {cfg.max_failures} restart(s): {str(e).strip().splitlines()[0]}",
               file=sys.stderr)
-        print(f"Re-run the same command to continue from the latest checkpoint in "
-              f"{os.path.join(cfg.save_dir, run_name)}.", file=sys.stderr)
+        print(f"Re-run the same command to continue from the latest checkpoint in {run_dir}.", file=sys.stderr)
         return EXIT_TRAINING_FAILED
 
     metrics = result.metrics or {}
     command = shlex.join([_python_for_commands(), "-m", "raytrain_app.main", *argv])
-    best_path = os.path.join(cfg.save_dir, BEST_MODEL_FILE)
+    best_path = plan.save_dir.join(BEST_MODEL_FILE).uri
     print("\n✅ Training finished.")
     if metrics:
         print(f"  Epoch {metrics.get('epoch')}, global step {metrics.get('global_step')}, "
               f"best val loss {metrics.get('best_val_loss', float('nan')):.6f}")
-    print(f"  Checkpoints: {os.path.join(cfg.save_dir, run_name)}")
+    print(f"  Checkpoints: {run_dir}")
     print(f"  Best model:  {best_path}")
     print(f"  Resume this run after an interruption (the same command): {command}")
     fine_tune = shlex.join([_python_for_commands(), "-m", "raytrain_app.main", "--data", cfg.data,

@@ -17,9 +17,10 @@ import torch
 
 from raytrain_app.checkpoint import STATE_FILE, checkpoint_dir_name, load_state, save_checkpoint_dir, write_best_model
 from raytrain_app.config import TrainConfig
-from raytrain_app.data import load_dataset
+from raytrain_app.data import open_dataset
 from raytrain_app.loop import LoadReport, Trainer, seed_everything
 from raytrain_app.model import SequenceTransformer
+from raytrain_app.storage import parse_location
 
 
 def _restore_source(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
@@ -62,7 +63,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     seed_everything(cfg.seed, rank)
-    data = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     state, source = _restore_source(loop_config)
 
     model = SequenceTransformer(cfg).to(device)  # built from the current config: a new --dropout applies
@@ -75,7 +76,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             _print_load_report(str(source), report, trainer)
 
-    save_dir = loop_config["save_dir"]
+    save_dir = parse_location(cfg.save_dir)  # canonical: the driver's endpoint is written into the URI
 
     def on_checkpoint(metrics: dict[str, float], state: dict[str, Any] | None, is_best: bool) -> None:
         if rank == 0:

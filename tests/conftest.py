@@ -38,8 +38,53 @@ def base_env() -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONPATH": str(REPO_ROOT),
         "PYTHONUNBUFFERED": "1",
+        # Credentials for the local S3 server (moto accepts any); the driver forwards them to the workers.
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
     })
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        env.pop(name, None)  # tests name their endpoint in the URI
     return env
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3-protocol server (moto's standalone server) on 127.0.0.1 for the session; yields its URL."""
+    port = _free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def make_bucket(endpoint: str, name: str) -> str:
+    """Create a bucket on the test server; returns the s3:// URI prefix with the endpoint in it."""
+    import pyarrow.fs as pafs
+
+    host = endpoint.split("://", 1)[1]
+    pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1", access_key="testing",
+                      secret_key="testing", allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"
+
+
+def s3_uri(bucket_uri: str, key: str, endpoint: str) -> str:
+    return f"{bucket_uri}/{key}?endpoint_override={endpoint}"
 
 
 @pytest.fixture(scope="session")
@@ -86,17 +131,21 @@ def run_main(args: list[str], ray_address: str | None = None, timeout: float = 3
                           cwd=cwd or REPO_ROOT)
 
 
-def latest_checkpoint_step(run_dir: Path) -> int | None:
-    """The step of the run's latest checkpoint as Ray Train registered it (what a restart would load)."""
+def latest_checkpoint_step(run_dir: Path | str) -> int | None:
+    """The step of the run's latest checkpoint as Ray Train registered it (what a restart would load).
+    `run_dir` is a local folder or a storage URI."""
+    from raytrain_app.storage import StorageError, parse_location
+
+    snapshot_file = parse_location(str(run_dir)).join("checkpoint_manager_snapshot.json")
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        snapshot = json.loads(snapshot_file.read_bytes())
+    except (FileNotFoundError, StorageError, json.JSONDecodeError):  # not written yet, or caught mid-write
         return None
     latest = snapshot.get("latest_checkpoint_result")
     return int(latest["checkpoint_dir_name"].split("=")[1]) if latest else None
 
 
-def run_until_checkpoint(args: list[str], ray_address: str, run_dir: Path, kill_at_steps: set[int],
+def run_until_checkpoint(args: list[str], ray_address: str, run_dir: Path | str, kill_at_steps: set[int],
                          timeout: float = 240) -> str:
     """Start training as a real process and SIGKILL it once the run's latest registered checkpoint is one of
     `kill_at_steps`. Returns its output."""

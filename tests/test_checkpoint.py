@@ -51,11 +51,11 @@ def test_best_model_is_replaced_whole_and_a_failed_write_keeps_the_old_one(tmp_p
 def test_resolve_each_kind_of_location(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     make_run(run_dir, {3: 0.9, 6: 0.4, 9: 0.6})
-    assert resolve_checkpoint(str(run_dir)) == str(run_dir / "checkpoint_step=000006" / "state.pt")  # the best
-    assert resolve_checkpoint(str(run_dir / "checkpoint_step=000009")) == str(
+    assert resolve_checkpoint(str(run_dir)).uri == str(run_dir / "checkpoint_step=000006" / "state.pt")  # the best
+    assert resolve_checkpoint(str(run_dir / "checkpoint_step=000009")).uri == str(
         run_dir / "checkpoint_step=000009" / "state.pt")
     torch.save(state(1, 1.0), tmp_path / "model.pt")
-    assert resolve_checkpoint(str(tmp_path / "model.pt")) == str(tmp_path / "model.pt")
+    assert resolve_checkpoint(str(tmp_path / "model.pt")).uri == str(tmp_path / "model.pt")
     assert resolve_checkpoint(str(tmp_path / "missing.pt")) is None
 
 

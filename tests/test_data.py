@@ -12,15 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_app.data import (
-    DataError,
-    augment,
-    batches_per_epoch,
-    eval_batches,
-    load_dataset,
-    make_synthetic,
-    shard_batches,
-)
+from raytrain_app.data import DataError, augment, load_dataset, make_synthetic
+from raytrain_app.order import batches_per_epoch, eval_batches, shard_batches
 from tests.conftest import REPO_ROOT
 
 

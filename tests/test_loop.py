@@ -18,7 +18,7 @@ def synthetic(num_train: int = 256, per_step: bool = False) -> Dataset:
     raw = make_synthetic(num_train=num_train, num_val=64, seq_len=8, feature_dim=4, num_classes=3,
                          per_step=per_step, seed=0)
     split = lambda s: Split(torch.from_numpy(raw[s]["x"]), torch.from_numpy(raw[s]["y"]).long())  # noqa: E731
-    return Dataset(train=split("train"), val=split("val"), num_classes=3)
+    return Dataset(train=split("train"), val=split("val"), num_classes=3, seq_len=8, feature_dim=4, per_step=per_step)
 
 
 def config(**overrides: object) -> TrainConfig:

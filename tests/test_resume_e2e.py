@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 from raytrain_app.checkpoint import load_state
 from raytrain_app.loop import lr_at
-from tests.conftest import TINY_MODEL, run_main, run_until_checkpoint, write_dataset
+from tests.conftest import REPO_ROOT, TINY_MODEL, run_main, run_until_checkpoint, write_dataset
 
 pytestmark = pytest.mark.e2e
 
@@ -67,8 +69,21 @@ def assert_same_training_state(a_path: Path, b_path: Path) -> None:
             assert torch.equal(tensor, sb[param_id][key]), (param_id, key)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, ray_address: str, workers: int) -> None:
+@pytest.fixture(scope="module")
+def parquet_dataset(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
+    """The session's pickle dataset converted to Parquet (train.parquet, val.parquet)."""
+    out = tmp_path_factory.mktemp("parquet") / "tiny"
+    result = subprocess.run([sys.executable, "-m", "raytrain_app.data", "convert", str(dataset), str(out)],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize(("workers", "data_format"), [(1, "pickle"), (2, "pickle"), (1, "parquet"), (2, "parquet")])
+def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, parquet_dataset: Path, ray_address: str,
+                                      workers: int, data_format: str) -> None:
+    if data_format == "parquet":
+        dataset = parquet_dataset
     reference = run_main(train_args(dataset, tmp_path / "reference", workers), ray_address)
     assert reference.returncode == 0, reference.stdout + reference.stderr
     run_name = run_name_of(reference.stdout)

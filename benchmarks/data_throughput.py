@@ -1,0 +1,100 @@
+"""Samples per second delivered to the training step, and peak memory, Parquet streaming vs in-memory pickle.
+
+Both readers serve the same rows in the same order (raytrain_app.order). Each measurement runs in its own
+process so that its peak resident memory (ru_maxrss) is its own. Prints one JSON object:
+
+    python benchmarks/data_throughput.py [--rows 8192] [--seq-len 64] [--feature-dim 32] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def measure(data: str, batch_size: int, epochs: int) -> dict:
+    """In a child process: open the dataset, read `epochs` epochs of rank 0's batches, feed each to a step."""
+    import torch
+
+    from raytrain_app.data import open_dataset
+    from raytrain_app.order import shard_batches
+
+    started = time.perf_counter()
+    ds = open_dataset(data)
+    open_s = time.perf_counter() - started
+    weight = torch.randn(ds.feature_dim, 16)
+    samples, started = 0, time.perf_counter()
+    for epoch in range(epochs):
+        for _, x, y in shard_batches(ds.train, seed=0, epoch=epoch, rank=0, world_size=1, batch_size=batch_size):
+            (x @ weight).sum().item()  # a stand-in step that reads every value it is given
+            samples += x.shape[0] + 0 * int(y[0])
+    elapsed = time.perf_counter() - started
+    return {"samples_per_s": samples / elapsed, "open_s": open_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_child(data: str, batch_size: int, epochs: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", data, "--batch-size", str(batch_size),
+                          "--epochs", str(epochs)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def write_datasets(root: Path, rows: int, seq_len: int, feature_dim: int) -> dict[str, str]:
+    from raytrain_app.data import make_synthetic, write_pickle_atomic
+    from raytrain_app.parquet import write_parquet_dataset
+
+    raw = make_synthetic(num_train=rows, num_val=64, seq_len=seq_len, feature_dim=feature_dim, num_classes=4,
+                         per_step=False, seed=0)
+    write_pickle_atomic(raw, str(root / "data.pkl"))
+    write_parquet_dataset(str(root / "parquet"), (raw["train"]["x"], raw["train"]["y"]),
+                          (raw["val"]["x"], raw["val"]["y"]), 4)
+    return {"pickle": str(root / "data.pkl"), "parquet": str(root / "parquet")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=8192, help="Training rows at 1x (4x is measured too).")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--feature-dim", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--child")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.batch_size, args.epochs)))
+        return
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale in (1, 4):
+            root = Path(tmp) / f"x{scale}"
+            root.mkdir()
+            paths = write_datasets(root, args.rows * scale, args.seq_len, args.feature_dim)
+            for reader, path in paths.items():
+                results[f"{reader}_{scale}x"] = run_child(path, args.batch_size, args.epochs)
+    mb = args.rows * args.seq_len * args.feature_dim * 4 / 2**20
+    summary = {
+        "dataset_1x_mb": round(mb, 1),
+        "throughput_ratio_parquet_vs_pickle_1x": results["parquet_1x"]["samples_per_s"]
+        / results["pickle_1x"]["samples_per_s"],
+        "throughput_ratio_parquet_vs_pickle_4x": results["parquet_4x"]["samples_per_s"]
+        / results["pickle_4x"]["samples_per_s"],
+        "peak_memory_growth_1x_to_4x_parquet": results["parquet_4x"]["peak_rss_mb"]
+        / results["parquet_1x"]["peak_rss_mb"] - 1,
+        "peak_memory_growth_1x_to_4x_pickle": results["pickle_4x"]["peak_rss_mb"]
+        / results["pickle_1x"]["peak_rss_mb"] - 1,
+        "runs": results,
+    }
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Parquet datasets: the same rows in the same order as the in-memory pickle, streamed, with clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raytrain_app.data import DataError, load_dataset, make_synthetic, open_dataset
+from raytrain_app.order import ORDER_BLOCK_ROWS, eval_batches, shard_batches
+from raytrain_app.parquet import _table
+from tests.conftest import REPO_ROOT, write_dataset
+
+
+def convert(pickle_path: Path, out: Path, *extra: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "raytrain_app.data", "convert", str(pickle_path), str(out),
+                             *extra], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def all_batches(split, world: int, epoch: int, batch: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x, y) for r in range(world)
+            for _, x, y in shard_batches(split, seed=3, epoch=epoch, rank=r, world_size=world, batch_size=batch)]
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_converted_parquet_yields_the_same_batches_as_the_pickle(tmp_path: Path, per_step: bool) -> None:
+    n = 2 * ORDER_BLOCK_ROWS + 300  # several order blocks, the last one short
+    pkl = write_dataset(tmp_path / "d.pkl", num_train=n, num_val=50, per_step=per_step)
+    convert(pkl, tmp_path / "pq")
+    memory, streamed = load_dataset(str(pkl)), open_dataset(str(tmp_path / "pq"))
+    assert (streamed.seq_len, streamed.feature_dim, streamed.per_step, streamed.num_classes) == (
+        memory.seq_len, memory.feature_dim, memory.per_step, memory.num_classes)
+    for world in (1, 2):
+        for epoch in (0, 1):
+            a, b = all_batches(memory.train, world, epoch), all_batches(streamed.train, world, epoch)
+            assert len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb)
+                                            for (xa, ya), (xb, yb) in zip(a, b, strict=True))
+    ev_a = list(eval_batches(memory.val, rank=1, world_size=2, batch_size=4))
+    ev_b = list(eval_batches(streamed.val, rank=1, world_size=2, batch_size=4))
+    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(ev_a, ev_b, strict=True))
+
+
+def test_order_is_a_permutation_shards_are_disjoint_and_resume_is_exact(tmp_path: Path) -> None:
+    n = 3 * ORDER_BLOCK_ROWS + 17
+    x = np.arange(n, dtype=np.float32).reshape(n, 1, 1)
+    table = _table(x, np.zeros(n, np.int64), {"seq_len": "1", "feature_dim": "1"})
+    (tmp_path / "rows").mkdir()
+    pq.write_table(table, tmp_path / "rows" / "part.parquet", row_group_size=700)  # not aligned to blocks
+    split = open_dataset(str(tmp_path / "rows" / "part.parquet"), val_fraction=0.01).train
+    ids = [[int(v) for _, xb, _ in shard_batches(split, seed=0, epoch=0, rank=r, world_size=2, batch_size=8)
+            for v in xb.flatten()] for r in range(2)]
+    assert not set(ids[0]) & set(ids[1]) and len(set(ids[0])) == len(ids[0])
+    assert set(ids[0]) | set(ids[1]) <= set(range(split.num_rows))  # validation rows never trained on
+    resumed = [int(v) for _, xb, _ in shard_batches(split, seed=0, epoch=0, rank=1, world_size=2, batch_size=8,
+                                                     start_batch=37) for v in xb.flatten()]
+    assert resumed == ids[1][37 * 8:]
+
+
+def test_parquet_without_val_holds_out_the_last_rows(tmp_path: Path) -> None:
+    raw = make_synthetic(num_train=100, num_val=1, seq_len=4, feature_dim=2, num_classes=3, per_step=False, seed=0)
+    table = _table(raw["train"]["x"], raw["train"]["y"], {"seq_len": "4", "feature_dim": "2"})
+    pq.write_table(table, tmp_path / "only.parquet")
+    ds = open_dataset(str(tmp_path / "only.parquet"), val_fraction=0.2)
+    assert (ds.train.num_rows, ds.val.num_rows) == (80, 20)
+    x_val, _ = ds.val.read_rows(0, 20)
+    assert torch.equal(x_val, torch.from_numpy(raw["train"]["x"][80:]))
+
+
+def test_synth_parquet_cli(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "raytrain_app.data", "synth", "--format", "parquet", "--out",
+                             str(tmp_path / "s"), "--num-train", "64", "--num-val", "8"],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["train.parquet", "val.parquet"]
+    ds = open_dataset(str(tmp_path / "s"))
+    assert (ds.train.num_rows, ds.val.num_rows, ds.num_classes) == (64, 8, 4)
+
+
+def test_folder_without_parquet_and_bad_schemas(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is a folder without Parquet files"):
+        open_dataset(str(tmp_path / "empty"))
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"features": [1.0]}), tmp_path / "wrong.parquet")
+    with pytest.raises(DataError, match="must have columns 'x' and 'y'"):
+        open_dataset(str(tmp_path / "wrong.parquet"))
+    x = np.zeros((4, 2, 3), np.float32)
+    pq.write_table(_table(x, np.array([0, 1, 2, 9]), {"seq_len": "2", "feature_dim": "3", "num_classes": "3"}),
+                   tmp_path / "labels.parquet")
+    with pytest.raises(DataError, match=r"labels must be in \[0, 3\), found values from 0 to 9"):
+        open_dataset(str(tmp_path / "labels.parquet"))

@@ -1,0 +1,170 @@
+"""Checkpoints and data on object storage: a real S3-protocol server on 127.0.0.1 (moto's standalone server)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytrain_app.checkpoint import load_state
+from raytrain_app.loop import lr_at
+from raytrain_app.storage import parse_location
+from tests.conftest import (
+    REPO_ROOT,
+    base_env,
+    make_bucket,
+    run_main,
+    run_until_checkpoint,
+    s3_uri,
+)
+from tests.test_resume_e2e import (
+    EPOCHS,
+    LAST_STEP,
+    MID_EPOCH_2,
+    STEPS_PER_EPOCH,
+    assert_same_training_state,
+    run_name_of,
+    train_args,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def s3_state(uri: str) -> dict:
+    return load_state(parse_location(uri))
+
+
+@pytest.fixture(scope="module")
+def s3_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, ray_address: str, s3_endpoint: str) -> dict:
+    """Train with --save-dir on S3, kill it after a mid-epoch checkpoint, run the same command again."""
+    bucket = make_bucket(s3_endpoint, "runs")
+    save_dir = s3_uri(bucket, "experiments", s3_endpoint)
+    args = train_args(dataset, Path("/unused"), 2)
+    args[args.index("--save-dir") + 1] = save_dir
+    args[args.index("--keep-checkpoints") + 1] = "100"
+    reference_dir = tmp_path_factory.mktemp("s3-reference")
+    reference = run_main([*args, "--save-dir", str(reference_dir)], ray_address)  # the last --save-dir wins
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    run_name = run_name_of(reference.stdout)
+    run_dir = parse_location(save_dir).join(run_name).uri
+
+    killed = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
+    assert run_name_of(killed) == run_name
+    resumed = run_main(args, ray_address)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return {"save_dir": save_dir, "run_name": run_name, "run_dir": run_dir, "reference_dir": reference_dir,
+            "resumed": resumed.stdout, "endpoint": s3_endpoint}
+
+
+def test_s3_run_killed_and_rerun_resumes_from_s3_bit_exact(s3_run: dict) -> None:
+    out = s3_run["resumed"]
+    assert f"Run {s3_run['run_name']} has checkpoints: continuing it from its latest one." in out
+    assert "Loading checkpoint from: s3://runs/experiments/" in out
+    resumed_step = int(re.search(r"Resuming from global step (\d+)", out).group(1))
+    assert resumed_step in MID_EPOCH_2
+    final = parse_location(s3_run["run_dir"]).join(f"checkpoint_step={LAST_STEP:06d}", "state.pt")
+    with final.local_copy() as local_final:
+        assert_same_training_state(
+            s3_run["reference_dir"] / s3_run["run_name"] / f"checkpoint_step={LAST_STEP:06d}" / "state.pt",
+            Path(local_final))
+    assert parse_location(s3_run["save_dir"]).join("best_model.pt").is_file()
+
+
+@pytest.mark.parametrize("source", ["checkpoint_folder", "best_model", "run_folder"])
+def test_fine_tune_from_s3_locations(tmp_path: Path, dataset: Path, ray_address: str, s3_run: dict,
+                                     source: str) -> None:
+    save_dir = parse_location(s3_run["save_dir"])
+    folder = save_dir.join(s3_run["run_name"], f"checkpoint_step={2 * STEPS_PER_EPOCH:06d}")
+    location, state_file = {
+        "checkpoint_folder": (folder, folder.join("state.pt")),
+        "best_model": (save_dir.join("best_model.pt"), save_dir.join("best_model.pt")),
+        "run_folder": (save_dir.join(s3_run["run_name"]), None),
+    }[source]
+    location = location.uri
+    source_state = s3_state(state_file.uri) if state_file else None
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path), "--num-workers", "1", "--batch-size", "16",
+            "--eval-every", "1000", "--epochs", str(EPOCHS + 1), "--lr", "2e-4", "--resume-from-checkpoint", location]
+    result = run_main(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert run_name_of(result.stdout) != s3_run["run_name"]
+    assert "Loading checkpoint from: s3://runs/experiments/" in result.stdout
+    run_dir = tmp_path / run_name_of(result.stdout)
+    steps = sorted(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*"))
+    final = load_state(str(run_dir / f"checkpoint_step={steps[-1]:06d}" / "state.pt"))
+    assert final["config"]["lr"] == 2e-4
+    if source_state is not None:  # a run folder means its best checkpoint, whichever step that is
+        assert steps[0] > source_state["global_step"]
+    total = (EPOCHS + 1) * STEPS_PER_EPOCH
+    assert final["optimizer_state_dict"]["param_groups"][0]["lr"] == lr_at(
+        final["global_step"] - 1, peak_lr=2e-4, warmup_steps=20, total_steps=total)
+
+
+def _fails_fast(args: list[str], expected: str, env_overrides: dict | None = None) -> None:
+    env = {**base_env(), **(env_overrides or {})}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "raytrain_app.main", *args], env=env, capture_output=True,
+                            text=True, timeout=60, cwd=REPO_ROOT)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_unreachable_endpoint(tmp_path: Path, dataset: Path) -> None:
+    _fails_fast(["--data", str(dataset), "--save-dir", "s3://runs/x?endpoint_override=http://127.0.0.1:9"],
+                "the storage endpoint cannot be reached")
+
+
+def test_missing_bucket(tmp_path: Path, dataset: Path, s3_endpoint: str) -> None:
+    _fails_fast(["--data", str(dataset), "--save-dir", f"s3://no-such-bucket/x?endpoint_override={s3_endpoint}"],
+                "the bucket 'no-such-bucket' does not exist")
+
+
+def test_wrong_credentials(tmp_path: Path, dataset: Path) -> None:
+    """A second server that checks credentials (moto with authentication on) refuses unknown keys."""
+    from tests.conftest import _free_port, _wait_for_port
+
+    port = _free_port()
+    env = {**base_env(), "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
+                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, server)
+        _fails_fast(["--data", str(dataset), "--save-dir", f"s3://runs/x?endpoint_override=http://127.0.0.1:{port}"],
+                    "access denied: check the credentials")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_unknown_uri_scheme(tmp_path: Path, dataset: Path) -> None:
+    _fails_fast(["--data", "ftp://host/data.pkl", "--save-dir", str(tmp_path / "runs")],
+                "--data ftp://host/data.pkl: unknown URI scheme 'ftp://'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_uri_without_parquet_files(tmp_path: Path, s3_endpoint: str) -> None:
+    bucket = make_bucket(s3_endpoint, "datasets")
+    parse_location(s3_uri(bucket, "empty/README.txt", s3_endpoint)).write_bytes(b"not data")
+    data = s3_uri(bucket, "empty", s3_endpoint)
+    _fails_fast(["--data", data, "--save-dir", str(tmp_path / "runs")], "is a folder without Parquet files")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_parquet_data_on_s3_trains(tmp_path: Path, dataset: Path, ray_address: str, s3_endpoint: str) -> None:
+    bucket = make_bucket(s3_endpoint, "parquet")
+    data = s3_uri(bucket, "tiny", s3_endpoint)
+    converted = subprocess.run([sys.executable, "-m", "raytrain_app.data", "convert", str(dataset), data],
+                               env=base_env(), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert converted.returncode == 0, converted.stderr
+    args = ["--data", data, "--save-dir", str(tmp_path), "--num-workers", "2", "--batch-size", "8", "--epochs", "1",
+            "--eval-every", "1000"]
+    result = run_main(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = load_state(str(tmp_path / run_name_of(result.stdout) / f"checkpoint_step={STEPS_PER_EPOCH:06d}"
+                           / "state.pt"))
+    assert state["epoch"] == 1 and state["config"]["data"].startswith("s3://parquet/tiny")
