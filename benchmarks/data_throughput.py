@@ -1,5 +1,8 @@
 """Samples per second delivered to the training step, and peak memory, Parquet streaming vs in-memory pickle.
 
+"Delivered to the training step" is measured with the project's real train step (default model, on CPU);
+the reader alone (no step) is measured beside it.
+
 Both readers serve the same rows in the same order (raytrain_app.order). Each measurement runs in its own
 process so that its peak resident memory (ru_maxrss) is its own. Prints one JSON object:
 
@@ -21,30 +24,47 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
-def measure(data: str, batch_size: int, epochs: int) -> dict:
-    """In a child process: open the dataset, read `epochs` epochs of rank 0's batches, feed each to a step."""
+def measure(data: str, batch_size: int, epochs: int, step: str) -> dict:
+    """In a child process: open the dataset and feed `epochs` epochs of rank 0's batches to a step: the
+    project's real training step (default model, CPU), or none (the reader alone)."""
     import torch
 
+    from raytrain_app.config import TrainConfig
     from raytrain_app.data import open_dataset
+    from raytrain_app.loop import Trainer
+    from raytrain_app.model import SequenceTransformer
     from raytrain_app.order import shard_batches
 
     started = time.perf_counter()
     ds = open_dataset(data)
     open_s = time.perf_counter() - started
-    weight = torch.randn(ds.feature_dim, 16)
+    cfg = TrainConfig(feature_dim=ds.feature_dim, seq_len=ds.seq_len, num_classes=ds.num_classes, num_workers=1)
+    torch.manual_seed(0)
+    model = SequenceTransformer(cfg)
+    trainer = Trainer(cfg, model, model, torch.device("cpu"))
     samples, started = 0, time.perf_counter()
     for epoch in range(epochs):
         for _, x, y in shard_batches(ds.train, seed=0, epoch=epoch, rank=0, world_size=1, batch_size=batch_size):
-            (x @ weight).sum().item()  # a stand-in step that reads every value it is given
-            samples += x.shape[0] + 0 * int(y[0])
+            if step == "train":
+                trainer.train_step([(x, y)])
+            samples += x.shape[0]
     elapsed = time.perf_counter() - started
-    return {"samples_per_s": samples / elapsed, "open_s": open_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"samples_per_s": samples / elapsed, "open_s": open_s, "peak_rss_mb": peak_rss_mb()}
 
 
-def run_child(data: str, batch_size: int, epochs: int) -> dict:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child
+    would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(data: str, batch_size: int, epochs: int, step: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", data, "--batch-size", str(batch_size),
-                          "--epochs", str(epochs)], capture_output=True, text=True, check=True)
+                          "--epochs", str(epochs), "--step", step], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
@@ -66,11 +86,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--feature-dim", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--child")
+    parser.add_argument("--step", default="train", choices=("train", "none"))
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.batch_size, args.epochs)))
+        print(json.dumps(measure(args.child, args.batch_size, args.epochs, args.step)))
         return
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +100,8 @@ def main() -> None:
             root.mkdir()
             paths = write_datasets(root, args.rows * scale, args.seq_len, args.feature_dim)
             for reader, path in paths.items():
-                results[f"{reader}_{scale}x"] = run_child(path, args.batch_size, args.epochs)
+                results[f"{reader}_{scale}x"] = run_child(path, args.batch_size, args.epochs, "train")
+                results[f"{reader}_{scale}x_reader_only"] = run_child(path, args.batch_size, args.epochs, "none")
     mb = args.rows * args.seq_len * args.feature_dim * 4 / 2**20
     summary = {
         "dataset_1x_mb": round(mb, 1),
@@ -87,6 +109,8 @@ def main() -> None:
         / results["pickle_1x"]["samples_per_s"],
         "throughput_ratio_parquet_vs_pickle_4x": results["parquet_4x"]["samples_per_s"]
         / results["pickle_4x"]["samples_per_s"],
+        "reader_only_ratio_parquet_vs_pickle_1x": results["parquet_1x_reader_only"]["samples_per_s"]
+        / results["pickle_1x_reader_only"]["samples_per_s"],
         "peak_memory_growth_1x_to_4x_parquet": results["parquet_4x"]["peak_rss_mb"]
         / results["parquet_1x"]["peak_rss_mb"] - 1,
         "peak_memory_growth_1x_to_4x_pickle": results["pickle_4x"]["peak_rss_mb"]

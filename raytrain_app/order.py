@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -65,22 +66,40 @@ class EpochOrder:
 def shard_batches(
     source: RowSource, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int, start_batch: int = 0
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield (batch_index, x, y) for this rank's shard of the epoch, starting at `start_batch`."""
+    """Yield (batch_index, x, y) for this rank's shard of the epoch, starting at `start_batch`.
+
+    The next block is read on a background thread while the current one is trained on (at most two blocks in
+    memory), so a streamed source does not make the step wait; the rows and their order are unchanged.
+    """
     order = EpochOrder(source.num_rows, seed, epoch)
     per_rank = source.num_rows // world_size
-    cached: tuple[int, torch.Tensor, torch.Tensor] | None = None  # one block in memory at a time
-    for b in range(start_batch, batches_per_epoch(source.num_rows, batch_size, world_size)):
-        position, stop = rank * per_rank + b * batch_size, rank * per_rank + (b + 1) * batch_size
-        xs, ys = [], []
-        while position < stop:
-            j, offset = order.locate(position)
-            if cached is None or cached[0] != j:
-                cached = (j, *order.block_rows(j, source))
-            take = min(stop - position, cached[1].shape[0] - offset)
-            xs.append(cached[1][offset:offset + take])
-            ys.append(cached[2][offset:offset + take])
-            position += take
-        yield b, torch.cat(xs) if len(xs) > 1 else xs[0], torch.cat(ys) if len(ys) > 1 else ys[0]
+    n_batches = batches_per_epoch(source.num_rows, batch_size, world_size)
+    last_block = order.locate(rank * per_rank + n_batches * batch_size - 1)[0] if n_batches else -1
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    pending: dict[int, Future] = {}
+
+    def block(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        future = pending.pop(j, None) or pool.submit(order.block_rows, j, source)
+        if j + 1 <= last_block and j + 1 not in pending:
+            pending[j + 1] = pool.submit(order.block_rows, j + 1, source)
+        return future.result()
+
+    try:
+        cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        for b in range(start_batch, n_batches):
+            position, stop = rank * per_rank + b * batch_size, rank * per_rank + (b + 1) * batch_size
+            xs, ys = [], []
+            while position < stop:
+                j, offset = order.locate(position)
+                if cached is None or cached[0] != j:
+                    cached = (j, *block(j))
+                take = min(stop - position, cached[1].shape[0] - offset)
+                xs.append(cached[1][offset:offset + take])
+                ys.append(cached[2][offset:offset + take])
+                position += take
+            yield b, torch.cat(xs) if len(xs) > 1 else xs[0], torch.cat(ys) if len(ys) > 1 else ys[0]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def eval_batches(
