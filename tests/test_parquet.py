@@ -96,3 +96,25 @@ def test_folder_without_parquet_and_bad_schemas(tmp_path: Path) -> None:
                    tmp_path / "labels.parquet")
     with pytest.raises(DataError, match=r"labels must be in \[0, 3\), found values from 0 to 9"):
         open_dataset(str(tmp_path / "labels.parquet"))
+
+
+def test_parquet_converted_from_a_pickle_trains_to_the_same_state(tmp_path: Path) -> None:
+    from raytrain_app.config import TrainConfig
+    from raytrain_app.loop import Trainer, seed_everything
+    from raytrain_app.model import SequenceTransformer
+
+    pkl = write_dataset(tmp_path / "d.pkl", num_train=300)
+    convert(pkl, tmp_path / "pq")
+    finals = []
+    for ds in (load_dataset(str(pkl)), open_dataset(str(tmp_path / "pq"))):
+        cfg = TrainConfig(hidden_dim=16, num_layers=1, num_heads=2, feature_dim=4, seq_len=8, num_classes=3,
+                          epochs=2, batch_size=16, eval_every=5, num_workers=1)
+        seed_everything(0, 0)
+        model = SequenceTransformer(cfg)
+        trainer = Trainer(cfg, model, model, torch.device("cpu"))
+        losses: list[float] = []
+        trainer.fit(ds, lambda metrics, state, is_best, out=losses: out.append(metrics["val_loss"]))
+        finals.append((losses, trainer.mean_ema(), model.state_dict()))
+    (losses_a, ema_a, weights_a), (losses_b, ema_b, weights_b) = finals
+    assert losses_a == losses_b and ema_a == ema_b  # the same losses, exactly
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
