@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +75,10 @@ def _as_location(location: Location | str) -> Location:
     return parse_location(location) if isinstance(location, str) else location
 
 
-def write_best_model(save_dir: Location | str, state: dict[str, Any]) -> Location:
+def write_best_model(save_dir: Location | str, state: dict[str, Any] | str) -> Location:
     """Replace <save_dir>/best_model.pt so that a reader sees the old file or the new one, never a part.
+
+    `state` is a state dict, or the path of a state file already written (copied, not serialised again).
 
     Locally: a temporary file, then an atomic rename. On object stores an object becomes visible only when its
     upload completes (multipart uploads included), so writing the key directly is already all-or-nothing.
@@ -88,7 +91,11 @@ def write_best_model(save_dir: Location | str, state: dict[str, Any]) -> Locatio
     fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{BEST_MODEL_FILE}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            if isinstance(state, str):
+                with open(state, "rb") as source:
+                    shutil.copyfileobj(source, f)
+            else:
+                torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         if local_dir:
@@ -216,7 +223,6 @@ class StateSummary:
     config: dict[str, Any]
     has_optimizer: bool
     has_scaler: bool
-    has_scheduler: bool
     data_position: dict[str, Any] | None
     model_state_dict: dict[str, torch.Tensor]
 
@@ -234,7 +240,6 @@ def summarize(location: Location) -> StateSummary:
         config=dict(state.get("config") or {}),
         has_optimizer=bool(state.get("optimizer_state_dict")),
         has_scaler=bool(state.get("scaler_state_dict")),
-        has_scheduler=bool(state.get("scheduler_state_dict")),
         data_position=position if isinstance(position, dict) else None,
         model_state_dict=state["model_state_dict"],
     )

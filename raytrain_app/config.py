@@ -32,7 +32,6 @@ def _opt(default: Any, help: str, *, cli: bool = True, identity: bool = True, **
 
 # Fields that define the network's shapes: a checkpoint can only be loaded into the same values.
 ARCH_FIELDS = ("hidden_dim", "num_layers", "num_heads")
-DATA_ARCH_FIELDS = ("feature_dim", "seq_len", "num_classes", "per_step")
 
 
 @dataclass(kw_only=True)

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from raytrain_app.order import RowSource
-from raytrain_app.storage import StorageError, check_bucket, parse_location
+from raytrain_app.order import RowSource, seeded_generator
+from raytrain_app.storage import Location, StorageError, check_bucket, parse_location
 
 
 class DataError(ValueError):
@@ -161,6 +161,10 @@ def load_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0) -> Data
     """Load a dataset pickle from a local path or URI into memory, validated."""
     location = parse_location(path, flag="--data")
     check_bucket(location)
+    return _load_pickle(location, path, val_fraction=val_fraction, seed=seed)
+
+
+def _load_pickle(location: Location, path: str, *, val_fraction: float, seed: int) -> Dataset:
     info = location.info()
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"--data file not found: {path}")
@@ -205,15 +209,16 @@ def check_num_classes(given: object, labels_min: int, labels_max: int) -> tuple[
     return num_classes, given is not None
 
 
-def open_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
-    """A pickle is loaded into memory; Parquet (a file, a folder, or a URI to either) is streamed."""
+def open_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0, check_labels: bool = True) -> Dataset:
+    """A pickle is loaded into memory; Parquet (a file, a folder, or a URI to either) is streamed.
+    `check_labels=False` skips scanning a Parquet label column (workers: the driver already did)."""
     from raytrain_app.parquet import is_parquet, open_parquet_dataset
 
     location = parse_location(path, flag="--data")
     check_bucket(location)
     if is_parquet(location):
-        return open_parquet_dataset(location, val_fraction=val_fraction, label=path)
-    return load_dataset(path, val_fraction=val_fraction, seed=seed)
+        return open_parquet_dataset(location, val_fraction=val_fraction, label=path, check_labels=check_labels)
+    return _load_pickle(location, path, val_fraction=val_fraction, seed=seed)
 
 
 # --- augmentation -------------------------------------------------------------------------------------------
@@ -222,8 +227,7 @@ def augment(x: torch.Tensor, noise_std: float, *, seed: int, epoch: int, rank: i
     """Gaussian feature noise from a generator keyed by the batch's position, so resume reproduces it."""
     if noise_std == 0.0:
         return x
-    key = np.random.SeedSequence([seed, epoch, rank, batch_index]).generate_state(1)[0]
-    g = torch.Generator().manual_seed(int(key))
+    g = seeded_generator(seed, epoch, rank, batch_index)
     return x + noise_std * torch.randn(x.shape, generator=g, dtype=x.dtype)
 
 

@@ -12,7 +12,7 @@ import math
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,11 +58,9 @@ class WarmupCosineSchedule:
         return lr
 
     def state_dict(self) -> dict[str, Any]:
+        """Recorded for people and tools; restoring needs only the global step (see Trainer.load_state_dict)."""
         return {"step": self.step, "peak_lr": self.cfg.lr, "warmup_steps": self.cfg.warmup_steps,
                 "total_steps": self.total_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.set_step(int(state["step"]))
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -118,14 +116,10 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LoadReport:
-    """What `load_state_dict` restored, for the resume summary."""
+    """The optional parts `load_state_dict` found and restored (weights and counters always are)."""
 
-    model: bool = False
     optimizer: bool = False
     scaler: bool = False
-    scheduler: bool = False
-    rng: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 # The callback receives (metrics, state or None on ranks > 0, is_best) on every rank at every validation.
@@ -185,7 +179,6 @@ class Trainer:
         dropout were already applied when the model was built). Missing parts start fresh."""
         report = LoadReport()
         self.model.load_state_dict(state["model_state_dict"])
-        report.model = True
         if state.get("optimizer_state_dict"):
             self.optimizer.load_state_dict(state["optimizer_state_dict"])
             report.optimizer = True
@@ -198,9 +191,7 @@ class Trainer:
             report.scaler = True
         self.epoch = int(state.get("epoch", 0) or 0)
         self.global_step = int(state.get("global_step", 0) or 0)
-        if state.get("scheduler_state_dict"):
-            report.scheduler = True
-        self.schedule.set_step(self.global_step)
+        self.schedule.set_step(self.global_step)  # the schedule's position is the global step, by definition
         best = state.get("val_loss")
         self.best_val_loss = math.inf if best is None else float(best)
         self._load_ema(state)
@@ -208,7 +199,6 @@ class Trainer:
         rng_states = state.get("rng_states") or []
         if self.rank < len(rng_states):
             restore_rng_state(rng_states[self.rank])
-            report.rng = True
         else:  # a checkpoint from fewer ranks or another tool: a fresh, still deterministic stream
             seed_everything(self.cfg.seed + self.global_step, self.rank)
         return report

@@ -46,28 +46,15 @@ class UserError(Exception):
 
 # --- choosing where the run starts ---------------------------------------------------------------------------
 
-def _infer_arch_from_weights(weights: dict[str, Any]) -> dict[str, Any]:
-    """Architecture from tensor shapes, for .pt files written by other tools without a full config."""
-    arch: dict[str, Any] = {}
-    if "input_proj.weight" in weights:
-        arch["hidden_dim"], arch["feature_dim"] = tuple(weights["input_proj.weight"].shape)
-    if "pos_emb" in weights:
-        arch["seq_len"] = weights["pos_emb"].shape[1]
-    if "head.weight" in weights:
-        arch["num_classes"] = weights["head.weight"].shape[0]
-    layers = {k.split(".")[1] for k in weights if k.startswith("blocks.")}
-    if layers:
-        arch["num_layers"] = len(layers)
-    return arch
-
-
 def fit_to_checkpoint(
     cfg: TrainConfig, given: set[str], summary: StateSummary, *, num_classes_given: bool
 ) -> TrainConfig:
     """Take architecture fields from the checkpoint; a flag given with another value is an error (exit 2).
 
     `num_classes_given`: the dataset states its class count (else it is max label + 1 and may be smaller)."""
-    saved = {**_infer_arch_from_weights(summary.model_state_dict), **summary.config}
+    from raytrain_app.model import arch_from_state_dict
+
+    saved = {**arch_from_state_dict(summary.model_state_dict), **summary.config}
     changes: dict[str, Any] = {}
     mismatches = []
     for name in ARCH_FIELDS:
@@ -125,7 +112,7 @@ def with_data_shape(cfg: TrainConfig, data: Dataset) -> TrainConfig:
                        per_step=data.per_step)
 
 
-def print_resume_summary(summary: StateSummary, cfg: TrainConfig, uses_scaler: bool) -> None:
+def print_resume_summary(summary: StateSummary, uses_scaler: bool) -> None:
     print(f"📂 Loading checkpoint from: {summary.path}")
     print("  ✅ Loaded model weights")
     print("  ✅ Loaded optimizer state" if summary.has_optimizer else "  ⚠️  No optimizer state: starting it fresh")
@@ -142,7 +129,7 @@ def print_resume_summary(summary: StateSummary, cfg: TrainConfig, uses_scaler: b
     print("\n  🎯 Checkpoint loaded successfully!\n")
 
 
-def start_position(summary: StateSummary | None, cfg: TrainConfig) -> tuple[int, int]:
+def start_position(summary: StateSummary | None) -> tuple[int, int]:
     """(completed epochs, batch index within the next epoch) training will start from."""
     if summary is None:
         return 0, 0
@@ -269,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.use_wandb:
         print("⚠️  --use-wandb: wandb logging is not part of this version yet; metrics are printed on the console.")
     if summary is not None:
-        print_resume_summary(summary, cfg, uses_scaler=cfg.use_amp and cfg.amp_dtype == "fp16")
-    done_epochs, in_epoch = start_position(summary, cfg)
+        print_resume_summary(summary, uses_scaler=cfg.use_amp and cfg.amp_dtype == "fp16")
+    done_epochs, in_epoch = start_position(summary)
     if done_epochs >= cfg.epochs:
         print(f"Nothing to train: the checkpoint has completed {done_epochs} epochs and --epochs is {cfg.epochs} "
               "(a total). Pass a larger --epochs to train more.")

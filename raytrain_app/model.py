@@ -77,5 +77,16 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> t
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction=reduction)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def arch_from_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The architecture fields readable from tensor shapes (all but num_heads), for checkpoints without a config."""
+    arch: dict[str, int] = {}
+    if "input_proj.weight" in weights:
+        arch["hidden_dim"], arch["feature_dim"] = tuple(weights["input_proj.weight"].shape)
+    if "pos_emb" in weights:
+        arch["seq_len"] = weights["pos_emb"].shape[1]
+    if "head.weight" in weights:
+        arch["num_classes"] = weights["head.weight"].shape[0]
+    layers = {k.split(".")[1] for k in weights if k.startswith("blocks.")}
+    if layers:
+        arch["num_layers"] = len(layers)
+    return arch

@@ -30,7 +30,8 @@ class RowSource(Protocol):
     def read_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _generator(*key: int) -> torch.Generator:
+def seeded_generator(*key: int) -> torch.Generator:
+    """A torch generator seeded by a tuple of ints (seed, epoch, ...), the same in every process."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
@@ -45,7 +46,7 @@ class EpochOrder:
     def __init__(self, num_rows: int, seed: int, epoch: int) -> None:
         self.num_rows, self.seed, self.epoch = num_rows, seed, epoch
         num_blocks = -(-num_rows // ORDER_BLOCK_ROWS)
-        self.blocks = torch.randperm(num_blocks, generator=_generator(seed, epoch)).tolist()
+        self.blocks = torch.randperm(num_blocks, generator=seeded_generator(seed, epoch)).tolist()
         sizes = [min(ORDER_BLOCK_ROWS, num_rows - b * ORDER_BLOCK_ROWS) for b in self.blocks]
         self.ends = np.cumsum(sizes).tolist()  # position just past each block in the epoch's order
 
@@ -59,7 +60,7 @@ class EpochOrder:
         block = self.blocks[j]
         start = block * ORDER_BLOCK_ROWS
         x, y = source.read_rows(start, min(start + ORDER_BLOCK_ROWS, self.num_rows))
-        perm = torch.randperm(x.shape[0], generator=_generator(self.seed, self.epoch, block + 1))
+        perm = torch.randperm(x.shape[0], generator=seeded_generator(self.seed, self.epoch, block + 1))
         return x[perm], y[perm]
 
 

@@ -13,6 +13,7 @@ fixed_size_list<int64>[T] (a class per step). Schema metadata: `seq_len`, `featu
 from __future__ import annotations
 
 import bisect
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +88,7 @@ def _shape_of(schema: pa.Schema, label: str) -> _Shape:
 class ParquetSplit:
     """Rows of one split across Parquet files, read by range one row group at a time (a RowSource)."""
 
-    def __init__(self, files: list[Location], shape: _Shape, label: str, row_range: tuple[int, int] | None = None):
+    def __init__(self, files: list[Location], shape: _Shape, label: str):
         self.files, self.shape, self.label = files, shape, label
         self._groups: list[tuple[int, int]] = []  # (file index, row group) in global row order
         starts = [0]
@@ -98,8 +99,7 @@ class ParquetSplit:
                 self._groups.append((i, g))
                 starts.append(starts[-1] + metadata.row_group(g).num_rows)
         self._starts = starts
-        self._offset, stop = row_range or (0, starts[-1])
-        self._num_rows = stop - self._offset
+        self._offset, self._num_rows = 0, starts[-1]
         self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None  # the last row group decoded
 
     def _handle(self, i: int) -> pq.ParquetFile:
@@ -108,8 +108,13 @@ class ParquetSplit:
             self._handles[i] = pq.ParquetFile(location.fs.open_input_file(location.path))
         return self._handles[i]
 
-    def __getstate__(self) -> dict:  # open files do not travel; they are reopened where needed
-        return {**self.__dict__, "_handles": {}, "_cache": None}
+    def rows(self, start: int, stop: int) -> ParquetSplit:
+        """A view of rows [start, stop) sharing this split's row-group index, with its own open files and cache
+        (a view may be read on another thread than its parent)."""
+        view = copy.copy(self)
+        view._offset, view._num_rows = self._offset + start, stop - start
+        view._handles, view._cache = {}, None
+        return view
 
     @property
     def num_rows(self) -> int:
@@ -127,10 +132,12 @@ class ParquetSplit:
         x = table.column("x").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         # A copy: Arrow's buffers are read-only, and a row group is small.
         x = torch.from_numpy(np.array(x, dtype=np.float32).reshape(-1, s.seq_len, s.feature_dim))
-        y_col = table.column("y").combine_chunks()
-        y = (y_col.flatten() if s.per_step else y_col).to_numpy(zero_copy_only=False)
-        y = torch.from_numpy(np.array(y, dtype=np.int64).reshape((-1, s.seq_len) if s.per_step else (-1,)))
-        return x, y
+        y = torch.from_numpy(np.array(self._labels(table.column("y").combine_chunks()), dtype=np.int64))
+        return x, y.reshape((-1, s.seq_len) if s.per_step else (-1,))
+
+    def _labels(self, y: pa.Array) -> np.ndarray:
+        """The label values of a y column, flat (per-step lists are flattened)."""
+        return (y.flatten() if self.shape.per_step else y).to_numpy(zero_copy_only=False)
 
     def read_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         start, stop = start + self._offset, stop + self._offset
@@ -147,24 +154,21 @@ class ParquetSplit:
     def label_range(self) -> tuple[int, int]:
         """(min, max) label, reading only the y column one row group at a time."""
         lo, hi = None, None
-        for k in range(len(self._groups)):
-            if self._starts[k + 1] <= self._offset or self._starts[k] >= self._offset + self._num_rows:
+        first, last = self._offset, self._offset + self._num_rows
+        for k, (file_index, group) in enumerate(self._groups):
+            a, b = max(first, self._starts[k]), min(last, self._starts[k + 1])  # this split's rows in group k
+            if a >= b:
                 continue
-            file_index, group = self._groups[k]
             y = self._handle(file_index).read_row_group(group, columns=["y"]).column("y").combine_chunks()
-            values = (y.flatten() if self.shape.per_step else y).to_numpy(zero_copy_only=False)
-            a = max(self._offset - self._starts[k], 0) * (self.shape.seq_len if self.shape.per_step else 1)
-            b = (min(self._offset + self._num_rows, self._starts[k + 1]) - self._starts[k]) * (
-                self.shape.seq_len if self.shape.per_step else 1)
-            if b > a:
-                values = values[a:b]
-                lo = int(values.min()) if lo is None else min(lo, int(values.min()))
-                hi = int(values.max()) if hi is None else max(hi, int(values.max()))
-        return lo or 0, hi or 0
+            values = self._labels(y.slice(a - self._starts[k], b - a))
+            lo = int(values.min()) if lo is None else min(lo, int(values.min()))
+            hi = int(values.max()) if hi is None else max(hi, int(values.max()))
+        return (lo, hi) if lo is not None else (0, 0)
 
 
-def open_parquet_dataset(location: Location, *, val_fraction: float, label: str) -> Dataset:
-    """Open (not read) a Parquet dataset: schemas, row counts and the label range are checked up front."""
+def open_parquet_dataset(location: Location, *, val_fraction: float, label: str, check_labels: bool = True) -> Dataset:
+    """Open (not read) a Parquet dataset: schemas and row counts are checked up front, and with `check_labels`
+    the label range too (a scan of the y column: the driver does it once, workers skip it)."""
     train_files = _split_files(location, "train")
     if train_files:
         val_files = _split_files(location, "val")
@@ -191,12 +195,14 @@ def open_parquet_dataset(location: Location, *, val_fraction: float, label: str)
         n_val = max(1, int(round(n * val_fraction)))
         if n - n_val < 1:
             raise DataError(f"--data {label} has only {n} rows: too few to hold out a validation split")
-        val = ParquetSplit(train_files, shape, label, row_range=(n - n_val, n))
-        train = ParquetSplit(train_files, shape, label, row_range=(0, n - n_val))
+        train, val = train.rows(0, n - n_val), train.rows(n - n_val, n)
     if train.num_rows == 0 or val.num_rows == 0:
         raise DataError(f"--data {label}: the {'train' if train.num_rows == 0 else 'val'} split is empty")
-    (lo_t, hi_t), (lo_v, hi_v) = train.label_range(), val.label_range()
-    num_classes, given = check_num_classes(shape.num_classes, min(lo_t, lo_v), max(hi_t, hi_v))
+    if check_labels:
+        (lo_t, hi_t), (lo_v, hi_v) = train.label_range(), val.label_range()
+        num_classes, given = check_num_classes(shape.num_classes, min(lo_t, lo_v), max(hi_t, hi_v))
+    else:  # the driver checked them and put the class count into the config
+        num_classes, given = shape.num_classes or 0, shape.num_classes is not None
     return Dataset(train=train, val=val, num_classes=num_classes, num_classes_given=given, seq_len=shape.seq_len,
                    feature_dim=shape.feature_dim, per_step=shape.per_step, uri=location.uri)
 

@@ -38,14 +38,12 @@ def _restore_source(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None,
 
 
 def _print_load_report(source: str, report: LoadReport, trainer: Trainer) -> None:
-    print(f"📂 Loaded checkpoint on the workers: {source}")
-    print("  ✅ Loaded model weights")
-    print("  ✅ Loaded optimizer state" if report.optimizer else "  ⚠️  No optimizer state: optimizer starts fresh")
+    """One line confirming what the workers restored (the driver printed the full summary before starting)."""
+    parts = ["weights", "optimizer" if report.optimizer else "no optimizer state (fresh)"]
     if trainer.scaler.is_enabled():
-        scaler = "  ✅ Loaded gradient scaler state" if report.scaler else "  ⚠️  No gradient scaler state: starts fresh"
-        print(scaler)
-    print(f"  ✅ Resuming at epoch {trainer.epoch}, global step {trainer.global_step}, batch {trainer.batch_index}",
-          flush=True)
+        parts.append("gradient scaler" if report.scaler else "no gradient scaler state (fresh)")
+    print(f"Workers loaded {source}: {', '.join(parts)}; at epoch {trainer.epoch}, global step "
+          f"{trainer.global_step}, batch {trainer.batch_index}", flush=True)
 
 
 def _quiet_ray_report_logs() -> None:
@@ -63,7 +61,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     seed_everything(cfg.seed, rank)
-    data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_labels=False)
     state, source = _restore_source(loop_config)
 
     model = SequenceTransformer(cfg).to(device)  # built from the current config: a new --dropout applies
@@ -92,8 +90,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         local_dir = tempfile.mkdtemp(prefix="raytrain-ckpt-")
         try:
             save_checkpoint_dir(local_dir, state)
-            if is_best:
-                write_best_model(save_dir, state)
+            if is_best:  # the state file just written, copied: serialising a large model once is enough
+                write_best_model(save_dir, os.path.join(local_dir, STATE_FILE))
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(local_dir),

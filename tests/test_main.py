@@ -17,7 +17,7 @@ def summary_of(cfg: TrainConfig, *, config: dict | None = None, epoch: int = 2, 
     return StateSummary(
         path="ckpt.pt", epoch=epoch, global_step=32, best_val_loss=0.5, train_ema_loss=0.6,
         config=cfg.to_dict() if config is None else config, has_optimizer=True, has_scaler=False,
-        has_scheduler=True, data_position=position, model_state_dict=SequenceTransformer(cfg).state_dict(),
+        data_position=position, model_state_dict=SequenceTransformer(cfg).state_dict(),
     )
 
 
@@ -73,6 +73,6 @@ def test_weights_of_another_model_are_refused() -> None:
 
 def test_start_position_mid_epoch() -> None:
     cfg = saved_cfg()
-    assert start_position(None, cfg) == (0, 0)
-    assert start_position(summary_of(cfg, epoch=2, position={"epoch": 2, "batch_index": 5}), cfg) == (2, 5)
-    assert start_position(summary_of(cfg, epoch=2, position={"epoch": 1, "batch_index": 5}), cfg) == (2, 0)
+    assert start_position(None) == (0, 0)
+    assert start_position(summary_of(cfg, epoch=2, position={"epoch": 2, "batch_index": 5})) == (2, 5)
+    assert start_position(summary_of(cfg, epoch=2, position={"epoch": 1, "batch_index": 5})) == (2, 0)
