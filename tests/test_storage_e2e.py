@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from raytrain_app.checkpoint import load_state
 from raytrain_app.loop import lr_at
@@ -168,3 +169,14 @@ def test_parquet_data_on_s3_trains(tmp_path: Path, dataset: Path, ray_address: s
     state = load_state(str(tmp_path / run_name_of(result.stdout) / f"checkpoint_step={STEPS_PER_EPOCH:06d}"
                            / "state.pt"))
     assert state["epoch"] == 1 and state["config"]["data"].startswith("s3://parquet/tiny")
+
+
+def test_pickle_dataset_read_from_s3(dataset: Path, s3_endpoint: str) -> None:
+    from raytrain_app.data import load_dataset, open_dataset
+
+    bucket = make_bucket(s3_endpoint, "pickles")
+    uri = s3_uri(bucket, "tiny.pkl", s3_endpoint)
+    parse_location(uri).write_bytes(dataset.read_bytes())
+    local, remote = load_dataset(str(dataset)), open_dataset(uri)
+    assert remote.uri.startswith("s3://pickles/tiny.pkl?endpoint_override=127.0.0.1:")
+    assert torch.equal(local.train.x, remote.train.x) and torch.equal(local.val.y, remote.val.y)
