@@ -18,14 +18,20 @@ state.pt keys (the first eight are the ones users' tools already know):
   rng_states            per-rank python / numpy / torch CPU / CUDA generator states
   data_position         where in the epoch the next micro-batch comes from
   eval_val_loss         the validation loss measured at this checkpoint
+  lineage               None for a run trained from scratch; for a run started from another checkpoint
+                        (--resume-from-checkpoint, a sweep trial): base_checkpoint (its location),
+                        base_global_step, base_epoch, base_sha256 (of the base state file), base_lineage
+                        (the base's own lineage), and for sweep trials sweep_name and trial_id
   format_version        1
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import posixpath
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -60,6 +66,7 @@ def _meta(state: dict[str, Any]) -> dict[str, Any]:
         "eval_val_loss": state.get("eval_val_loss"),
         "best_val_loss": state["val_loss"],
         "data_position": state.get("data_position"),
+        "lineage": state.get("lineage"),
     }
 
 
@@ -73,6 +80,36 @@ def save_checkpoint_dir(checkpoint_dir: str, state: dict[str, Any]) -> None:
 
 def _as_location(location: Location | str) -> Location:
     return parse_location(location) if isinstance(location, str) else location
+
+
+def _publish(tmp: str, target: Location) -> None:
+    """Move a finished local temporary file to `target` so readers see all of it or nothing: a rename on a
+    local filesystem (same directory), a single upload on object stores (objects appear only when complete)."""
+    if target.is_local:
+        os.replace(tmp, target.path)
+    else:
+        pafs.copy_files(tmp, target.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target.fs)
+
+
+def copy_state_file(source: Location, target: Location) -> str:
+    """Copy a state file (any storage to any storage) atomically; returns the SHA-256 of its bytes."""
+    local_dir = posixpath.dirname(target.path) if target.is_local else None
+    if local_dir:
+        os.makedirs(local_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{target.name}.", suffix=".tmp")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, source.fs.open_input_stream(source.path) as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        _publish(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return digest.hexdigest()
 
 
 def write_best_model(save_dir: Location | str, state: dict[str, Any] | str) -> Location:
@@ -98,11 +135,7 @@ def write_best_model(save_dir: Location | str, state: dict[str, Any] | str) -> L
                 torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if local_dir:
-            os.replace(tmp, target.path)
-        else:
-            pafs.copy_files(tmp, target.path, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=save_dir.fs)
+        _publish(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -152,15 +185,25 @@ def _read_json(location: Location) -> dict[str, Any] | None:
         return None
 
 
+def _latest_result(run_dir: Location) -> dict[str, Any] | None:
+    snapshot = _read_json(run_dir.join(RUN_SNAPSHOT_FILE)) or {}
+    return snapshot.get("latest_checkpoint_result") or None
+
+
 def latest_run_checkpoint(run_dir: Location | str) -> Location | None:
     """The state file of the run's latest checkpoint, as Ray Train recorded it (the one a restart loads)."""
     run_dir = _as_location(run_dir)
-    snapshot = _read_json(run_dir.join(RUN_SNAPSHOT_FILE)) or {}
-    latest = snapshot.get("latest_checkpoint_result")
+    latest = _latest_result(run_dir)
     if not latest:
         return None
     state = run_dir.join(latest["checkpoint_dir_name"], STATE_FILE)
     return state if state.is_file() else None
+
+
+def latest_run_metrics(run_dir: Location | str) -> dict[str, Any] | None:
+    """The metrics reported with the run's latest checkpoint (epoch, global_step, val_loss, ...), or None."""
+    latest = _latest_result(_as_location(run_dir))
+    return dict(latest.get("metrics") or {}) if latest else None
 
 
 def best_run_checkpoint(run_dir: Location | str) -> Location | None:
@@ -185,13 +228,13 @@ def is_run_dir(location: Location) -> bool:
     )
 
 
-def resolve_checkpoint(location: str) -> Location | None:
+def resolve_checkpoint(location: str, flag: str = "--resume-from-checkpoint") -> Location | None:
     """Turn what a user passed to --resume-from-checkpoint into the Location of a state file.
 
     Accepts a .pt file, a checkpoint directory (state.pt inside) or a run directory (its best checkpoint), as a
     local path or a URI. Returns None when nothing exists there, so the caller can warn and start fresh.
     """
-    where = parse_location(location, flag="--resume-from-checkpoint")
+    where = parse_location(location, flag=flag)
     check_bucket(where)
     info = where.info()
     if info.type == pafs.FileType.NotFound:
@@ -204,9 +247,9 @@ def resolve_checkpoint(location: str) -> Location | None:
         best = best_run_checkpoint(where)
         if best:
             return best
-        raise CheckpointError(f"--resume-from-checkpoint {location}: this run folder has no complete checkpoint yet")
+        raise CheckpointError(f"{flag} {location}: this run folder has no complete checkpoint yet")
     raise CheckpointError(
-        f"--resume-from-checkpoint {location} is a folder without a checkpoint: pass a .pt file, a "
+        f"{flag} {location} is a folder without a checkpoint: pass a .pt file, a "
         f"'{CHECKPOINT_PREFIX}...' folder or a run folder"
     )
 
@@ -225,6 +268,8 @@ class StateSummary:
     has_scaler: bool
     data_position: dict[str, Any] | None
     model_state_dict: dict[str, torch.Tensor]
+    lineage: dict[str, Any] | None = None
+    eval_val_loss: float | None = None  # measured at this checkpoint (best_val_loss is the run's best so far)
 
 
 def summarize(location: Location) -> StateSummary:
@@ -242,6 +287,8 @@ def summarize(location: Location) -> StateSummary:
         has_scaler=bool(state.get("scaler_state_dict")),
         data_position=position if isinstance(position, dict) else None,
         model_state_dict=state["model_state_dict"],
+        lineage=state.get("lineage") if isinstance(state.get("lineage"), dict) else None,
+        eval_val_loss=_float_or_none(state.get("eval_val_loss")),
     )
 
 
@@ -249,3 +296,15 @@ def _float_or_none(value: Any) -> float | None:
     if value is None:
         return None
     return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def fork_lineage(base: Location, summary: StateSummary, *, sha256: str | None = None) -> dict[str, Any]:
+    """The lineage a run started from `base` records in every checkpoint it writes (`sha256`: of base's bytes,
+    when the caller already has it)."""
+    return {
+        "base_checkpoint": base.uri,
+        "base_global_step": summary.global_step,
+        "base_epoch": summary.epoch,
+        "base_sha256": sha256 or base.sha256(),
+        "base_lineage": summary.lineage,
+    }

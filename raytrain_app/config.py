@@ -26,6 +26,7 @@ def _opt(default: Any, help: str, *, cli: bool = True, identity: bool = True, **
     `identity=False` marks operational settings that do not change what is trained (where checkpoints go,
     how many retries): they are left out of the default run name, so changing them continues the same run.
     `cli=False` marks fields filled from the data or the checkpoint, never from a flag.
+    `added_later=True` marks settings added after the first release (see `TrainConfig.identity_hash`).
     """
     return field(default=default, metadata={"help": help, "cli": cli, "identity": identity, **extra})
 
@@ -85,6 +86,14 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _opt(
         None, "Start from a checkpoint: a .pt file, a checkpoint folder or a run folder (its best checkpoint)."
     )
+    reset_optimizer: bool = _opt(
+        False, "With --resume-from-checkpoint: start the AdamW moments and fp16 scaler anew instead of loading them.",
+        added_later=True,
+    )
+    restart_schedule: bool = _opt(
+        False, "With --resume-from-checkpoint: run warmup and the cosine decay anew over this run's steps, instead of "
+        "continuing the checkpoint's position in the schedule.", added_later=True,
+    )
     max_failures: int = _opt(
         3, "Worker-group restarts from the latest checkpoint before the run fails.", identity=False
     )
@@ -130,10 +139,15 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def identity_hash(self) -> str:
-        """A short hash of everything that changes what is trained; the default run name is built from it."""
-        ident = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"] and f.metadata["cli"]}
+        """A short hash of everything that changes what is trained; the default run name is built from it.
+
+        Settings added after the first release count only when they differ from their defaults, so an upgrade
+        never renames existing runs: the same command keeps finding its run."""
+        ident = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.metadata["identity"] and f.metadata["cli"]
+                 and not (f.metadata.get("added_later") and getattr(self, f.name) == f.default)}
         for key in ("data", "resume_from_checkpoint"):
-            if ident[key] and "://" not in ident[key]:
+            if ident.get(key) and "://" not in ident[key]:
                 ident[key] = os.path.abspath(ident[key])
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -149,26 +163,148 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def cli_fields() -> list[dataclasses.Field]:
-    return [f for f in fields(TrainConfig) if f.metadata["cli"]]
+# --- the sweep (python -m raytrain_app.tune) ----------------------------------------------------------------
+
+def _lr_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--lr-grid must be comma-separated numbers like 1e-5,3e-5,1e-4, got {text!r}") from None
 
 
-def build_parser(prog: str = "python -m raytrain_app.main", description: str | None = None) -> argparse.ArgumentParser:
-    """The CLI, generated from `TrainConfig`. Every default is SUPPRESS so we know which flags were given."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings; command-line flags win.")
-    for f in cli_fields():
+# Training flags a sweep sets itself, with what to use instead.
+SWEEP_OWNED_FLAGS = {
+    "lr": "the sweep sets each trial's learning rate: use --lr-grid or --lr-min/--lr-max",
+    "resume_from_checkpoint": "every trial starts from --base-checkpoint",
+    "run_name": "trial runs are named from their trial ids; name the sweep with --sweep-name",
+}
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """A learning-rate sweep: every trial starts from `base_checkpoint` with its own learning rate. Every other
+    training setting is a TrainConfig field, fixed for all trials."""
+
+    base_checkpoint: str | None = _opt(
+        None, "Checkpoint every trial starts from: anything --resume-from-checkpoint accepts (required)."
+    )
+    lr_grid: tuple[float, ...] | None = _opt(
+        None, "Learning rates to try, comma-separated (e.g. 1e-5,3e-5,1e-4).", parse=_lr_list
+    )
+    lr_min: float | None = _opt(None, "Smallest learning rate of a log-uniform search (with --lr-max).")
+    lr_max: float | None = _opt(None, "Largest learning rate of a log-uniform search (with --lr-min).")
+    num_samples: int = _opt(4, "Learning rates drawn log-uniformly between --lr-min and --lr-max (seeded by --seed).")
+    scheduler: str = _opt("asha", "asha stops poor trials early; none runs every trial to the end.",
+                          choices=("asha", "none"))
+    grace_period: int | None = _opt(
+        None, "ASHA: optimizer steps a trial trains before it may be stopped (default: --eval-every, at most half a "
+        "trial)."
+    )
+    reduction_factor: float = _opt(3.0, "ASHA: keep the best 1/N of trials at each rung.")
+    max_concurrent_trials: int | None = _opt(
+        None, "Trials running at once (default and upper bound: as many as the cluster can hold).", identity=False
+    )
+    sweep_name: str | None = _opt(
+        None, "Sweep name; by default derived from the settings, so the same command resumes the same sweep.",
+        identity=False,
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lr_grid, str):
+            self.lr_grid = _lr_list(self.lr_grid)
+        elif self.lr_grid is not None:
+            self.lr_grid = tuple(float(v) for v in self.lr_grid)
+        if not self.base_checkpoint:
+            raise ConfigError("--base-checkpoint is required: the checkpoint every trial starts from")
+        ranged = self.lr_min is not None or self.lr_max is not None
+        if (self.lr_grid is not None) == ranged:
+            raise ConfigError("give the learning rates to try: --lr-grid 1e-5,3e-5,1e-4, or --lr-min 1e-5 --lr-max "
+                              "1e-3 [--num-samples 4] (not both)")
+        if self.lr_grid is not None:
+            if not self.lr_grid or any(not lr > 0 for lr in self.lr_grid):
+                raise ConfigError(f"--lr-grid values must be positive, got {','.join(map(str, self.lr_grid))}")
+            if len(set(self.lr_grid)) != len(self.lr_grid):
+                raise ConfigError("--lr-grid lists a learning rate twice")
+        else:
+            if self.lr_min is None or self.lr_max is None:
+                raise ConfigError("--lr-min and --lr-max go together")
+            if not 0 < self.lr_min < self.lr_max:
+                raise ConfigError(f"need 0 < --lr-min < --lr-max, got {self.lr_min} and {self.lr_max}")
+        for name in ("num_samples", "grace_period", "max_concurrent_trials"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{_flag(name)} must be positive, got {value}")
+        if not self.reduction_factor > 1:
+            raise ConfigError(f"--reduction-factor must be greater than 1, got {self.reduction_factor}")
+        if self.scheduler not in ("asha", "none"):
+            raise ConfigError(f"--scheduler must be asha or none, got {self.scheduler!r}")
+
+    def learning_rates(self, seed: int) -> list[float]:
+        """The trials' learning rates: the grid as given, or `num_samples` log-uniform draws (3 significant
+        digits, sorted) from a generator seeded by `seed`, so the same command always means the same trials."""
+        if self.lr_grid is not None:
+            return list(self.lr_grid)
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        draws = np.exp(rng.uniform(np.log(self.lr_min), np.log(self.lr_max), size=self.num_samples))
+        return sorted({float(f"{lr:.3g}") for lr in draws})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        ident = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"]}
+        if ident["base_checkpoint"] and "://" not in ident["base_checkpoint"]:
+            ident["base_checkpoint"] = os.path.abspath(ident["base_checkpoint"])
+        return ident
+
+
+def sweep_identity_hash(sweep: SweepConfig, train: TrainConfig) -> str:
+    """A short hash of everything that changes what a sweep trains; its default name is built from it."""
+    payload = {"sweep": sweep.identity(), "train": train.identity_hash()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:8]
+
+
+# --- the command line --------------------------------------------------------------------------------------
+
+def cli_fields(cls: type = TrainConfig) -> list[dataclasses.Field]:
+    return [f for f in fields(cls) if f.metadata["cli"]]
+
+
+def _cli_type(f: dataclasses.Field) -> Any:
+    if "parse" in f.metadata:
+        return f.metadata["parse"]
+    base = str(f.type).removesuffix(" | None")
+    return {"int": int, "float": float}.get(base, str)
+
+
+def _add_fields(parser: argparse._ActionsContainer, cls: type) -> None:
+    for f in cli_fields(cls):
         flag = f"--{_flag(f.name)}"
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
+        help_text = f"{f.metadata['help']} (default: {default})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help_text)
+        parser.add_argument(flag, type=_cli_type(f), choices=f.metadata.get("choices"), help=help_text)
+
+
+def build_parser(prog: str = "python -m raytrain_app.main", description: str | None = None,
+                 *, sweep: bool = False) -> argparse.ArgumentParser:
+    """The CLI, generated from `TrainConfig` (and `SweepConfig` for sweeps). Every default is SUPPRESS so we
+    know which flags were given."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings; command-line flags win.")
+    if sweep:
+        _add_fields(parser.add_argument_group("sweep"), SweepConfig)
+        _add_fields(parser.add_argument_group("training (fixed for every trial)"), TrainConfig)
+    else:
+        _add_fields(parser, TrainConfig)
     return parser
 
 
-def load_config_file(path: str) -> dict[str, Any]:
+def load_config_file(path: str, allowed: set[str] | None = None) -> dict[str, Any]:
     """Read a YAML or TOML settings file; keys may use dashes or underscores."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config file not found: {path}")
@@ -186,7 +322,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path} must hold a mapping of settings, got {type(values).__name__}")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    allowed = {f.name for f in cli_fields()}
+    allowed = allowed if allowed is not None else {f.name for f in cli_fields()}
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ConfigError(f"unknown key(s) in --config {path}: {', '.join(unknown)}")
@@ -200,3 +336,24 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     values = load_config_file(config_path) if config_path else {}
     values.update(args)  # flags win over the file
     return TrainConfig.from_dict(values), set(values)
+
+
+def parse_sweep_config(argv: list[str] | None = None,
+                       prog: str = "python -m raytrain_app.tune") -> tuple[SweepConfig, TrainConfig, set[str]]:
+    """Parse a sweep's command line: its SweepConfig, the fixed TrainConfig of every trial, and the training
+    fields the user set. A --config file may hold both kinds of keys. Trials restart the schedule at the base
+    checkpoint unless --no-restart-schedule is given."""
+    args = vars(build_parser(prog, sweep=True).parse_args(argv))
+    config_path = args.pop("config", None)
+    sweep_names = {f.name for f in cli_fields(SweepConfig)}
+    allowed = sweep_names | {f.name for f in cli_fields(TrainConfig)}
+    values = load_config_file(config_path, allowed) if config_path else {}
+    values.update(args)
+    train_values = {k: v for k, v in values.items() if k not in sweep_names}
+    for name, instead in SWEEP_OWNED_FLAGS.items():
+        if name in train_values:
+            raise ConfigError(f"--{_flag(name)} is not a sweep setting: {instead}")
+    sweep = SweepConfig(**{k: v for k, v in values.items() if k in sweep_names})
+    given = set(train_values)
+    train_values.setdefault("restart_schedule", True)
+    return sweep, TrainConfig.from_dict(train_values), given

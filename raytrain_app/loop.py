@@ -45,22 +45,26 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> 
 
 class WarmupCosineSchedule:
     """Sets the optimizer's learning rate from `lr_at`. Peak, warmup and length come from the current config,
-    so a fine-tuning run's --lr / --epochs / --warmup-steps replace the checkpoint's."""
+    so a fine-tuning run's --lr / --epochs / --warmup-steps replace the checkpoint's.
+
+    The schedule runs from global step `start_step` (0, or the fork point of a run started with
+    --restart-schedule, such as a sweep trial) to `total_steps`."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> None:
-        self.optimizer, self.cfg, self.total_steps, self.step = optimizer, cfg, total_steps, 0
+        self.optimizer, self.cfg, self.total_steps, self.step, self.start_step = optimizer, cfg, total_steps, 0, 0
 
     def set_step(self, step: int) -> float:
         self.step = step
-        lr = lr_at(step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps, total_steps=self.total_steps)
+        lr = lr_at(step - self.start_step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps,
+                   total_steps=self.total_steps - self.start_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
 
     def state_dict(self) -> dict[str, Any]:
         """Recorded for people and tools; restoring needs only the global step (see Trainer.load_state_dict)."""
-        return {"step": self.step, "peak_lr": self.cfg.lr, "warmup_steps": self.cfg.warmup_steps,
-                "total_steps": self.total_steps}
+        return {"step": self.step, "start_step": self.start_step, "peak_lr": self.cfg.lr,
+                "warmup_steps": self.cfg.warmup_steps, "total_steps": self.total_steps}
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -120,6 +124,7 @@ class LoadReport:
 
     optimizer: bool = False
     scaler: bool = False
+    reset: bool = False  # --reset-optimizer discarded the optimizer and scaler state the checkpoint held
 
 
 # The callback receives (metrics, state or None on ranks > 0, is_best) on every rank at every validation.
@@ -149,6 +154,9 @@ class Trainer:
         self.best_val_loss = math.inf
         self.ema = torch.zeros((), device=device)  # stays on the device: no host sync per step
         self.ema_started = False
+        # Where this run's weights came from (a fork's base checkpoint, a sweep trial's ids); saved with every
+        # checkpoint, set by the caller for a fork and restored from the run's own checkpoints.
+        self.lineage: dict[str, Any] | None = None
 
     # --- state ---------------------------------------------------------------------------------------------
     def state_dict(self, eval_val_loss: float | None = None) -> dict[str, Any] | None:
@@ -172,27 +180,40 @@ class Trainer:
             "data_position": {"epoch": self.epoch, "batch_index": self.batch_index,
                               "batch_size": self.cfg.batch_size, "world_size": self.world_size},
             "eval_val_loss": eval_val_loss,
+            "lineage": self.lineage,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> LoadReport:
+    def load_state_dict(self, state: dict[str, Any], *, fork: bool = False, fork_keeps_best: bool = True) -> LoadReport:
         """Restore everything the state holds, then apply the current config's overrides (lr, weight decay,
-        dropout were already applied when the model was built). Missing parts start fresh."""
+        dropout were already applied when the model was built). Missing parts start fresh.
+
+        `fork`: the state is another run's checkpoint this run starts from (not this run's own), so
+        --reset-optimizer and --restart-schedule apply and the lineage is the caller's. `fork_keeps_best=False`:
+        the fork tracks the best of its own validations only (a sweep trial, whose best_model.pt is its own)
+        instead of having to beat the base's best (a fine-tune sharing the base's best_model.pt)."""
         report = LoadReport()
         self.model.load_state_dict(state["model_state_dict"])
-        if state.get("optimizer_state_dict"):
+        report.reset = fork and self.cfg.reset_optimizer and bool(state.get("optimizer_state_dict"))
+        if state.get("optimizer_state_dict") and not (fork and self.cfg.reset_optimizer):
             self.optimizer.load_state_dict(state["optimizer_state_dict"])
             report.optimizer = True
         # Hyperparameters come from the current config, not the checkpoint (fine-tuning overrides).
         self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay
         for group in self.optimizer.param_groups:
             group["fused"] = self.device.type == "cuda"
-        if self.scaler.is_enabled() and state.get("scaler_state_dict"):
+        if self.scaler.is_enabled() and state.get("scaler_state_dict") and not (fork and self.cfg.reset_optimizer):
             self.scaler.load_state_dict(state["scaler_state_dict"])
             report.scaler = True
         self.epoch = int(state.get("epoch", 0) or 0)
         self.global_step = int(state.get("global_step", 0) or 0)
+        if fork and self.cfg.restart_schedule:
+            self.schedule.start_step = self.global_step
+        else:
+            self.schedule.start_step = int((state.get("scheduler_state_dict") or {}).get("start_step", 0))
+        if not fork:
+            self.lineage = state.get("lineage")
         self.schedule.set_step(self.global_step)  # the schedule's position is the global step, by definition
-        best = state.get("val_loss")
+        best = state.get("val_loss") if fork_keeps_best or not fork else None
         self.best_val_loss = math.inf if best is None else float(best)
         self._load_ema(state)
         self.batch_index = self._resume_batch_index(state.get("data_position"))

@@ -16,7 +16,6 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,20 +23,21 @@ from raytrain_app.checkpoint import (
     BEST_MODEL_FILE,
     CheckpointError,
     StateSummary,
+    fork_lineage,
     latest_run_checkpoint,
     resolve_checkpoint,
     summarize,
 )
 from raytrain_app.config import ARCH_FIELDS, ConfigError, TrainConfig, parse_config
 from raytrain_app.data import DataError, Dataset, open_dataset
+from raytrain_app.driver import connect_ray, make_trainer
 from raytrain_app.order import batches_per_epoch
-from raytrain_app.storage import FORWARDED_ENV_VARS, Location, StorageError, check_bucket, parse_location
+from raytrain_app.storage import Location, StorageError, check_bucket, parse_location
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError)  # and UserError, below: exit 2
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
-# Ray Train's controller polls workers this often; each ray.train.report waits about one poll. Ray's default
-# is 2 s; we only report at validations, so polling faster costs little and keeps checkpoints cheap.
-DEFAULT_POLL_INTERVAL_S = "0.2"
 
 
 class UserError(Exception):
@@ -138,61 +138,6 @@ def start_position(summary: StateSummary | None) -> tuple[int, int]:
     return summary.epoch, in_epoch
 
 
-# --- Ray ---------------------------------------------------------------------------------------------------
-
-def connect_ray(cfg: TrainConfig) -> None:
-    """Join the cluster this process belongs to (RAY_ADDRESS, `ray job submit`, a local `ray start`), or start
-    a local instance with enough logical CPUs for the workers."""
-    address = os.environ.get("RAY_ADDRESS")
-    local_cluster_file = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")  # written by `ray start`
-    start_local = not address and not os.path.exists(local_cluster_file)
-    if start_local:
-        # A private instance stays on loopback; Ray reads this at import time, so set it before importing ray.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return
-    env_vars = {
-        # Endpoints and credentials the driver resolved storage with reach every worker.
-        **{name: os.environ[name] for name in FORWARDED_ENV_VARS if name in os.environ},
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                                                            DEFAULT_POLL_INTERVAL_S),
-        # Ray Train tees workers' print() into its logger, which doubles every line on the console.
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }
-    if start_local:
-        ray.init(num_cpus=max(4, cfg.num_workers), runtime_env={"env_vars": env_vars})
-    else:
-        ray.init(address=address or "auto", runtime_env={"env_vars": env_vars})
-
-
-def run_trainer(plan: Plan) -> Any:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from raytrain_app.train_worker import train_func
-
-    cfg, save_dir = plan.cfg, plan.save_dir
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"config": cfg.to_dict(), "init_from": plan.init_from},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=ray.train.RunConfig(
-            name=plan.run_name,
-            storage_path=save_dir.path,
-            storage_filesystem=None if save_dir.is_local else save_dir.fs,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints,  # the best by val_loss; Ray always keeps the latest too
-                checkpoint_score_attribute="val_loss",
-                checkpoint_score_order="min",
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
-    )
-    return trainer.fit()
-
-
 # --- the command -------------------------------------------------------------------------------------------
 
 @dataclass
@@ -204,6 +149,7 @@ class Plan:
     save_dir: Location
     init_from: str | None  # the checkpoint a new run starts from (a URI or path), None when continuing or fresh
     summary: StateSummary | None  # what training starts from, None for a fresh start
+    lineage: dict[str, Any] | None  # what a new run forked from init_from records in its checkpoints
 
     @property
     def run_dir(self) -> Location:
@@ -216,14 +162,7 @@ def prepare(argv: list[str]) -> Plan:
     run_name = cfg.run_name or cfg.default_run_name()
     save_dir = parse_location(cfg.save_dir, flag="--save-dir")
     check_bucket(save_dir)
-    data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    cfg = with_data_shape(cfg.replace(data=data.uri, save_dir=save_dir.uri), data)
-    if batches_per_epoch(data.train.num_rows, cfg.batch_size, cfg.num_workers) == 0:
-        raise UserError(
-            f"--batch-size {cfg.batch_size} with --num-workers {cfg.num_workers} needs at least "
-            f"{cfg.batch_size * cfg.num_workers} training sequences; {cfg.data} has {data.train.num_rows}. "
-            "Lower --batch-size."
-        )
+    cfg, data = prepare_data(cfg.replace(save_dir=save_dir.uri))
     run_dir = save_dir.join(run_name)
     source, init_from = None, None
     if (latest := latest_run_checkpoint(run_dir)) is not None:
@@ -236,19 +175,42 @@ def prepare(argv: list[str]) -> Plan:
             print("  Starting training from scratch...")
         else:
             init_from = source.uri
-    summary = None
+    summary, lineage = None, None
     if source is not None:
-        summary = summarize(source)
-        cfg = fit_to_checkpoint(cfg, given, summary, num_classes_given=data.num_classes_given)
-        check_weights_fit(cfg, summary)
-    return Plan(cfg=cfg, run_name=run_name, save_dir=save_dir, init_from=init_from, summary=summary)
+        cfg, summary = prepare_start(cfg, given, source, data)
+    if init_from is not None:
+        lineage = fork_lineage(source, summary)
+    return Plan(cfg=cfg, run_name=run_name, save_dir=save_dir, init_from=init_from, summary=summary,
+                lineage=lineage)
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, Dataset]:
+    """Open and validate the dataset in the driver; the config gets its shapes and canonical location."""
+    data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    cfg = with_data_shape(cfg.replace(data=data.uri), data)
+    if batches_per_epoch(data.train.num_rows, cfg.batch_size, cfg.num_workers) == 0:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} with --num-workers {cfg.num_workers} needs at least "
+            f"{cfg.batch_size * cfg.num_workers} training sequences; {cfg.data} has {data.train.num_rows}. "
+            "Lower --batch-size."
+        )
+    return cfg, data
+
+
+def prepare_start(cfg: TrainConfig, given: set[str], source: Location,
+                  data: Dataset) -> tuple[TrainConfig, StateSummary]:
+    """Read the checkpoint training starts from and fit the config to it (architecture), or raise UserError."""
+    summary = summarize(source)
+    cfg = fit_to_checkpoint(cfg, given, summary, num_classes_given=data.num_classes_given)
+    check_weights_fit(cfg, summary)
+    return cfg, summary
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         plan = prepare(argv)
-    except (UserError, ConfigError, DataError, CheckpointError, StorageError) as e:
+    except (UserError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     cfg, summary, run_dir = plan.cfg, plan.summary, plan.run_dir
@@ -269,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Workers: {cfg.num_workers} x {'GPU' if cfg.use_gpu else 'CPU'}, batch {cfg.batch_size} per worker, "
           f"accumulation {cfg.grad_accum_steps}", flush=True)
 
-    connect_ray(cfg)
+    connect_ray(num_cpus=max(4, cfg.num_workers))
     import ray.train
 
+    trainer = make_trainer(cfg, run_name=plan.run_name, storage=plan.save_dir, init_from=plan.init_from,
+                           lineage=plan.lineage)
     try:
-        result = run_trainer(plan)
+        result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         print(f"error: training failed after {cfg.max_failures} restart(s): {str(e).strip().splitlines()[0]}",
               file=sys.stderr)
@@ -281,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TRAINING_FAILED
 
     metrics = result.metrics or {}
-    command = shlex.join([_python_for_commands(), "-m", "raytrain_app.main", *argv])
+    command = shlex.join([python_for_commands(), "-m", "raytrain_app.main", *argv])
     best_path = plan.save_dir.join(BEST_MODEL_FILE).uri
     print("\n✅ Training finished.")
     if metrics:
@@ -290,14 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Checkpoints: {run_dir}")
     print(f"  Best model:  {best_path}")
     print(f"  Resume this run after an interruption (the same command): {command}")
-    fine_tune = shlex.join([_python_for_commands(), "-m", "raytrain_app.main", "--data", cfg.data,
+    fine_tune = shlex.join([python_for_commands(), "-m", "raytrain_app.main", "--data", cfg.data,
                             "--resume-from-checkpoint", best_path, "--lr", f"{cfg.lr / 10:g}",
                             "--epochs", str(cfg.epochs + 5)])
     print(f"  Fine-tune the best model with a lower learning rate: {fine_tune}")
     return 0
 
 
-def _python_for_commands() -> str:
+def python_for_commands() -> str:
     """`python`, or the project's venv interpreter when it is not the one on PATH (right after `make demo`)."""
     on_path = shutil.which("python")
     if on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable):

@@ -7,6 +7,7 @@ written into it, so a location passed to Ray workers means the same bucket there
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import tempfile
@@ -18,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pyarrow.fs as pafs
 
 SCHEMES = ("file", "s3", "gs", "gcs")
-# Credentials and endpoints the driver forwards to every Ray worker (see main.connect_ray).
+# Credentials and endpoints the driver forwards to every Ray worker (see driver.connect_ray).
 FORWARDED_ENV_VARS = (
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS",
@@ -81,6 +82,16 @@ class Location:
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)
         _guarded(write, self.uri)
+
+    def sha256(self) -> str:
+        """SHA-256 of the file's bytes, streamed in 8 MiB pieces."""
+        def digest() -> str:
+            h = hashlib.sha256()
+            with self.fs.open_input_stream(self.path) as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+            return h.hexdigest()
+        return _guarded(digest, self.uri)
 
     @contextmanager
     def local_copy(self) -> Iterator[str]:

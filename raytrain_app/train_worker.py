@@ -23,26 +23,28 @@ from raytrain_app.model import SequenceTransformer
 from raytrain_app.storage import parse_location
 
 
-def _restore_source(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """The run's own latest checkpoint wins (restart, resubmission); else the checkpoint this run was forked from."""
+def _restore_source(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, bool]:
+    """(state, where it came from, is it a fork). The run's own latest checkpoint wins (restart, resubmission);
+    else the checkpoint this run was forked from."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
             path = os.path.join(checkpoint_dir, STATE_FILE)
             # mmap: tensors are read as they are copied into the model, not all held in memory per worker.
-            return load_state(path, mmap=True), checkpoint.path
+            return load_state(path, mmap=True), checkpoint.path, False
     init_from = loop_config.get("init_from")
     if init_from:
-        return load_state(init_from, mmap=True), init_from
-    return None, None
+        return load_state(init_from, mmap=True), init_from, True
+    return None, None, False
 
 
-def _print_load_report(source: str, report: LoadReport, trainer: Trainer) -> None:
+def _print_load_report(source: str, report: LoadReport, trainer: Trainer, prefix: str) -> None:
     """One line confirming what the workers restored (the driver printed the full summary before starting)."""
-    parts = ["weights", "optimizer" if report.optimizer else "no optimizer state (fresh)"]
+    parts = ["weights", "optimizer" if report.optimizer else
+             "optimizer reset (--reset-optimizer)" if report.reset else "no optimizer state (fresh)"]
     if trainer.scaler.is_enabled():
         parts.append("gradient scaler" if report.scaler else "no gradient scaler state (fresh)")
-    print(f"Workers loaded {source}: {', '.join(parts)}; at epoch {trainer.epoch}, global step "
+    print(f"{prefix}Workers loaded {source}: {', '.join(parts)}; at epoch {trainer.epoch}, global step "
           f"{trainer.global_step}, batch {trainer.batch_index}", flush=True)
 
 
@@ -62,24 +64,27 @@ def train_func(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     seed_everything(cfg.seed, rank)
     data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_labels=False)
-    state, source = _restore_source(loop_config)
+    state, source, fork = _restore_source(loop_config)
+    log_prefix = loop_config.get("log_prefix", "")  # a sweep's trials say which trial a line is from
 
     model = SequenceTransformer(cfg).to(device)  # built from the current config: a new --dropout applies
     train_model = torch.compile(model) if cfg.compile else model
     train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # DDP when world size > 1
     trainer = Trainer(cfg, model, train_model, device)
+    trainer.lineage = loop_config.get("lineage")  # a fork's; the run's own checkpoint restores its own
     if state is not None:
-        report = trainer.load_state_dict(state)
+        report = trainer.load_state_dict(state, fork=fork, fork_keeps_best=loop_config.get("fork_keeps_best", True))
         del state
         if rank == 0:
-            _print_load_report(str(source), report, trainer)
+            _print_load_report(str(source), report, trainer, log_prefix)
 
     save_dir = parse_location(cfg.save_dir)  # canonical: the driver's endpoint is written into the URI
 
     def on_checkpoint(metrics: dict[str, float], state: dict[str, Any] | None, is_best: bool) -> None:
         if rank == 0:
             print(
-                f"epoch {metrics['epoch'] + (metrics['batch_index'] > 0)}/{cfg.epochs} step {metrics['global_step']} "
+                f"{log_prefix}epoch {metrics['epoch'] + (metrics['batch_index'] > 0)}/{cfg.epochs} "
+                f"step {metrics['global_step']} "
                 f"train_ema_loss {metrics['train_ema_loss']:.4f} val_loss {metrics['val_loss']:.6f} "
                 f"best {metrics['best_val_loss']:.6f} lr {metrics['lr']:.2e}",
                 flush=True,

@@ -127,17 +127,21 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data") / "tiny.pkl")
 
 
-def main_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "raytrain_app.main", *args]
+def main_command(*args: str, module: str = "raytrain_app.main") -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
 def run_main(args: list[str], ray_address: str | None = None, timeout: float = 300,
-             cwd: Path | None = None) -> subprocess.CompletedProcess:
+             cwd: Path | None = None, module: str = "raytrain_app.main") -> subprocess.CompletedProcess:
     env = base_env()
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    return subprocess.run(main_command(*args), env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd or REPO_ROOT)
+    return subprocess.run(main_command(*args, module=module), env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO_ROOT)
+
+
+def run_tune(args: list[str], ray_address: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_main(args, ray_address, timeout=timeout, module="raytrain_app.tune")
 
 
 def latest_checkpoint_step(run_dir: Path | str) -> int | None:

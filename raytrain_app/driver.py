@@ -1,0 +1,112 @@
+"""Driver-side Ray: join or start a cluster, and build the TorchTrainer for one run.
+
+Shared by `raytrain_app.main` (one run) and `raytrain_app.tune` (one run per trial); the worker side is
+`train_worker.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any
+
+from raytrain_app.config import TrainConfig
+from raytrain_app.storage import FORWARDED_ENV_VARS, Location
+
+# Ray Train's controller polls workers this often; each ray.train.report waits about one poll. Ray's default
+# is 2 s; we only report at validations, so polling faster costs little and keeps checkpoints cheap.
+DEFAULT_POLL_INTERVAL_S = "0.2"
+
+
+def connect_ray(num_cpus: int) -> None:
+    """Join the cluster this process belongs to (RAY_ADDRESS, `ray job submit`, a local `ray start`), or start
+    a local instance with `num_cpus` logical CPUs."""
+    address = os.environ.get("RAY_ADDRESS")
+    local_cluster_file = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")  # written by `ray start`
+    start_local = not address and not os.path.exists(local_cluster_file)
+    if start_local:
+        # A private instance stays on loopback; Ray reads this at import time, so set it before importing ray.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {
+        # Endpoints and credentials the driver resolved storage with reach every worker.
+        **{name: os.environ[name] for name in FORWARDED_ENV_VARS if name in os.environ},
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                            DEFAULT_POLL_INTERVAL_S),
+        # Ray Train tees workers' print() into its logger, which doubles every line on the console.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    if start_local:
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars})
+    else:
+        ray.init(address=address or "auto", runtime_env={"env_vars": env_vars})
+
+
+def scaling_config(cfg: TrainConfig) -> Any:
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu)
+
+
+def run_resources(cfg: TrainConfig) -> dict[str, float]:
+    """The resources one run's workers reserve (Ray's own accounting, e.g. {"CPU": 2} or {"GPU": 8})."""
+    return dict(scaling_config(cfg).total_resources)
+
+
+def cluster_capacity() -> tuple[dict[str, float], bool]:
+    """(the most resources this cluster can ever offer, whether it autoscales). An autoscaling cluster's
+    maximum comes from its autoscaler config (what Ray Train itself checks); a fixed cluster has what its
+    nodes have now."""
+    import ray
+    from ray._private.state import state
+
+    try:
+        autoscaler_max = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler state on this cluster: treat it as fixed
+        autoscaler_max = None
+    if autoscaler_max:
+        return {k: float(v) for k, v in autoscaler_max.items()}, True
+    return {k: float(v) for k, v in ray.cluster_resources().items()}, False
+
+
+def how_many_fit(need: dict[str, float], capacity: dict[str, float]) -> int:
+    """How many copies of `need` fit in `capacity` at once."""
+    counts = [math.floor(capacity.get(name, 0.0) / amount + 1e-9) for name, amount in need.items() if amount > 0]
+    return min(counts) if counts else 0
+
+
+def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_from: str | None,
+                 lineage: dict[str, Any] | None, callbacks: list[Any] | None = None,
+                 fork_keeps_best: bool = True, log_prefix: str = "") -> Any:
+    """The TorchTrainer of one run: `<storage>/<run_name>/`, restarted from its latest checkpoint on worker
+    failure, continued from it when created again with the same name (a retry, a re-run).
+
+    A new run starts from `init_from` (None: from scratch) and records `lineage`; see
+    `Trainer.load_state_dict` for `fork_keeps_best`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raytrain_app.train_worker import train_func
+
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"config": cfg.to_dict(), "init_from": init_from, "lineage": lineage,
+                           "fork_keeps_best": fork_keeps_best, "log_prefix": log_prefix},
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage.path,
+            storage_filesystem=None if storage.is_local else storage.fs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,  # the best by val_loss; Ray always keeps the latest too
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
+        ),
+    )

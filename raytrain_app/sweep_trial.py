@@ -1,0 +1,83 @@
+"""One sweep trial: a Ray Tune function trainable that runs one Ray Train run.
+
+The trial's Train run lives at `<sweep-dir>/trial-<trial id>/run-<trial id>/` and its best weights at
+`<sweep-dir>/trial-<trial id>/best_model.pt`. The names come from the trial id alone, so when Tune retries a
+trial (its driver died) or a re-run restores the sweep, the same Train run is found and continued from its own
+latest checkpoint; a trial with no checkpoint yet starts from the sweep's base checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from raytrain_app.checkpoint import latest_run_metrics
+from raytrain_app.config import TrainConfig
+from raytrain_app.driver import make_trainer
+from raytrain_app.storage import parse_location
+
+# What Tune reserves for the trial itself (the process that drives the TorchTrainer); the Train workers
+# reserve their own. Tune rejects 0.
+TRIAL_DRIVER_CPUS = 0.1
+LOSS_KEYS = ("val_loss", "best_val_loss", "train_ema_loss")
+
+
+def trial_dir_name(trial_id: str) -> str:
+    return f"trial-{trial_id}"
+
+
+def trial_run_name(trial_id: str) -> str:
+    return f"run-{trial_id}"
+
+
+def tune_metrics(metrics: dict[str, Any], base_global_step: int) -> dict[str, Any]:
+    """What a trial reports to Tune: the worker's metrics, plus `steps_trained` since the base checkpoint (ASHA's
+    clock: it keeps counting across retries and restores, unlike Tune's own iteration count). A diverged
+    loss is reported as +inf: NaN compares false with everything, so ASHA would never stop that trial."""
+    out = dict(metrics)
+    out["steps_trained"] = int(out["global_step"]) - base_global_step
+    for key in LOSS_KEYS:
+        if key in out and not math.isfinite(out[key]):
+            out[key] = math.inf
+    return out
+
+
+class SweepReportCallback(TuneReportCallback):
+    """Forwards every report of the trial's Train workers to Tune (Ray's callback), in the form above."""
+
+    def __init__(self, base_global_step: int) -> None:
+        super().__init__()
+        self.base_global_step = base_global_step
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        metrics = [tune_metrics(metrics[0], self.base_global_step), *metrics[1:]]  # rank 0's is the one sent
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
+    """The Tune trainable. `config`: {"lr": the trial's learning rate}. `spec`, what every trial shares (bound
+    with tune.with_parameters): config (TrainConfig dict), sweep_dir and base (URIs or paths), sweep_name,
+    lineage (of the base)."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = parse_location(spec["sweep_dir"]).join(trial_dir_name(trial_id))
+    run_name = trial_run_name(trial_id)
+    cfg = TrainConfig.from_dict(spec["config"]).replace(lr=config["lr"], save_dir=trial_dir.uri, run_name=run_name)
+    base_step = int(spec["lineage"]["base_global_step"])
+
+    # Finished before the sweep's driver recorded it (the driver was killed in between): report the result
+    # again instead of starting workers that would have nothing to train.
+    done = latest_run_metrics(trial_dir.join(run_name))
+    if done and int(done.get("epoch", 0)) >= cfg.epochs:
+        print(f"Trial {trial_id} (lr {cfg.lr:g}) had already finished: not training it again.", flush=True)
+        tune.report(tune_metrics(done, base_step))
+        return
+
+    lineage = {**spec["lineage"], "sweep_name": spec["sweep_name"], "trial_id": trial_id}
+    trainer = make_trainer(cfg, run_name=run_name, storage=trial_dir, init_from=spec["base"], lineage=lineage,
+                           callbacks=[SweepReportCallback(base_step)], fork_keeps_best=False,
+                           log_prefix=f"[trial {trial_id} lr {cfg.lr:.3g}] ")
+    trainer.fit()

@@ -1,0 +1,288 @@
+"""Learning-rate sweeps from a base checkpoint:
+
+    python -m raytrain_app.tune --base-checkpoint X --data D --lr-grid 1e-5,3e-5,1e-4 [training flags]
+
+Every trial is one Ray Train run (`sweep_trial.py`) started from the same base checkpoint with its own learning
+rate; every other training flag is fixed for all trials. ASHA stops poor trials early. The sweep lives in
+`<save-dir>/<sweep-name>/`; the same command resumes an interrupted sweep: finished trials are kept,
+unfinished ones continue from their own latest checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from dataclasses import dataclass, fields
+from typing import Any
+
+from raytrain_app import sweep_results
+from raytrain_app.checkpoint import StateSummary, copy_state_file, fork_lineage, resolve_checkpoint
+from raytrain_app.config import SweepConfig, TrainConfig, parse_sweep_config, sweep_identity_hash
+from raytrain_app.driver import cluster_capacity, connect_ray, how_many_fit, run_resources
+from raytrain_app.main import (
+    EXIT_TRAINING_FAILED,
+    EXIT_USER_ERROR,
+    USER_ERRORS,
+    UserError,
+    prepare_data,
+    prepare_start,
+    python_for_commands,
+    start_position,
+)
+from raytrain_app.order import batches_per_epoch
+from raytrain_app.storage import Location, StorageError, check_bucket, parse_location
+from raytrain_app.sweep_trial import TRIAL_DRIVER_CPUS, train_trial, trial_dir_name
+
+SWEEP_FILE = "sweep.json"  # the sweep's settings, so a re-run can tell it is the same sweep
+BASE_FILE = "base_checkpoint.pt"  # the sweep's own copy of the base: every trial starts from these exact bytes
+# Flags of the training CLI that make no sense in a "continue the best trial" command.
+NOT_CONTINUED = {"data", "epochs", "reset_optimizer", "restart_schedule"}
+
+
+@dataclass
+class SweepPlan:
+    """What the sweep's driver decided before starting Ray."""
+
+    sweep: SweepConfig
+    cfg: TrainConfig  # fixed settings of every trial (its lr is replaced per trial)
+    given: set[str]  # training fields the user set
+    name: str
+    sweep_dir: Location
+    learning_rates: list[float]
+    base: Location  # where the base checkpoint is read from: the user's, or the sweep's copy once it exists
+    summary: StateSummary
+    identity: str
+    record: dict[str, Any] | None  # sweep.json of an earlier start of this sweep, None on the first
+    trial_steps: int  # optimizer steps each trial trains to reach --epochs
+    grace_period: int
+
+    @property
+    def resuming(self) -> bool:
+        return self.record is not None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def trial_steps(cfg: TrainConfig, num_train: int, summary: StateSummary) -> int:
+    """Optimizer steps from the base checkpoint to the end of --epochs (ASHA's max_t)."""
+    batches = batches_per_epoch(num_train, cfg.batch_size, cfg.num_workers)
+    per_epoch = math.ceil(batches / cfg.grad_accum_steps)
+    done_epochs, in_epoch = start_position(summary)
+    return max(1, (cfg.epochs - done_epochs) * per_epoch - in_epoch // cfg.grad_accum_steps)
+
+
+def read_record(sweep_dir: Location) -> dict[str, Any] | None:
+    record = sweep_dir.join(SWEEP_FILE)
+    return json.loads(record.read_bytes()) if record.is_file() else None
+
+
+def plan_sweep(argv: list[str]) -> SweepPlan:
+    """Everything before Ray: settings, data, the base checkpoint, the sweep's name and whether it resumes."""
+    sweep, cfg, given = parse_sweep_config(argv)
+    save_dir = parse_location(cfg.save_dir, flag="--save-dir")
+    check_bucket(save_dir)
+    identity = sweep_identity_hash(sweep, cfg)
+    name = sweep.sweep_name or f"sweep-{identity}"
+    sweep_dir = save_dir.join(name)
+    cfg, data = prepare_data(cfg.replace(save_dir=save_dir.uri))
+    learning_rates = sweep.learning_rates(cfg.seed)
+
+    record = read_record(sweep_dir)
+    if record is not None:
+        if record["identity"] != identity:
+            raise UserError(
+                f"sweep {name} in {sweep_dir} was started with other settings; re-run it with the settings in "
+                f"{sweep_dir.join(SWEEP_FILE)}, or pass another --sweep-name"
+            )
+        base = sweep_dir.join(BASE_FILE)
+        if not base.is_file():
+            raise UserError(f"{base} is missing: this sweep cannot resume; pass another --sweep-name to start anew")
+    else:
+        found = resolve_checkpoint(sweep.base_checkpoint, flag="--base-checkpoint")
+        if found is None:
+            raise UserError(f"--base-checkpoint {sweep.base_checkpoint}: no checkpoint there. Pass a .pt file, a "
+                            "checkpoint folder or a run folder.")
+        base = found
+    cfg, summary = prepare_start(cfg, given, base, data)
+    done_epochs, _ = start_position(summary)
+    if done_epochs >= cfg.epochs:
+        raise UserError(f"--epochs {cfg.epochs} is a total and the base checkpoint has completed {done_epochs} "
+                        f"epochs: pass --epochs {done_epochs + 1} or more")
+    steps = trial_steps(cfg, data.train.num_rows, summary)
+    grace = sweep.grace_period or min(cfg.eval_every, max(1, steps // 2))
+    if sweep.scheduler == "asha" and grace >= steps:
+        raise UserError(f"--grace-period {grace} is not below the {steps} steps each trial trains: ASHA could never "
+                        "stop a trial. Lower --grace-period, raise --epochs, or pass --scheduler none.")
+    return SweepPlan(sweep=sweep, cfg=cfg, given=given, name=name, sweep_dir=sweep_dir,
+                     learning_rates=learning_rates, base=base, summary=summary, identity=identity, record=record,
+                     trial_steps=steps, grace_period=grace)
+
+
+def concurrency(plan: SweepPlan) -> int:
+    """How many trials run at once: what the user asked for, capped by what the cluster can ever hold.
+    Raises UserError when not even one trial fits."""
+    need = run_resources(plan.cfg)
+    need["CPU"] = need.get("CPU", 0.0) + TRIAL_DRIVER_CPUS
+    capacity, autoscaling = cluster_capacity()
+    fits = how_many_fit(need, capacity)
+    shown_need = ", ".join(f"{k} {v:g}" for k, v in sorted(need.items()) if v)
+    shown_capacity = ", ".join(f"{k} {capacity.get(k, 0):g}" for k in sorted(need) if need[k])
+    where = "this cluster can grow to" if autoscaling else "this cluster has"
+    if fits == 0:
+        raise UserError(f"one trial needs {shown_need} ({plan.cfg.num_workers} workers and the trial's driver) but "
+                        f"{where} {shown_capacity}: lower --num-workers or add nodes")
+    wanted = plan.sweep.max_concurrent_trials or len(plan.learning_rates)
+    running = min(wanted, fits, len(plan.learning_rates))
+    if plan.sweep.max_concurrent_trials and plan.sweep.max_concurrent_trials > fits:
+        print(f"⚠️  --max-concurrent-trials {plan.sweep.max_concurrent_trials}: only {fits} trial(s) fit at once "
+              f"({shown_need} each; {where} {shown_capacity}). Running {running} at once.")
+    else:
+        print(f"  Trials at once: {running} (each needs {shown_need}; {where} {shown_capacity})")
+    return running
+
+
+def start_record(plan: SweepPlan) -> dict[str, Any]:
+    """First start: copy the base into the sweep and write sweep.json. Later starts reuse both."""
+    if plan.record is not None:
+        return plan.record
+    snapshot = plan.sweep_dir.join(BASE_FILE)
+    try:
+        digest = copy_state_file(plan.base, snapshot)
+    except OSError as e:
+        raise StorageError(f"could not copy {plan.base} to {snapshot}: {e}") from None
+    record = {
+        "identity": plan.identity,
+        "sweep_name": plan.name,
+        "sweep": plan.sweep.to_dict(),
+        "train": plan.cfg.to_dict(),
+        "learning_rates": plan.learning_rates,
+        "lineage": fork_lineage(plan.base, plan.summary, sha256=digest),
+    }
+    plan.sweep_dir.join(SWEEP_FILE).write_bytes(json.dumps(record, indent=1).encode())
+    return record
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial_dir_name(trial.trial_id)
+
+
+def run_tuner(plan: SweepPlan, record: dict[str, Any], max_concurrent: int) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    sweep_dir, save_dir = plan.sweep_dir, parse_location(plan.cfg.save_dir)
+    # What every trial shares. Bound to the trainable rather than put in each trial's config, so operational
+    # settings given on a re-run (--max-failures, --keep-checkpoints) apply to the trials it resumes.
+    spec = {
+        "config": plan.cfg.to_dict(),
+        "sweep_dir": sweep_dir.uri,
+        "base": sweep_dir.join(BASE_FILE).uri,
+        "sweep_name": plan.name,
+        "lineage": record["lineage"],
+    }
+    trainable = tune.with_resources(tune.with_parameters(train_trial, spec=spec), {"cpu": TRIAL_DRIVER_CPUS})
+    storage_fs = None if save_dir.is_local else save_dir.fs
+    if tune.Tuner.can_restore(sweep_dir.path, storage_filesystem=storage_fs):
+        tuner = tune.Tuner.restore(sweep_dir.path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage_fs)
+        # The cluster may have changed since the first start: the concurrency fitted to it now applies.
+        tuner._local_tuner._tune_config.max_concurrent_trials = max_concurrent
+        return tuner.fit()
+    scheduler = None
+    if plan.sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="steps_trained", max_t=plan.trial_steps, grace_period=plan.grace_period,
+                                  reduction_factor=plan.sweep.reduction_factor)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"lr": tune.grid_search(plan.learning_rates)},
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
+                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=save_dir.path,
+            storage_filesystem=storage_fs,
+            # A trial whose driver dies is run again; it continues its own Train run from its latest checkpoint.
+            failure_config=tune.FailureConfig(max_failures=plan.cfg.max_failures),
+            verbose=1,  # trial status tables; each trial's workers print one line per validation
+        ),
+    )
+    return tuner.fit()
+
+
+def continue_command(plan: SweepPlan, best: sweep_results.TrialResult) -> str:
+    """The command that trains the best trial further: its best weights, its learning rate, more epochs."""
+    args = ["--data", plan.cfg.data, "--resume-from-checkpoint", best.best_checkpoint, "--lr", f"{best.lr:g}",
+            "--epochs", str(plan.cfg.epochs + 5)]
+    for f in fields(TrainConfig):
+        if f.name not in plan.given or f.name in NOT_CONTINUED:
+            continue
+        value = getattr(plan.cfg, f.name)
+        if isinstance(value, bool):
+            args.append(_flag(f.name) if value else "--no-" + _flag(f.name)[2:])
+        else:
+            args += [_flag(f.name), str(value)]
+    return shlex.join([python_for_commands(), "-m", "raytrain_app.main", *args])
+
+
+def print_plan(plan: SweepPlan) -> None:
+    s, lrs = plan.summary, plan.learning_rates
+    if plan.resuming:
+        print(f"🔁 Sweep {plan.name} was started before: resuming it (finished trials are kept, unfinished ones "
+              "continue from their latest checkpoints).")
+    print(f"🔬 Sweep {plan.name}: {len(lrs)} trials in {plan.sweep_dir}")
+    print(f"  Base: {plan.record['lineage']['base_checkpoint'] if plan.record else plan.base} "
+          f"(epoch {s.epoch}, global step {s.global_step})")
+    print(f"  Learning rates: {', '.join(f'{lr:g}' for lr in lrs)}")
+    print(f"  Each trial: to epoch {plan.cfg.epochs} ({plan.trial_steps} steps), "
+          f"{'a fresh' if plan.cfg.restart_schedule else 'the continued'} warmup + cosine schedule, "
+          f"{'a new optimizer' if plan.cfg.reset_optimizer else 'the base optimizer state'}")
+    if plan.sweep.scheduler == "asha":
+        print(f"  Early stopping: ASHA on val_loss, grace period {plan.grace_period} steps, "
+              f"reduction factor {plan.sweep.reduction_factor:g}")
+    print(f"  Workers per trial: {plan.cfg.num_workers} x {'GPU' if plan.cfg.use_gpu else 'CPU'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        plan = plan_sweep(argv)
+        print_plan(plan)
+        connect_ray(num_cpus=max(4, plan.cfg.num_workers + 1))
+        max_concurrent = concurrency(plan)
+        record = start_record(plan)
+    except (UserError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+    results = run_tuner(plan, record, max_concurrent)
+
+    trial_dirs = {}
+    for result in results:
+        trial_id = result.path.rstrip("/").rsplit("/", 1)[-1].removeprefix("trial-")
+        trial_dirs[trial_id] = plan.sweep_dir.join(trial_dir_name(trial_id))
+    rows = sweep_results.collect(results, trial_dirs=trial_dirs, epochs=plan.cfg.epochs)
+    base_loss = plan.summary.eval_val_loss if plan.summary.eval_val_loss is not None else plan.summary.best_val_loss
+    csv_file, png_file = sweep_results.write(rows, plan.sweep_dir, title=f"{plan.name}: learning-rate sweep",
+                                             base_val_loss=base_loss)
+    print(f"\n📊 Sweep {plan.name}: {len(rows)} trials")
+    print(sweep_results.table(rows))
+    print(f"  Results: {csv_file}")
+    print(f"  Plot:    {png_file}")
+    best = sweep_results.best_trial(rows)
+    if best is not None:
+        print(f"\n🏆 Best: lr {best.lr:g}, best val loss {best.best_val_loss:.6f} ({best.best_checkpoint})")
+        print(f"  Continue training it: {continue_command(plan, best)}")
+    failed = [r for r in rows if r.status in ("error", "not run")]
+    if failed:
+        print(f"error: {len(failed)} trial(s) did not finish ({', '.join(f'lr {r.lr:g}' for r in failed)}). "
+              "Re-run the same command to resume them from their latest checkpoints.", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

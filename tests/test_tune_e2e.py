@@ -1,0 +1,244 @@
+"""Learning-rate sweeps end to end: `python -m raytrain_app.tune` as a real process on the session's Ray cluster,
+every trial a real Ray Train run, the sweep's driver killed for real and resumed."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytrain_app.checkpoint import latest_run_metrics, load_state, write_best_model
+from raytrain_app.config import TrainConfig
+from raytrain_app.data import open_dataset
+from raytrain_app.loop import Trainer, seed_everything
+from raytrain_app.model import SequenceTransformer
+from raytrain_app.storage import parse_location
+from tests.conftest import REPO_ROOT, TINY_MODEL, base_env, main_command, make_bucket, run_tune, s3_uri
+
+pytestmark = pytest.mark.e2e
+
+BATCH = 32  # 256 training sequences, 1 worker: 8 optimizer steps per epoch
+STEPS_PER_EPOCH = 8
+FIXED = ["--num-workers", "1", "--batch-size", str(BATCH), *TINY_MODEL]
+
+
+class Stop(Exception):
+    pass
+
+
+def trial_config(dataset: Path, **overrides: object) -> TrainConfig:
+    values = dict(data=str(dataset), hidden_dim=16, num_layers=2, num_heads=2, warmup_steps=4, num_workers=1,
+                  batch_size=BATCH, feature_dim=4, seq_len=8, num_classes=3, epochs=1, eval_every=100)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained one epoch (global step 8) in this process, saved as best_model.pt in the checkpoint format."""
+    cfg = trial_config(dataset)
+    seed_everything(cfg.seed, 0)
+    model = SequenceTransformer(cfg)
+    trainer = Trainer(cfg, model, model, torch.device("cpu"))
+    states = []
+    trainer.fit(open_dataset(str(dataset), val_fraction=0.1, seed=0), lambda m, state, best: states.append(state))
+    assert states[-1]["global_step"] == STEPS_PER_EPOCH and states[-1]["epoch"] == 1
+    return Path(write_best_model(str(tmp_path_factory.mktemp("base")), states[-1]).path)
+
+
+def replay_first_step(trial_state: dict, base_state: dict) -> dict:
+    """What the trial's first checkpoint must hold if it started from `base_state` with its own settings:
+    the same plain-PyTorch loop, run here, from the base, up to its first checkpoint."""
+    cfg = TrainConfig.from_dict(trial_state["config"])
+    seed_everything(cfg.seed, 0)
+    model = SequenceTransformer(cfg)
+    trainer = Trainer(cfg, model, model, torch.device("cpu"))
+    trainer.load_state_dict(base_state, fork=True, fork_keeps_best=False)
+    first: list[dict] = []
+
+    def on_checkpoint(metrics: dict, state: dict | None, is_best: bool) -> None:
+        first.append(state)
+        raise Stop
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray worker with one CPU (OMP_NUM_THREADS=1): the same reduction order
+    try:
+        with pytest.raises(Stop):
+            trainer.fit(open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed), on_checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+    return first[0]
+
+
+def read_results(sweep_dir) -> list[dict]:  # noqa: ANN001 - a storage Location
+    return list(csv.DictReader(io.StringIO(sweep_dir.join("results.csv").read_bytes().decode())))
+
+
+def png_trials(sweep_dir) -> str:  # noqa: ANN001
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(sweep_dir.join("sweep.png").read_bytes()))
+    assert image.size[0] > 600 and image.size[1] > 300
+    return image.text["Description"]
+
+
+def trial_run_dirs(sweep_dir) -> dict[str, object]:  # noqa: ANN001
+    """trial id -> its Train run directory."""
+    runs = {}
+    for entry in sweep_dir.list():
+        if entry.base_name.startswith("trial-"):
+            trial_id = entry.base_name.removeprefix("trial-")
+            runs[trial_id] = sweep_dir.join(entry.base_name, f"run-{trial_id}")
+    return runs
+
+
+def test_grid_sweep_on_s3_starts_every_trial_from_the_base(
+    base_checkpoint: Path, dataset: Path, ray_address: str, s3_endpoint: str
+) -> None:
+    bucket = make_bucket(s3_endpoint, "sweeps")
+    base_uri = s3_uri(bucket, "models/base.pt", s3_endpoint)
+    parse_location(base_uri).write_bytes(base_checkpoint.read_bytes())
+    save_dir = s3_uri(bucket, "lr", s3_endpoint)
+    grid = [3e-4, 1e-3, 3e-3]
+    args = ["--base-checkpoint", base_uri, "--data", str(dataset), "--save-dir", save_dir,
+            "--lr-grid", ",".join(map(str, grid)), "--scheduler", "none", "--sweep-name", "grid",
+            "--epochs", "2", "--eval-every", "1", "--keep-checkpoints", "10", *FIXED, "--warmup-steps", "0"]
+    result = run_tune(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    sweep_dir = parse_location(save_dir).join("grid")
+    base_state = load_state(str(base_checkpoint))
+    base_sha = hashlib.sha256(base_checkpoint.read_bytes()).hexdigest()
+    runs = trial_run_dirs(sweep_dir)
+    assert len(runs) == 3
+    seen_lrs = []
+    for trial_id, run_dir in runs.items():
+        first = load_state(run_dir.join(f"checkpoint_step={STEPS_PER_EPOCH + 1:06d}", "state.pt"))
+        lr = first["config"]["lr"]
+        seen_lrs.append(lr)
+        # The first optimizer step of the trial is the base's step + 1, with the base's AdamW moments ...
+        assert first["global_step"] == base_state["global_step"] + 1
+        adam_steps = {int(s["step"]) for s in first["optimizer_state_dict"]["state"].values()}
+        assert adam_steps == {STEPS_PER_EPOCH + 1}
+        # ... at the trial's own learning rate (no warmup: a fresh schedule starts at its peak) ...
+        assert all(g["lr"] == pytest.approx(lr, rel=1e-12) for g in first["optimizer_state_dict"]["param_groups"])
+        assert first["scheduler_state_dict"]["start_step"] == STEPS_PER_EPOCH
+        # ... from the base's weights: the same step replayed here from the base gives the same bits.
+        replayed = replay_first_step(first, load_state(str(base_checkpoint)))  # fresh: AdamW steps its moments in place
+        for name, tensor in replayed["model_state_dict"].items():
+            assert torch.equal(tensor, first["model_state_dict"][name]), name
+        # Lineage: where the trial came from, in every checkpoint.
+        lineage = first["lineage"]
+        assert lineage["base_checkpoint"] == parse_location(base_uri).uri
+        assert lineage["base_global_step"] == STEPS_PER_EPOCH and lineage["base_sha256"] == base_sha
+        assert lineage["sweep_name"] == "grid" and lineage["trial_id"] == trial_id
+    assert sorted(seen_lrs) == grid
+
+    rows = read_results(sweep_dir)
+    assert sorted(float(r["lr"]) for r in rows) == grid
+    assert {r["status"] for r in rows} == {"finished"}
+    assert all(int(r["steps_trained"]) == STEPS_PER_EPOCH for r in rows)
+    assert all(parse_location(r["best_checkpoint"]).is_file() for r in rows)
+    described = png_trials(sweep_dir)
+    assert all(f"lr={lr!r} status=finished" in described for lr in grid)
+    for lr in grid:
+        assert f"{lr:.3g}" in result.stdout  # the table
+
+    # The winner's best_model.pt feeds `raytrain_app.main --resume-from-checkpoint` as printed.
+    best = min(rows, key=lambda r: float(r["best_val_loss"]))
+    command = next(line for line in result.stdout.splitlines() if "Continue training it:" in line)
+    assert f"--resume-from-checkpoint {best['best_checkpoint']}" in command.replace("'", "")
+    from raytrain_app.main import prepare
+
+    plan = prepare(["--data", str(dataset), "--resume-from-checkpoint", best["best_checkpoint"], "--lr", best["lr"],
+                    "--epochs", "3", *FIXED, "--save-dir", str(base_checkpoint.parent / "continued")])
+    assert plan.summary.lineage["sweep_name"] == "grid" and plan.init_from == best["best_checkpoint"]
+
+
+def test_asha_stops_diverging_trials(base_checkpoint: Path, dataset: Path, ray_address: str, tmp_path: Path) -> None:
+    sensible, diverging = [1e-3, 3e-3], [1.0, 3.0]
+    # Two at a time, sensible rates first: the diverging trials meet ASHA's rungs with good results recorded.
+    args = ["--base-checkpoint", str(base_checkpoint), "--data", str(dataset), "--save-dir", str(tmp_path),
+            "--lr-grid", ",".join(map(str, sensible + diverging)), "--grace-period", "2", "--reduction-factor", "2",
+            "--max-concurrent-trials", "2", "--epochs", "3", "--eval-every", "2", *FIXED]
+    result = run_tune(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (sweep_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("sweep-")]
+    rows = {float(r["lr"]): r for r in read_results(parse_location(str(sweep_dir)))}
+    assert sorted(rows) == sorted(sensible + diverging)
+    stopped = [lr for lr, r in rows.items() if r["status"] == "stopped early"]
+    assert stopped and set(stopped) <= set(diverging), rows
+    assert all(int(rows[lr]["steps_trained"]) < 2 * STEPS_PER_EPOCH for lr in stopped)
+    best = min(rows.values(), key=lambda r: float(r["best_val_loss"]))
+    assert float(best["lr"]) in sensible and best["status"] == "finished"
+    assert "🏆 Best: lr " + f"{float(best['lr']):g}" in result.stdout
+
+
+def start_sweep(args: list[str], ray_address: str) -> tuple[subprocess.Popen, tempfile.SpooledTemporaryFile]:
+    env = base_env()
+    env["RAY_ADDRESS"] = ray_address
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(main_command(*args, module="raytrain_app.tune"), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
+    return proc, log
+
+
+def test_killed_sweep_resumes_where_it_stopped(
+    base_checkpoint: Path, dataset: Path, ray_address: str, tmp_path: Path
+) -> None:
+    epochs = 3
+    args = ["--base-checkpoint", str(base_checkpoint), "--data", str(dataset), "--save-dir", str(tmp_path),
+            "--lr-grid", "1e-3,3e-3", "--scheduler", "none", "--max-concurrent-trials", "1", "--sweep-name", "cut",
+            "--epochs", str(epochs), "--eval-every", "2", *FIXED]
+    sweep_dir = parse_location(str(tmp_path / "cut"))
+    proc, log = start_sweep(args, ray_address)
+    deadline = time.monotonic() + 240
+    try:
+        while True:  # until one trial has finished and the other has a checkpoint
+            metrics = {trial: latest_run_metrics(run) for trial, run in trial_run_dirs(sweep_dir).items()}
+            finished = [t for t, m in metrics.items() if m and m["epoch"] >= epochs]
+            partway = [t for t, m in metrics.items() if m and m["epoch"] < epochs]
+            if finished and partway:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise AssertionError(f"sweep ended (rc {proc.returncode}) or timed out first:\n{log.read()}")
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver and everything in its session
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (done,), (cut,) = finished, partway
+    runs = trial_run_dirs(sweep_dir)
+    done_files = {p: os.stat(p).st_mtime_ns for p in Path(runs[done].path).rglob("*")}
+    cut_step = metrics[cut]["global_step"]
+
+    result = run_tune(args, ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "🔁 Sweep cut was started before: resuming it" in result.stdout
+    # The finished trial is not trained again: its run is exactly as it was.
+    assert {p: os.stat(p).st_mtime_ns for p in Path(runs[done].path).rglob("*")} == done_files
+    assert f"[trial {done} " not in result.stdout
+    # The other continues from its own checkpoint (at least the one seen before the kill), not from the base.
+    loaded = [line for line in result.stdout.splitlines() if f"[trial {cut} " in line or "Workers loaded" in line]
+    resumed_from = [line for line in loaded if f"run-{cut}/checkpoint_step=" in line]
+    assert resumed_from, result.stdout
+    step = int(resumed_from[0].split("checkpoint_step=")[1][:6])
+    assert step >= cut_step
+    final = latest_run_metrics(runs[cut])
+    assert final["epoch"] == epochs and final["global_step"] == STEPS_PER_EPOCH * epochs
+    rows = read_results(sweep_dir)
+    assert sorted(float(r["lr"]) for r in rows) == [1e-3, 3e-3]
+    assert {r["status"] for r in rows} == {"finished"}
+    assert all(math.isfinite(float(r["best_val_loss"])) for r in rows)
