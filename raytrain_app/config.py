@@ -189,7 +189,7 @@ class SweepConfig:
         None, "Checkpoint every trial starts from: anything --resume-from-checkpoint accepts (required)."
     )
     lr_grid: tuple[float, ...] | None = _opt(
-        None, "Learning rates to try, comma-separated (e.g. 1e-5,3e-5,1e-4).", parse=_lr_list
+        None, "Learning rates to try, comma-separated (e.g. 1e-5,3e-5,1e-4).", parse=str  # checked in __post_init__
     )
     lr_min: float | None = _opt(None, "Smallest learning rate of a log-uniform search (with --lr-max).")
     lr_max: float | None = _opt(None, "Largest learning rate of a log-uniform search (with --lr-min).")

@@ -147,3 +147,36 @@ def test_compiled_model_checkpoints_plain_weights_and_resumes() -> None:
     fresh = SequenceTransformer(cfg)
     Trainer(cfg, fresh, torch.compile(fresh), torch.device("cpu")).load_state_dict(saved[-1])
     assert all(torch.equal(p, saved[-1]["model_state_dict"][k]) for k, p in fresh.state_dict().items())
+
+
+def test_fork_options_reset_optimizer_restart_schedule_and_own_best() -> None:
+    data = synthetic()
+    _, saved = run(config(), data)
+    state = saved[16]
+    fork = build(config(lr=1e-3, epochs=4, reset_optimizer=True, restart_schedule=True))
+    report = fork.load_state_dict(state, fork=True, fork_keeps_best=False)
+    assert report.reset and not report.optimizer
+    assert fork.global_step == 16 and fork.best_val_loss == math.inf  # counters kept, best tracked anew
+    fork.schedule.total_steps = 64
+    fork.train_step([(data.train.x[:16], data.train.y[:16])])
+    assert fork.global_step == 17
+    assert torch.equal(fork.optimizer.state_dict()["state"][0]["step"], torch.tensor(1.0))  # fresh moments
+    # The schedule starts over at the fork: warmup step 0 of 48 remaining steps.
+    assert fork.optimizer.param_groups[0]["lr"] == lr_at(0, peak_lr=1e-3, warmup_steps=4, total_steps=48)
+    assert fork.state_dict()["scheduler_state_dict"]["start_step"] == 16
+
+
+def test_fork_flags_apply_only_to_forks_and_lineage_follows_the_run() -> None:
+    data = synthetic()
+    _, saved = run(config(), data)
+    forked = build(config(reset_optimizer=True, restart_schedule=True))
+    forked.lineage = {"base_checkpoint": "base.pt", "base_global_step": 16}
+    forked.load_state_dict(saved[16], fork=True)
+    after_fork = copy_state(forked.state_dict())
+    assert after_fork["lineage"]["base_checkpoint"] == "base.pt"
+    # The fork's own checkpoint, resumed (a restart): optimizer and schedule are kept, lineage comes from it.
+    own = build(config(reset_optimizer=True, restart_schedule=True))
+    report = own.load_state_dict(after_fork)
+    assert report.optimizer and not report.reset
+    assert own.schedule.start_step == 16 and own.lineage == after_fork["lineage"]
+    assert own.best_val_loss == saved[16]["val_loss"]  # a fork keeps the base's best unless told otherwise

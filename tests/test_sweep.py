@@ -1,0 +1,163 @@
+"""The sweep's settings, planning, reporting and results, without a Ray cluster."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from raytrain_app.checkpoint import write_best_model
+from raytrain_app.config import ConfigError, TrainConfig, parse_sweep_config
+from raytrain_app.driver import how_many_fit
+from raytrain_app.loop import Trainer, seed_everything
+from raytrain_app.model import SequenceTransformer
+from raytrain_app.sweep_results import TrialResult, best_trial, csv_bytes, plot_png, table
+from raytrain_app.sweep_trial import tune_metrics
+from raytrain_app.tune import plan_sweep
+from tests.conftest import REPO_ROOT, TINY_MODEL, base_env
+
+BASE = ["--base-checkpoint", "base.pt"]
+
+
+def test_sweep_flags_and_defaults() -> None:
+    sweep, cfg, given = parse_sweep_config([*BASE, "--lr-grid", "1e-5,3e-5,1e-4", "--epochs", "7", "--dropout", "0"])
+    assert sweep.lr_grid == (1e-5, 3e-5, 1e-4) and sweep.learning_rates(0) == [1e-5, 3e-5, 1e-4]
+    assert sweep.scheduler == "asha" and sweep.reduction_factor == 3.0
+    assert cfg.epochs == 7 and cfg.dropout == 0.0 and given == {"epochs", "dropout"}
+    assert cfg.restart_schedule and not cfg.reset_optimizer  # trials get a fresh schedule, keep the moments
+    _, cfg, _ = parse_sweep_config([*BASE, "--lr-grid", "1e-4", "--no-restart-schedule", "--reset-optimizer"])
+    assert not cfg.restart_schedule and cfg.reset_optimizer
+
+
+def test_log_uniform_learning_rates_are_seeded_and_in_range() -> None:
+    sweep, cfg, _ = parse_sweep_config([*BASE, "--lr-min", "1e-5", "--lr-max", "1e-2", "--num-samples", "6"])
+    lrs = sweep.learning_rates(cfg.seed)
+    assert lrs == sweep.learning_rates(cfg.seed) != sweep.learning_rates(cfg.seed + 1)
+    assert len(lrs) == 6 and lrs == sorted(lrs) and all(1e-5 <= lr <= 1e-2 for lr in lrs)
+    # Log-uniform: both decades are sampled, not just the top one.
+    assert min(lrs) < 1e-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr-grid", "1e-4"], "--base-checkpoint is required"),
+    ([*BASE], "give the learning rates to try"),
+    ([*BASE, "--lr-grid", "1e-4", "--lr-min", "1e-5", "--lr-max", "1e-3"], "not both"),
+    ([*BASE, "--lr-min", "1e-3", "--lr-max", "1e-5"], "need 0 < --lr-min < --lr-max"),
+    ([*BASE, "--lr-min", "1e-5"], "--lr-min and --lr-max go together"),
+    ([*BASE, "--lr-grid", "1e-4,abc"], "--lr-grid must be comma-separated numbers"),
+    ([*BASE, "--lr-grid", "1e-4,-1"], "--lr-grid values must be positive"),
+    ([*BASE, "--lr-grid", "1e-4,1e-4"], "lists a learning rate twice"),
+    ([*BASE, "--lr-grid", "1e-4", "--reduction-factor", "1"], "--reduction-factor must be greater than 1"),
+    ([*BASE, "--lr-grid", "1e-4", "--lr", "1e-3"], "--lr is not a sweep setting: the sweep sets each trial's"),
+    ([*BASE, "--lr-grid", "1e-4", "--resume-from-checkpoint", "x.pt"], "every trial starts from --base-checkpoint"),
+    ([*BASE, "--lr-grid", "1e-4", "--run-name", "x"], "name the sweep with --sweep-name"),
+])
+def test_sweep_mistakes_are_named(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        parse_sweep_config(argv)
+
+
+def test_sweep_settings_in_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("base-checkpoint: b.pt\nlr_grid: [1.0e-4, 3.0e-4]\nepochs: 4\nscheduler: none\n")
+    sweep, cfg, given = parse_sweep_config(["--config", str(path), "--epochs", "5"])
+    assert sweep.lr_grid == (1e-4, 3e-4) and sweep.scheduler == "none" and cfg.epochs == 5 and "epochs" in given
+
+
+def test_trials_that_fit_at_once() -> None:
+    assert how_many_fit({"CPU": 1.1}, {"CPU": 4.0}) == 3
+    assert how_many_fit({"CPU": 2.1}, {"CPU": 4.0}) == 1
+    assert how_many_fit({"CPU": 4.1}, {"CPU": 4.0}) == 0
+    assert how_many_fit({"CPU": 0.1, "GPU": 2.0}, {"CPU": 64.0, "GPU": 8.0}) == 4
+    assert how_many_fit({"CPU": 0.1, "GPU": 1.0}, {"CPU": 64.0}) == 0
+    assert how_many_fit({"CPU": 3.3}, {"CPU": 9.9}) == 3  # not 2: floating-point rounding
+
+
+def test_tune_metrics_count_steps_from_the_base_and_turn_nan_into_inf() -> None:
+    metrics = tune_metrics({"global_step": 40, "val_loss": math.nan, "best_val_loss": 0.5, "epoch": 2}, 32)
+    assert metrics["steps_trained"] == 8 and metrics["val_loss"] == math.inf and metrics["best_val_loss"] == 0.5
+
+
+def rows() -> list[TrialResult]:
+    return [
+        TrialResult("a_00000", 1e-4, "finished", 0.9, 0.95, 32, "/s/a0/best_model.pt", [(8, 1.0), (32, 0.95)]),
+        TrialResult("a_00001", 1e-3, "finished", 0.7, 0.7, 32, "/s/a1/best_model.pt", [(8, 0.8), (32, 0.7)]),
+        TrialResult("a_00002", 1.0, "stopped early", math.inf, math.inf, 8, "", [(8, math.inf)]),
+    ]
+
+
+def test_results_table_csv_and_plot_hold_every_trial() -> None:
+    results = rows()
+    assert best_trial(results).lr == 1e-3
+    text = table(results).splitlines()
+    assert len(text) == 4 and text[2].lstrip().startswith("*") and "stopped early" in text[3]
+    parsed = list(csv.DictReader(io.StringIO(csv_bytes(results).decode())))
+    assert [float(r["lr"]) for r in parsed] == [1e-4, 1e-3, 1.0]
+    assert parsed[2]["best_val_loss"] == "inf" and parsed[1]["best_checkpoint"].endswith("best_model.pt")
+    image = Image.open(io.BytesIO(plot_png(results, "t", base_val_loss=1.05)))
+    assert image.format == "PNG" and image.size == (1200, 450)
+    assert all(f"lr={r.lr!r} status={r.status}" in image.text["Description"] for r in results)
+
+
+@pytest.fixture(scope="module")
+def base_pt(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
+    """A one-epoch checkpoint of the tiny model on the tiny dataset (8 steps of 32)."""
+    from raytrain_app.data import open_dataset
+
+    cfg = TrainConfig(data=str(dataset), hidden_dim=16, num_layers=2, num_heads=2, batch_size=32, epochs=1,
+                      num_workers=1, eval_every=100, feature_dim=4, seq_len=8, num_classes=3)
+    seed_everything(0, 0)
+    model = SequenceTransformer(cfg)
+    states: list[dict] = []
+    Trainer(cfg, model, model, torch.device("cpu")).fit(open_dataset(str(dataset)), lambda m, s, b: states.append(s))
+    return Path(write_best_model(str(tmp_path_factory.mktemp("b")), states[-1]).path)
+
+
+def sweep_args(base: Path, dataset: Path, save_dir: Path, *extra: str) -> list[str]:
+    return ["--base-checkpoint", str(base), "--data", str(dataset), "--save-dir", str(save_dir), "--num-workers", "1",
+            "--batch-size", "32", "--lr-grid", "1e-4,1e-3", *TINY_MODEL, *extra]
+
+
+def test_plan_counts_each_trials_steps_and_names_the_sweep(base_pt: Path, dataset: Path, tmp_path: Path) -> None:
+    plan = plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "3"))
+    assert plan.summary.global_step == 8 and plan.trial_steps == 16  # epochs 2 and 3 of 8 steps each
+    assert plan.name.startswith("sweep-") and not plan.resuming
+    assert plan.grace_period == 8  # --eval-every (50) is past half a trial
+    again = plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "3", "--max-concurrent-trials", "1"))
+    assert again.name == plan.name  # how many at once is not part of what a sweep trains
+    other = plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "4"))
+    assert other.name != plan.name
+
+
+def run_tune_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raytrain_app.tune", *args], env=base_env(), capture_output=True,
+                          text=True, timeout=120, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epochs", "1"], "--epochs 1 is a total and the base checkpoint has completed 1 epochs: pass --epochs 2"),
+    (["--epochs", "2", "--grace-period", "8"], "--grace-period 8 is not below the 8 steps each trial trains"),
+    (["--epochs", "2", "--hidden-dim", "32"], "does not fit this model: --hidden-dim 32 (checkpoint has 16)"),
+])
+def test_sweep_mistakes_exit_2_with_one_line_and_write_nothing(
+    base_pt: Path, dataset: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    result = run_tune_cli(sweep_args(base_pt, dataset, tmp_path / "sweeps", *extra))
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_missing_base_checkpoint_is_an_error_not_a_fresh_start(dataset: Path, tmp_path: Path) -> None:
+    result = run_tune_cli(sweep_args(tmp_path / "nowhere.pt", dataset, tmp_path / "sweeps", "--epochs", "2"))
+    assert result.returncode == 2
+    assert f"error: --base-checkpoint {tmp_path / 'nowhere.pt'}: no checkpoint there" in result.stderr
+    assert not (tmp_path / "sweeps").exists()
