@@ -112,10 +112,14 @@ def test_grid_sweep_on_s3_starts_every_trial_from_the_base(
     grid = [3e-4, 1e-3, 3e-3]
     args = ["--base-checkpoint", base_uri, "--data", str(dataset), "--save-dir", save_dir,
             "--lr-grid", ",".join(map(str, grid)), "--scheduler", "none", "--sweep-name", "grid",
+            "--max-concurrent-trials", "8",
             "--epochs", "2", "--eval-every", "1", "--keep-checkpoints", "10", *FIXED, "--warmup-steps", "0"]
     result = run_tune(args, ray_address)
     assert result.returncode == 0, result.stdout + result.stderr
 
+    # Asked for 8 at once; the cluster (4 CPUs) holds 3 trials of one worker (1 CPU) and a driver (0.1 CPU).
+    assert "--max-concurrent-trials 8: only 3 trial(s) fit at once (CPU 1.1 each; this cluster has CPU 4)" \
+        in result.stdout
     sweep_dir = parse_location(save_dir).join("grid")
     base_state = load_state(str(base_checkpoint))
     base_sha = hashlib.sha256(base_checkpoint.read_bytes()).hexdigest()
@@ -242,3 +246,15 @@ def test_killed_sweep_resumes_where_it_stopped(
     assert sorted(float(r["lr"]) for r in rows) == [1e-3, 3e-3]
     assert {r["status"] for r in rows} == {"finished"}
     assert all(math.isfinite(float(r["best_val_loss"])) for r in rows)
+
+
+def test_trials_that_can_never_fit_fail_fast(base_checkpoint: Path, dataset: Path, ray_address: str,
+                                            tmp_path: Path) -> None:
+    args = ["--base-checkpoint", str(base_checkpoint), "--data", str(dataset), "--save-dir", str(tmp_path / "s"),
+            "--lr-grid", "1e-3", "--epochs", "2", *FIXED, "--num-workers", "4"]
+    result = run_tune(args, ray_address, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # Ray logs its connection
+    assert errors == ["error: one trial needs CPU 4.1 (4 workers and the trial's driver) but this cluster has CPU 4: "
+                      "lower --num-workers or add nodes"]
+    assert not (tmp_path / "s").exists()
