@@ -91,54 +91,78 @@ def _publish(tmp: str, target: Location) -> None:
         pafs.copy_files(tmp, target.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target.fs)
 
 
-def copy_state_file(source: Location, target: Location) -> str:
-    """Copy a state file (any storage to any storage) atomically; returns the SHA-256 of its bytes."""
+def _stream_to(source: Location, out: Any) -> str:
+    """Copy `source`'s bytes into the open file `out`, returning their SHA-256 (one read for both)."""
+    digest = hashlib.sha256()
+    with source.fs.open_input_stream(source.path) as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    out.flush()
+    os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def fetch_file(source: Location, into_dir: str) -> tuple[str, str]:
+    """Copy a file from any storage into a new local file in `into_dir`: (its path, SHA-256 of its bytes).
+    Reading it once pins the bytes: what is checked, hashed and published later is the same file even if the
+    source is replaced meanwhile."""
+    fd, path = tempfile.mkstemp(dir=into_dir, prefix=f"{source.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            return path, _stream_to(source, out)
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+def _copy_local(path: str, out: Any) -> None:
+    with open(path, "rb") as source:
+        shutil.copyfileobj(source, out, 8 << 20)
+
+
+def publish_file(local_file: str, target: Location) -> None:
+    """Copy a local file to `target` (any storage) so that readers see all of it or nothing."""
+    publish_bytes_from(lambda out: _copy_local(local_file, out), target)
+
+
+def publish_bytes(data: bytes, target: Location) -> None:
+    """Write `data` to `target` (any storage) so that readers see all of it or nothing."""
+    publish_bytes_from(lambda out: out.write(data), target)
+
+
+def publish_bytes_from(write: Any, target: Location) -> None:
+    """Call `write(file)` on a local temporary file, then publish it to `target` atomically: locally a rename
+    within the target's folder; on object stores one upload, and an object becomes visible only when its upload
+    completes (multipart uploads included)."""
     local_dir = posixpath.dirname(target.path) if target.is_local else None
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{target.name}.", suffix=".tmp")
-    digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, source.fs.open_input_stream(source.path) as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-                out.write(chunk)
+        with os.fdopen(fd, "wb") as out:
+            write(out)
             out.flush()
             os.fsync(out.fileno())
         _publish(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return digest.hexdigest()
 
 
 def write_best_model(save_dir: Location | str, state: dict[str, Any] | str) -> Location:
     """Replace <save_dir>/best_model.pt so that a reader sees the old file or the new one, never a part.
 
-    `state` is a state dict, or the path of a state file already written (copied, not serialised again).
+    `state` is a state dict, or the path of a state file already written (copied, not serialised again)."""
+    target = _as_location(save_dir).join(BEST_MODEL_FILE)
 
-    Locally: a temporary file, then an atomic rename. On object stores an object becomes visible only when its
-    upload completes (multipart uploads included), so writing the key directly is already all-or-nothing.
-    """
-    save_dir = _as_location(save_dir)
-    target = save_dir.join(BEST_MODEL_FILE)
-    local_dir = save_dir.path if save_dir.is_local else None
-    if local_dir:
-        os.makedirs(local_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{BEST_MODEL_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(state, str):
-                with open(state, "rb") as source:
-                    shutil.copyfileobj(source, f)
-            else:
-                torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    def write(f: Any) -> None:
+        if isinstance(state, str):
+            _copy_local(state, f)
+        else:
+            torch.save(state, f)
+
+    publish_bytes_from(write, target)
     return target
 
 
@@ -272,9 +296,10 @@ class StateSummary:
     eval_val_loss: float | None = None  # measured at this checkpoint (best_val_loss is the run's best so far)
 
 
-def summarize(location: Location) -> StateSummary:
+def summarize(location: Location, label: str | None = None) -> StateSummary:
+    """`label`: how to name the checkpoint to users, when `location` is a local copy of it."""
     state = load_state(location, mmap=True)
-    path = str(location)
+    path = label or str(location)
     position = state.get("data_position")
     return StateSummary(
         path=path,

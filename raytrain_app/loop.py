@@ -67,6 +67,19 @@ class WarmupCosineSchedule:
                 "warmup_steps": self.cfg.warmup_steps, "total_steps": self.total_steps}
 
 
+def resume_batch_index(position: dict[str, Any] | None, epoch: int, batch_size: int, world_size: int) -> int:
+    """The micro-batch of epoch `epoch` (completed epochs) that training resumes at, from a checkpoint's
+    data_position, for this run's batch size and world size."""
+    if not position or int(position.get("epoch", -1)) != epoch:
+        return 0
+    index = int(position["batch_index"])
+    if position.get("batch_size") != batch_size or position.get("world_size") != world_size:
+        # Another batch geometry: continue after the same number of samples of this epoch.
+        samples = index * int(position["batch_size"]) * int(position["world_size"])
+        index = samples // (batch_size * world_size)
+    return index
+
+
 def capture_rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -234,14 +247,7 @@ class Trainer:
         self.ema = torch.tensor(float(value or 0.0), dtype=torch.float32, device=self.device)
 
     def _resume_batch_index(self, position: dict[str, Any] | None) -> int:
-        if not position or int(position.get("epoch", -1)) != self.epoch:
-            return 0
-        index = int(position["batch_index"])
-        if position.get("batch_size") != self.cfg.batch_size or position.get("world_size") != self.world_size:
-            # Another batch geometry: continue after the same number of samples of this epoch.
-            samples = index * int(position["batch_size"]) * int(position["world_size"])
-            index = samples // (self.cfg.batch_size * self.world_size)
-        return index
+        return resume_batch_index(position, self.epoch, self.cfg.batch_size, self.world_size)
 
     # --- step, evaluation, loop ---------------------------------------------------------------------------
     def _autocast(self):  # noqa: ANN202

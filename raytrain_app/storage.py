@@ -83,6 +83,11 @@ class Location:
                 f.write(data)
         _guarded(write, self.uri)
 
+    def remove(self) -> None:
+        """Delete this file if it exists."""
+        if self.is_file():
+            _guarded(lambda: self.fs.delete_file(self.path), self.uri)
+
     def sha256(self) -> str:
         """SHA-256 of the file's bytes, streamed in 8 MiB pieces."""
         def digest() -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from raytrain_app.checkpoint import BEST_MODEL_FILE
 from raytrain_app.storage import Location
+from raytrain_app.sweep_trial import trial_dir_name, trial_id_of
 
 RESULTS_FILE = "results.csv"
 PLOT_FILE = "sweep.png"
@@ -20,7 +21,7 @@ CSV_COLUMNS = ("lr", "best_val_loss", "final_val_loss", "steps_trained", "status
 class TrialResult:
     trial_id: str
     lr: float
-    status: str  # finished | stopped early | error | not run
+    status: str  # finished | stopped early | unfinished | error | not run
     best_val_loss: float = math.inf
     final_val_loss: float = math.inf
     steps_trained: int = 0
@@ -28,14 +29,15 @@ class TrialResult:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (steps trained, validation loss)
 
 
-def collect(results: Any, *, trial_dirs: dict[str, Location], epochs: int) -> list[TrialResult]:
+def collect(results: Any, *, sweep_dir: Location, epochs: int, early_stopping: bool) -> list[TrialResult]:
     """Turn Tune's ResultGrid into one TrialResult per trial, ordered by learning rate.
 
-    `trial_dirs`: trial id -> the trial's directory (where its best_model.pt is). A trial is "finished" when it
-    reached --epochs, "stopped early" when the scheduler ended it before."""
+    A trial is "finished" when it reached --epochs, "error" when it failed, "not run" when it never reported.
+    One that ended before --epochs is "stopped early" when `early_stopping` says the scheduler ended it (ASHA,
+    the sweep was not interrupted), else "unfinished"."""
     rows = []
     for result in results:
-        trial_id = result.path.rstrip("/").rsplit("/", 1)[-1].removeprefix("trial-")
+        trial_id = trial_id_of(result.path)
         metrics = result.metrics or {}
         row = TrialResult(trial_id=trial_id, lr=float(result.config["lr"]), status="not run")
         curve: dict[int, float] = {}
@@ -52,11 +54,14 @@ def collect(results: Any, *, trial_dirs: dict[str, Location], epochs: int) -> li
             row.steps_trained = row.curve[-1][0]
             row.final_val_loss = row.curve[-1][1]
             row.best_val_loss = float(metrics.get("best_val_loss", min(loss for _, loss in row.curve)))
-            row.status = "finished" if int(metrics.get("epoch", 0)) >= epochs else "stopped early"
+            if int(metrics.get("epoch", 0)) >= epochs:
+                row.status = "finished"
+            else:
+                row.status = "stopped early" if early_stopping else "unfinished"
         if result.error is not None:
             row.status = "error"
-        best_model = trial_dirs[trial_id].join(BEST_MODEL_FILE) if trial_id in trial_dirs else None
-        if best_model is not None and row.curve and best_model.is_file():
+        best_model = sweep_dir.join(trial_dir_name(trial_id), BEST_MODEL_FILE)
+        if row.curve and best_model.is_file():
             row.best_checkpoint = best_model.uri
         rows.append(row)
     return sorted(rows, key=lambda r: r.lr)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ray.tune.integration.ray_train import TuneReportCallback
-
 from raytrain_app.checkpoint import latest_run_metrics
 from raytrain_app.config import TrainConfig
 from raytrain_app.driver import make_trainer
-from raytrain_app.storage import parse_location
+from raytrain_app.storage import Location, parse_location
 
+# Written into a trial's folder when Ray Train gave up on it (its workers failed --max-failures times): Tune's
+# own retries of the trial are for lost trial drivers, not for repeating the same failure (N+1)^2 times.
+TRAIN_FAILED_MARK = "training_failed.json"
 # What Tune reserves for the trial itself (the process that drives the TorchTrainer); the Train workers
 # reserve their own. Tune rejects 0.
 TRIAL_DRIVER_CPUS = 0.1
@@ -28,8 +29,20 @@ def trial_dir_name(trial_id: str) -> str:
     return f"trial-{trial_id}"
 
 
+def trial_id_of(trial_dir: str) -> str:
+    """The trial id of a trial folder (its path or name)."""
+    return trial_dir.rstrip("/").rsplit("/", 1)[-1].removeprefix("trial-")
+
+
 def trial_run_name(trial_id: str) -> str:
     return f"run-{trial_id}"
+
+
+def clear_failure_marks(sweep_dir: Location) -> None:
+    """Forget that trials failed: a re-run of the sweep command tries them again."""
+    for entry in sweep_dir.list():
+        if entry.base_name.startswith("trial-"):
+            sweep_dir.join(entry.base_name, TRAIN_FAILED_MARK).remove()
 
 
 def tune_metrics(metrics: dict[str, Any], base_global_step: int) -> dict[str, Any]:
@@ -44,16 +57,18 @@ def tune_metrics(metrics: dict[str, Any], base_global_step: int) -> dict[str, An
     return out
 
 
-class SweepReportCallback(TuneReportCallback):
-    """Forwards every report of the trial's Train workers to Tune (Ray's callback), in the form above."""
+def report_callback(base_global_step: int) -> Any:
+    """A Ray Train callback that forwards every report of the trial's workers to Tune (Ray's
+    TuneReportCallback), in the form above. Built here, in the trial, because it must be created inside a
+    Tune session; Ray is imported only now so that importing this module does not start Ray's set-up."""
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-    def __init__(self, base_global_step: int) -> None:
-        super().__init__()
-        self.base_global_step = base_global_step
+    class SweepReportCallback(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            metrics = [tune_metrics(metrics[0], base_global_step), *metrics[1:]]  # rank 0's is the one sent
+            super().after_report(run_context, metrics, checkpoint)
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        metrics = [tune_metrics(metrics[0], self.base_global_step), *metrics[1:]]  # rank 0's is the one sent
-        super().after_report(run_context, metrics, checkpoint)
+    return SweepReportCallback()
 
 
 def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -76,8 +91,21 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         tune.report(tune_metrics(done, base_step))
         return
 
+    failed = trial_dir.join(TRAIN_FAILED_MARK)
+    if failed.is_file():
+        raise RuntimeError(f"trial {trial_id}: {failed.read_bytes().decode()}; not retrying it. Re-run the sweep "
+                           "command to try again from its latest checkpoint.")
+
+    import ray.train
+
     lineage = {**spec["lineage"], "sweep_name": spec["sweep_name"], "trial_id": trial_id}
     trainer = make_trainer(cfg, run_name=run_name, storage=trial_dir, init_from=spec["base"], lineage=lineage,
-                           callbacks=[SweepReportCallback(base_step)], fork_keeps_best=False,
+                           callbacks=[report_callback(base_step)], fork_keeps_best=False,
                            log_prefix=f"[trial {trial_id} lr {cfg.lr:.3g}] ")
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        step = (latest_run_metrics(trial_dir.join(run_name)) or {}).get("global_step")
+        failed.write_bytes(f"training failed after {cfg.max_failures} worker restart(s), latest checkpoint at step "
+                           f"{step}: {str(e).strip().splitlines()[0]}".encode())
+        raise

@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, fields
 from typing import Any
 
 from raytrain_app import sweep_results
-from raytrain_app.checkpoint import StateSummary, copy_state_file, fork_lineage, resolve_checkpoint
+from raytrain_app.checkpoint import (
+    StateSummary,
+    fetch_file,
+    fork_lineage,
+    publish_bytes,
+    publish_file,
+    resolve_checkpoint,
+)
 from raytrain_app.config import SweepConfig, TrainConfig, parse_sweep_config, sweep_identity_hash
 from raytrain_app.driver import cluster_capacity, connect_ray, how_many_fit, run_resources
-from raytrain_app.main import (
+from raytrain_app.loop import resume_batch_index
+from raytrain_app.order import batches_per_epoch
+from raytrain_app.preflight import (
     EXIT_TRAINING_FAILED,
     EXIT_USER_ERROR,
     USER_ERRORS,
@@ -31,9 +43,8 @@ from raytrain_app.main import (
     python_for_commands,
     start_position,
 )
-from raytrain_app.order import batches_per_epoch
 from raytrain_app.storage import Location, StorageError, check_bucket, parse_location
-from raytrain_app.sweep_trial import TRIAL_DRIVER_CPUS, train_trial, trial_dir_name
+from raytrain_app.sweep_trial import TRIAL_DRIVER_CPUS, clear_failure_marks, train_trial, trial_dir_name
 
 SWEEP_FILE = "sweep.json"  # the sweep's settings, so a re-run can tell it is the same sweep
 BASE_FILE = "base_checkpoint.pt"  # the sweep's own copy of the base: every trial starts from these exact bytes
@@ -51,8 +62,10 @@ class SweepPlan:
     name: str
     sweep_dir: Location
     learning_rates: list[float]
-    base: Location  # where the base checkpoint is read from: the user's, or the sweep's copy once it exists
+    base: Location  # the user's base checkpoint, or the sweep's copy of it once the sweep has started
     summary: StateSummary
+    base_copy: str | None  # first start: a local copy of the base (checked, hashed, then published), else None
+    base_sha256: str | None
     identity: str
     record: dict[str, Any] | None  # sweep.json of an earlier start of this sweep, None on the first
     trial_steps: int  # optimizer steps each trial trains to reach --epochs
@@ -62,22 +75,45 @@ class SweepPlan:
     def resuming(self) -> bool:
         return self.record is not None
 
+    def cleanup(self) -> None:
+        if self.base_copy:
+            shutil.rmtree(os.path.dirname(self.base_copy), ignore_errors=True)
 
-def _flag(name: str) -> str:
+
+def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def trial_steps(cfg: TrainConfig, num_train: int, summary: StateSummary) -> int:
-    """Optimizer steps from the base checkpoint to the end of --epochs (ASHA's max_t)."""
+    """Optimizer steps a trial takes from the base checkpoint to the end of --epochs (ASHA's max_t), counted as
+    the loop will take them: from the batch it resumes at in the base's epoch, in the trial's batch geometry."""
     batches = batches_per_epoch(num_train, cfg.batch_size, cfg.num_workers)
-    per_epoch = math.ceil(batches / cfg.grad_accum_steps)
-    done_epochs, in_epoch = start_position(summary)
-    return max(1, (cfg.epochs - done_epochs) * per_epoch - in_epoch // cfg.grad_accum_steps)
+    accum = cfg.grad_accum_steps
+    first = resume_batch_index(summary.data_position, summary.epoch, cfg.batch_size, cfg.num_workers)
+    this_epoch = sum(1 for b in range(first, batches) if (b + 1) % accum == 0 or b == batches - 1)
+    return this_epoch + (cfg.epochs - summary.epoch - 1) * math.ceil(batches / accum)
 
 
 def read_record(sweep_dir: Location) -> dict[str, Any] | None:
     record = sweep_dir.join(SWEEP_FILE)
-    return json.loads(record.read_bytes()) if record.is_file() else None
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_bytes())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{record} is not readable ({e}): this sweep cannot resume; pass another --sweep-name") \
+            from None
+
+
+def fetch_base(found: Location) -> tuple[str, str]:
+    """A local copy of the base checkpoint and its SHA-256: the sweep checks, hashes and publishes these bytes,
+    whatever happens to the original meanwhile (a best_model.pt is replaced whenever its run improves)."""
+    tmp_dir = tempfile.mkdtemp(prefix="raytrain-sweep-base-")
+    try:
+        return fetch_file(found, tmp_dir)
+    except OSError as e:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise StorageError(f"--base-checkpoint {found}: could not read it ({e})") from None
 
 
 def plan_sweep(argv: list[str]) -> SweepPlan:
@@ -101,28 +137,49 @@ def plan_sweep(argv: list[str]) -> SweepPlan:
         base = sweep_dir.join(BASE_FILE)
         if not base.is_file():
             raise UserError(f"{base} is missing: this sweep cannot resume; pass another --sweep-name to start anew")
+        base_copy, base_sha256, read_from = None, None, base
     else:
         found = resolve_checkpoint(sweep.base_checkpoint, flag="--base-checkpoint")
         if found is None:
             raise UserError(f"--base-checkpoint {sweep.base_checkpoint}: no checkpoint there. Pass a .pt file, a "
                             "checkpoint folder or a run folder.")
         base = found
-    cfg, summary = prepare_start(cfg, given, base, data)
+        base_copy, base_sha256 = fetch_base(found)
+        read_from = parse_location(base_copy)
+    try:
+        cfg, summary = prepare_start(cfg, given, read_from, data, label=base.uri)
+        steps = trial_steps(cfg, data.train.num_rows, summary)
+        grace = check_schedule(sweep, cfg, summary, steps)
+    except BaseException:
+        if base_copy:
+            shutil.rmtree(os.path.dirname(base_copy), ignore_errors=True)
+        raise
+    return SweepPlan(sweep=sweep, cfg=cfg, given=given, name=name, sweep_dir=sweep_dir,
+                     learning_rates=learning_rates, base=base, summary=summary, base_copy=base_copy,
+                     base_sha256=base_sha256, identity=identity, record=record, trial_steps=steps,
+                     grace_period=grace)
+
+
+def check_schedule(sweep: SweepConfig, cfg: TrainConfig, summary: StateSummary, steps: int) -> int:
+    """Check that trials have something to train and ASHA something to stop; returns the grace period."""
     done_epochs, _ = start_position(summary)
     if done_epochs >= cfg.epochs:
         raise UserError(f"--epochs {cfg.epochs} is a total and the base checkpoint has completed {done_epochs} "
                         f"epochs: pass --epochs {done_epochs + 1} or more")
-    steps = trial_steps(cfg, data.train.num_rows, summary)
-    grace = sweep.grace_period or min(cfg.eval_every, max(1, steps // 2))
-    if sweep.scheduler == "asha" and grace >= steps:
-        raise UserError(f"--grace-period {grace} is not below the {steps} steps each trial trains: ASHA could never "
-                        "stop a trial. Lower --grace-period, raise --epochs, or pass --scheduler none.")
-    return SweepPlan(sweep=sweep, cfg=cfg, given=given, name=name, sweep_dir=sweep_dir,
-                     learning_rates=learning_rates, base=base, summary=summary, identity=identity, record=record,
-                     trial_steps=steps, grace_period=grace)
+    if sweep.scheduler == "none":
+        return 0
+    if sweep.grace_period is None:
+        if steps < 2:
+            raise UserError(f"each trial trains only {steps} step: ASHA could never stop a trial. Raise --epochs or "
+                            "pass --scheduler none.")
+        return min(cfg.eval_every, steps // 2)
+    if sweep.grace_period >= steps:
+        raise UserError(f"--grace-period {sweep.grace_period} is not below the {steps} steps each trial trains: ASHA "
+                        "could never stop a trial. Lower --grace-period, raise --epochs, or pass --scheduler none.")
+    return sweep.grace_period
 
 
-def concurrency(plan: SweepPlan) -> int:
+def fit_concurrency(plan: SweepPlan) -> int:
     """How many trials run at once: what the user asked for, capped by what the cluster can ever hold.
     Raises UserError when not even one trial fits."""
     need = run_resources(plan.cfg)
@@ -146,23 +203,23 @@ def concurrency(plan: SweepPlan) -> int:
 
 
 def start_record(plan: SweepPlan) -> dict[str, Any]:
-    """First start: copy the base into the sweep and write sweep.json. Later starts reuse both."""
+    """First start: publish the base's copy into the sweep, then sweep.json (its presence means the sweep has
+    started). Later starts reuse both."""
     if plan.record is not None:
         return plan.record
-    snapshot = plan.sweep_dir.join(BASE_FILE)
-    try:
-        digest = copy_state_file(plan.base, snapshot)
-    except OSError as e:
-        raise StorageError(f"could not copy {plan.base} to {snapshot}: {e}") from None
     record = {
         "identity": plan.identity,
         "sweep_name": plan.name,
         "sweep": plan.sweep.to_dict(),
         "train": plan.cfg.to_dict(),
         "learning_rates": plan.learning_rates,
-        "lineage": fork_lineage(plan.base, plan.summary, sha256=digest),
+        "lineage": fork_lineage(plan.base, plan.summary, sha256=plan.base_sha256),
     }
-    plan.sweep_dir.join(SWEEP_FILE).write_bytes(json.dumps(record, indent=1).encode())
+    try:
+        publish_file(plan.base_copy, plan.sweep_dir.join(BASE_FILE))
+        publish_bytes(json.dumps(record, indent=1).encode(), plan.sweep_dir.join(SWEEP_FILE))
+    except OSError as e:
+        raise StorageError(f"could not write the sweep into {plan.sweep_dir}: {e}") from None
     return record
 
 
@@ -189,13 +246,18 @@ def run_tuner(plan: SweepPlan, record: dict[str, Any], max_concurrent: int) -> A
     if tune.Tuner.can_restore(sweep_dir.path, storage_filesystem=storage_fs):
         tuner = tune.Tuner.restore(sweep_dir.path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_fs)
-        # The cluster may have changed since the first start: the concurrency fitted to it now applies.
-        tuner._local_tuner._tune_config.max_concurrent_trials = max_concurrent
+        # Tuner.restore brings back the settings of the first start (tuner.pkl) and offers no way to change them.
+        # The cluster may have changed since, and --max-failures may have: the values of this run apply.
+        # (Ray 2.60 internals, pinned in pyproject.toml.)
+        internal = tuner._local_tuner
+        internal._tune_config.max_concurrent_trials = max_concurrent
+        internal._run_config.failure_config = tune.FailureConfig(max_failures=plan.cfg.max_failures)
         return tuner.fit()
     scheduler = None
     if plan.sweep.scheduler == "asha":
+        # stop_last_trials=False: max_t only places the rungs; a trial that passed them all trains to --epochs.
         scheduler = ASHAScheduler(time_attr="steps_trained", max_t=plan.trial_steps, grace_period=plan.grace_period,
-                                  reduction_factor=plan.sweep.reduction_factor)
+                                  reduction_factor=plan.sweep.reduction_factor, stop_last_trials=False)
     tuner = tune.Tuner(
         trainable,
         param_space={"lr": tune.grid_search(plan.learning_rates)},
@@ -215,16 +277,16 @@ def run_tuner(plan: SweepPlan, record: dict[str, Any], max_concurrent: int) -> A
 
 def continue_command(plan: SweepPlan, best: sweep_results.TrialResult) -> str:
     """The command that trains the best trial further: its best weights, its learning rate, more epochs."""
-    args = ["--data", plan.cfg.data, "--resume-from-checkpoint", best.best_checkpoint, "--lr", f"{best.lr:g}",
+    args = ["--data", plan.cfg.data, "--resume-from-checkpoint", best.best_checkpoint, "--lr", repr(best.lr),
             "--epochs", str(plan.cfg.epochs + 5)]
     for f in fields(TrainConfig):
         if f.name not in plan.given or f.name in NOT_CONTINUED:
             continue
         value = getattr(plan.cfg, f.name)
         if isinstance(value, bool):
-            args.append(_flag(f.name) if value else "--no-" + _flag(f.name)[2:])
+            args.append(_option(f.name) if value else "--no-" + _option(f.name)[2:])
         else:
-            args += [_flag(f.name), str(value)]
+            args += [_option(f.name), str(value)]
     return shlex.join([python_for_commands(), "-m", "raytrain_app.main", *args])
 
 
@@ -250,21 +312,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         plan = plan_sweep(argv)
+    except (UserError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
         print_plan(plan)
-        connect_ray(num_cpus=max(4, plan.cfg.num_workers + 1))
-        max_concurrent = concurrency(plan)
+        # A private local instance gets every core, and at least the logical CPUs for one trial.
+        connect_ray(num_cpus=max(4, os.cpu_count() or 1, plan.cfg.num_workers + 1))
+        max_concurrent = fit_concurrency(plan)
         record = start_record(plan)
     except (UserError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        plan.cleanup()
 
+    clear_failure_marks(plan.sweep_dir)  # running the command again is the user's "try again"
     results = run_tuner(plan, record, max_concurrent)
 
-    trial_dirs = {}
-    for result in results:
-        trial_id = result.path.rstrip("/").rsplit("/", 1)[-1].removeprefix("trial-")
-        trial_dirs[trial_id] = plan.sweep_dir.join(trial_dir_name(trial_id))
-    rows = sweep_results.collect(results, trial_dirs=trial_dirs, epochs=plan.cfg.epochs)
+    # Ctrl-C (or SIGUSR1) makes Tune save its state and return with trials still running: those are not done.
+    interrupted = results.num_terminated + results.num_errors < len(results)
+    rows = sweep_results.collect(results, sweep_dir=plan.sweep_dir, epochs=plan.cfg.epochs,
+                                 early_stopping=plan.sweep.scheduler == "asha" and not interrupted)
     base_loss = plan.summary.eval_val_loss if plan.summary.eval_val_loss is not None else plan.summary.best_val_loss
     csv_file, png_file = sweep_results.write(rows, plan.sweep_dir, title=f"{plan.name}: learning-rate sweep",
                                              base_val_loss=base_loss)
@@ -276,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if best is not None:
         print(f"\n🏆 Best: lr {best.lr:g}, best val loss {best.best_val_loss:.6f} ({best.best_checkpoint})")
         print(f"  Continue training it: {continue_command(plan, best)}")
-    failed = [r for r in rows if r.status in ("error", "not run")]
+    failed = [r for r in rows if r.status in ("error", "unfinished", "not run")]
     if failed:
         print(f"error: {len(failed)} trial(s) did not finish ({', '.join(f'lr {r.lr:g}' for r in failed)}). "
               "Re-run the same command to resume them from their latest checkpoints.", file=sys.stderr)

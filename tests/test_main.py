@@ -7,8 +7,8 @@ import torch
 
 from raytrain_app.checkpoint import StateSummary
 from raytrain_app.config import TrainConfig
-from raytrain_app.main import UserError, check_weights_fit, fit_to_checkpoint, start_position
 from raytrain_app.model import SequenceTransformer
+from raytrain_app.preflight import UserError, check_weights_fit, fit_to_checkpoint, start_position
 
 DATA_SHAPE = dict(feature_dim=4, seq_len=8, num_classes=3)
 

@@ -161,3 +161,80 @@ def test_missing_base_checkpoint_is_an_error_not_a_fresh_start(dataset: Path, tm
     assert result.returncode == 2
     assert f"error: --base-checkpoint {tmp_path / 'nowhere.pt'}: no checkpoint there" in result.stderr
     assert not (tmp_path / "sweeps").exists()
+
+
+class FakeResult:
+    """The fields of a Tune `Result` that `collect` reads (Tune's ResultGrid holds these)."""
+
+    def __init__(self, path: str, lr: float, metrics: dict, frame: dict | None = None,
+                 error: Exception | None = None) -> None:
+        import pandas as pd
+
+        self.path, self.config, self.metrics, self.error = path, {"lr": lr}, metrics, error
+        self.metrics_dataframe = pd.DataFrame(frame) if frame is not None else None
+
+
+def test_collect_reads_status_curves_and_best_checkpoints(tmp_path: Path) -> None:
+    from raytrain_app.storage import parse_location
+    from raytrain_app.sweep_results import collect
+
+    sweep_dir = parse_location(str(tmp_path))
+    for trial in ("t_0", "t_1"):
+        (tmp_path / f"trial-{trial}").mkdir()
+        (tmp_path / f"trial-{trial}" / "best_model.pt").write_bytes(b"x")
+    last = {"epoch": 3, "global_step": 24, "steps_trained": 16, "val_loss": 0.6, "best_val_loss": 0.5}
+    results = [
+        # finished; resumed once, so steps 8 and 12 were reported twice: the last value per step counts
+        FakeResult(str(tmp_path / "trial-t_0"), 1e-3, last,
+                   {"steps_trained": [4, 8, 12, 8, 12, 16], "val_loss": [0.9, 0.8, 0.7, 0.8, 0.5, 0.6]}),
+        # ended before --epochs without an error
+        FakeResult(str(tmp_path / "trial-t_1"), 1.0,
+                   {**last, "epoch": 1, "steps_trained": 4, "val_loss": 2.0, "best_val_loss": 2.0},
+                   {"steps_trained": [4], "val_loss": [2.0]}),
+        FakeResult(str(tmp_path / "trial-t_2"), 3.0, {}, None, error=RuntimeError("boom")),  # failed before reporting
+        FakeResult(str(tmp_path / "trial-t_3"), 1e-4, {}, None),  # never ran
+    ]
+    rows = {r.lr: r for r in collect(results, sweep_dir=sweep_dir, epochs=3, early_stopping=True)}
+    assert rows[1e-3].status == "finished" and rows[1e-3].curve == [(4, 0.9), (8, 0.8), (12, 0.5), (16, 0.6)]
+    assert rows[1e-3].best_val_loss == 0.5 and rows[1e-3].best_checkpoint.endswith("trial-t_0/best_model.pt")
+    assert rows[1.0].status == "stopped early" and rows[1.0].steps_trained == 4
+    assert rows[3.0].status == "error" and rows[3.0].best_checkpoint == ""
+    assert rows[1e-4].status == "not run"
+    # Interrupted (Ctrl-C) or without a scheduler, a trial that ended early is unfinished, not stopped early.
+    rows = {r.lr: r for r in collect(results, sweep_dir=sweep_dir, epochs=3, early_stopping=False)}
+    assert rows[1.0].status == "unfinished"
+
+
+def test_a_named_sweep_resumes_only_with_its_own_settings(base_pt: Path, dataset: Path, tmp_path: Path) -> None:
+    import json
+
+    from raytrain_app.preflight import UserError
+
+    plan = plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "3", "--sweep-name", "s"))
+    plan.cleanup()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({"identity": "something-else"}))
+    with pytest.raises(UserError, match="sweep s in .* was started with other settings"):
+        plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "3", "--sweep-name", "s"))
+
+
+def test_importing_the_commands_does_not_import_ray() -> None:
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when imported; the commands set it before importing Ray.
+    code = "import sys, raytrain_app.main, raytrain_app.tune; print('ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True,
+                            timeout=120, cwd=REPO_ROOT)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_trial_steps_count_from_a_mid_epoch_base_in_the_trials_geometry() -> None:
+    from raytrain_app.checkpoint import StateSummary
+    from raytrain_app.tune import trial_steps
+
+    cfg = TrainConfig(batch_size=16, num_workers=2, grad_accum_steps=1, epochs=3)  # 256 rows: 8 batches/epoch
+    # The base stopped after 8 batches of 8 on 2 workers in epoch 1 (of 16): 128 samples, i.e. 4 of ours.
+    position = {"epoch": 1, "batch_index": 8, "batch_size": 8, "world_size": 2}
+    summary = StateSummary(path="b", epoch=1, global_step=24, best_val_loss=None, train_ema_loss=None, config={},
+                           has_optimizer=True, has_scaler=False, data_position=position, model_state_dict={})
+    assert trial_steps(cfg, 256, summary) == 4 + 8  # the rest of epoch 2, then epoch 3
+    accum = cfg.replace(grad_accum_steps=3)  # 8 batches: steps after batches 3, 6 and 8 (a short last group)
+    assert trial_steps(accum, 256, summary) == 2 + 3
