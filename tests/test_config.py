@@ -96,3 +96,12 @@ def test_run_name_is_stable_and_follows_what_is_trained() -> None:
     d, _ = parse_config(["--lr", "1e-3", "--resume-from-checkpoint", "x.pt"])
     assert a.default_run_name() == b.default_run_name()  # where it is stored does not change what it is
     assert len({a.default_run_name(), c.default_run_name(), d.default_run_name()}) == 3
+
+
+def test_run_names_survive_new_settings() -> None:
+    # Pinned: run-47c1babf is what this command was named before --reset-optimizer and --restart-schedule
+    # existed. A rename would make the same command start a new run instead of continuing its own.
+    cfg, _ = parse_config(["--data", "/data/x.pkl", "--epochs", "5"])
+    assert cfg.default_run_name() == "run-47c1babf"
+    changed, _ = parse_config(["--data", "/data/x.pkl", "--epochs", "5", "--reset-optimizer"])
+    assert changed.default_run_name() != "run-47c1babf"  # a new setting counts once it is used
