@@ -92,7 +92,8 @@ class TrainConfig:
     )
     restart_schedule: bool = _opt(
         False, "With --resume-from-checkpoint: run warmup and the cosine decay anew over this run's steps, instead of "
-        "continuing the checkpoint's position in the schedule.", added_later=True,
+        "continuing the checkpoint's position in the schedule (sweep trials: on unless --no-restart-schedule).",
+        added_later=True,
     )
     max_failures: int = _opt(
         3, "Worker-group restarts from the latest checkpoint before the run fails.", identity=False
@@ -279,11 +280,12 @@ def _cli_type(f: dataclasses.Field) -> Any:
     return {"int": int, "float": float}.get(base, str)
 
 
-def _add_fields(parser: argparse._ActionsContainer, cls: type) -> None:
+def _add_fields(parser: argparse._ActionsContainer, cls: type, hidden: frozenset[str] = frozenset()) -> None:
+    """`hidden`: accepted (so a clear error can name them) but not listed in --help."""
     for f in cli_fields(cls):
         flag = f"--{_flag(f.name)}"
         default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = argparse.SUPPRESS if f.name in hidden else f"{f.metadata['help']} (default: {default})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
@@ -298,7 +300,8 @@ def build_parser(prog: str = "python -m raytrain_app.main", description: str | N
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings; command-line flags win.")
     if sweep:
         _add_fields(parser.add_argument_group("sweep"), SweepConfig)
-        _add_fields(parser.add_argument_group("training (fixed for every trial)"), TrainConfig)
+        _add_fields(parser.add_argument_group("training (fixed for every trial)"), TrainConfig,
+                    hidden=frozenset(SWEEP_OWNED_FLAGS))
     else:
         _add_fields(parser, TrainConfig)
     return parser
