@@ -203,6 +203,26 @@ def start_sweep(args: list[str], ray_address: str) -> tuple[subprocess.Popen, te
     return proc, log
 
 
+def wait_until(condition, proc: subprocess.Popen, log, timeout: float = 240) -> None:  # noqa: ANN001
+    """Poll `condition()` until true; fail with the sweep's output if the sweep ends or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            raise AssertionError(f"sweep ended (rc {proc.returncode}) or timed out first:\n{log.read()}")
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, log) -> str:  # noqa: ANN001
+    try:
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log.seek(0)
+    return log.read()
+
+
 def test_killed_sweep_resumes_where_it_stopped(
     base_checkpoint: Path, dataset: Path, ray_address: str, tmp_path: Path
 ) -> None:
@@ -211,42 +231,52 @@ def test_killed_sweep_resumes_where_it_stopped(
             "--lr-grid", "1e-3,3e-3", "--scheduler", "none", "--max-concurrent-trials", "1", "--sweep-name", "cut",
             "--epochs", str(epochs), "--eval-every", "2", *FIXED]
     sweep_dir = parse_location(str(tmp_path / "cut"))
+
+    def progress() -> dict[str, dict]:
+        return {trial: latest_run_metrics(run) or {} for trial, run in trial_run_dirs(sweep_dir).items()}
+
+    def done_and_partway() -> bool:
+        epochs_done = [m.get("epoch") for m in progress().values() if m]
+        return epochs in epochs_done and any(e < epochs for e in epochs_done)
+
+    # 1. Kill the sweep's driver (and its session) once one trial has finished and the other has a checkpoint.
     proc, log = start_sweep(args, ray_address)
-    deadline = time.monotonic() + 240
     try:
-        while True:  # until one trial has finished and the other has a checkpoint
-            metrics = {trial: latest_run_metrics(run) for trial, run in trial_run_dirs(sweep_dir).items()}
-            finished = [t for t, m in metrics.items() if m and m["epoch"] >= epochs]
-            partway = [t for t, m in metrics.items() if m and m["epoch"] < epochs]
-            if finished and partway:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise AssertionError(f"sweep ended (rc {proc.returncode}) or timed out first:\n{log.read()}")
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver and everything in its session
-        proc.wait(timeout=30)
+        wait_until(done_and_partway, proc, log)
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    (done,), (cut,) = finished, partway
+        finish(proc, log)
+    metrics = progress()
+    (done,) = [t for t, m in metrics.items() if m.get("epoch") == epochs]
+    (cut,) = [t for t, m in metrics.items() if m.get("epoch", epochs) < epochs]
     runs = trial_run_dirs(sweep_dir)
     done_files = {p: os.stat(p).st_mtime_ns for p in Path(runs[done].path).rglob("*")}
     cut_step = metrics[cut]["global_step"]
 
-    result = run_tune(args, ray_address)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "🔁 Sweep cut was started before: resuming it" in result.stdout
+    # 2. The same command again. Once the cut trial has moved on, kill its trial driver (Tune's trial actor)
+    #    too: Tune runs the trial again, and it continues its own Train run once more.
+    proc, log = start_sweep(args, ray_address)
+    try:
+        wait_until(lambda: progress()[cut].get("global_step", 0) >= cut_step + 2, proc, log)
+        trial_drivers = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True)
+        killed_at = progress()[cut]["global_step"]
+        for pid in trial_drivers.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+        assert trial_drivers.stdout.split(), "no trial driver process found"
+    finally:
+        output = finish(proc, log)
+    assert proc.returncode == 0, output
+    assert "🔁 Sweep cut was started before: resuming it" in output
     # The finished trial is not trained again: its run is exactly as it was.
-    assert f"Trial {done} (lr " in result.stdout and "had already finished: not training it again" in result.stdout
+    assert f"Trial {done} (lr " in output and "had already finished: not training it again" in output
     assert {p: os.stat(p).st_mtime_ns for p in Path(runs[done].path).rglob("*")} == done_files
-    assert f"[trial {done} " not in result.stdout
-    # The other continues from its own checkpoint (at least the one seen before the kill), not from the base.
-    loaded = [line for line in result.stdout.splitlines() if f"[trial {cut} " in line or "Workers loaded" in line]
-    resumed_from = [line for line in loaded if f"run-{cut}/checkpoint_step=" in line]
-    assert resumed_from, result.stdout
-    step = int(resumed_from[0].split("checkpoint_step=")[1][:6])
-    assert step >= cut_step
+    assert f"[trial {done} " not in output
+    # The other continued from its own checkpoints, never from the base: after the sweep's driver was killed
+    # (at least the checkpoint seen then), and again after its trial driver was.
+    loaded = [line for line in output.splitlines() if f"[trial {cut} " in line and "Workers loaded" in line]
+    steps = [int(line.split("checkpoint_step=")[1][:6]) for line in loaded]
+    assert len(steps) == 2 and all(f"run-{cut}/checkpoint_step=" in line for line in loaded), loaded
+    assert cut_step <= steps[0] < steps[1] and steps[1] >= killed_at
     final = latest_run_metrics(runs[cut])
     assert final["epoch"] == epochs and final["global_step"] == STEPS_PER_EPOCH * epochs
     rows = read_results(sweep_dir)
