@@ -342,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Results: {csv_file}")
     print(f"  Plot:    {png_file}")
     best = sweep_results.best_trial(rows)
-    if best is not None:
-        print(f"\n🏆 Best: lr {best.lr:g}, best val loss {best.best_val_loss:.6f} ({best.best_checkpoint})")
-        print(f"  Continue training it: {continue_command(plan, best)}")
     failed = [r for r in rows if r.status in ("error", "unfinished", "not run")]
+    if best is not None:
+        print(f"\n🏆 Best{' so far' if failed else ''}: lr {best.lr:g}, best val loss {best.best_val_loss:.6f} "
+              f"({best.best_checkpoint})")
+        print(f"  Continue training it: {continue_command(plan, best)}")
     if failed:
         print(f"error: {len(failed)} trial(s) did not finish ({', '.join(f'lr {r.lr:g}' for r in failed)}). "
               "Re-run the same command to resume them from their latest checkpoints.", file=sys.stderr)
