@@ -50,6 +50,19 @@ RUN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of 
 CHECKPOINT_PREFIX = "checkpoint_step="
 
 
+def _read_umask() -> int:
+    """The process's umask, read without changing it (os.umask can only read it by setting it, which races
+    with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+_UMASK = _read_umask()
+
+
 class CheckpointError(ValueError):
     """A checkpoint location that cannot be used; the message names it and says what to do."""
 
@@ -123,7 +136,10 @@ def _copy_local(path: str, out: Any) -> None:
 
 def publish_file(local_file: str, target: Location) -> None:
     """Copy a local file to `target` (any storage) so that readers see all of it or nothing."""
-    publish_bytes_from(lambda out: _copy_local(local_file, out), target)
+    if target.is_local:
+        publish_bytes_from(lambda out: _copy_local(local_file, out), target)
+    else:  # one upload is already all-or-nothing: no second local copy
+        _publish(local_file, target)
 
 
 def publish_bytes(data: bytes, target: Location) -> None:
@@ -139,6 +155,7 @@ def publish_bytes_from(write: Any, target: Location) -> None:
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{target.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would survive the rename: others on shared storage read it
     try:
         with os.fdopen(fd, "wb") as out:
             write(out)
@@ -156,13 +173,10 @@ def write_best_model(save_dir: Location | str, state: dict[str, Any] | str) -> L
     `state` is a state dict, or the path of a state file already written (copied, not serialised again)."""
     target = _as_location(save_dir).join(BEST_MODEL_FILE)
 
-    def write(f: Any) -> None:
-        if isinstance(state, str):
-            _copy_local(state, f)
-        else:
-            torch.save(state, f)
-
-    publish_bytes_from(write, target)
+    if isinstance(state, str):
+        publish_file(state, target)
+    else:
+        publish_bytes_from(lambda f: torch.save(state, f), target)
     return target
 
 

@@ -29,12 +29,12 @@ class TrialResult:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (steps trained, validation loss)
 
 
-def collect(results: Any, *, sweep_dir: Location, epochs: int, early_stopping: bool) -> list[TrialResult]:
+def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: set[str]) -> list[TrialResult]:
     """Turn Tune's ResultGrid into one TrialResult per trial, ordered by learning rate.
 
     A trial is "finished" when it reached --epochs, "error" when it failed, "not run" when it never reported.
-    One that ended before --epochs is "stopped early" when `early_stopping` says the scheduler ended it (ASHA,
-    the sweep was not interrupted), else "unfinished"."""
+    One that did not reach --epochs is "stopped early" when Tune ended it (`ended_by_tune`: only the scheduler
+    does that), else "unfinished" (the sweep was interrupted)."""
     rows = []
     for result in results:
         trial_id = trial_id_of(result.path)
@@ -57,7 +57,7 @@ def collect(results: Any, *, sweep_dir: Location, epochs: int, early_stopping: b
             if int(metrics.get("epoch", 0)) >= epochs:
                 row.status = "finished"
             else:
-                row.status = "stopped early" if early_stopping else "unfinished"
+                row.status = "stopped early" if trial_id in ended_by_tune else "unfinished"
         if result.error is not None:
             row.status = "error"
         best_model = sweep_dir.join(trial_dir_name(trial_id), BEST_MODEL_FILE)

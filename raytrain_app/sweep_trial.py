@@ -8,6 +8,7 @@ latest checkpoint; a trial with no checkpoint yet starts from the sweep's base c
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -18,7 +19,7 @@ from raytrain_app.storage import Location, parse_location
 
 # Written into a trial's folder when Ray Train gave up on it (its workers failed --max-failures times): Tune's
 # own retries of the trial are for lost trial drivers, not for repeating the same failure (N+1)^2 times.
-TRAIN_FAILED_MARK = "training_failed.json"
+TRAIN_FAILED_MARK = "training_failed.json"  # {"max_failures", "global_step", "error"}
 # What Tune reserves for the trial itself (the process that drives the TorchTrainer); the Train workers
 # reserve their own. Tune rejects 0.
 TRIAL_DRIVER_CPUS = 0.1
@@ -93,8 +94,10 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
     failed = trial_dir.join(TRAIN_FAILED_MARK)
     if failed.is_file():
-        raise RuntimeError(f"trial {trial_id}: {failed.read_bytes().decode()}; not retrying it. Re-run the sweep "
-                           "command to try again from its latest checkpoint.")
+        mark = json.loads(failed.read_bytes())
+        raise RuntimeError(f"trial {trial_id}: training failed after {mark['max_failures']} worker restart(s) "
+                           f"(latest checkpoint at step {mark['global_step']}); not retrying it. Re-run the sweep "
+                           f"command to try again from its latest checkpoint. The failure: {mark['error']}")
 
     import ray.train
 
@@ -105,7 +108,10 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
-        step = (latest_run_metrics(trial_dir.join(run_name)) or {}).get("global_step")
-        failed.write_bytes(f"training failed after {cfg.max_failures} worker restart(s), latest checkpoint at step "
-                           f"{step}: {str(e).strip().splitlines()[0]}".encode())
+        try:
+            step = (latest_run_metrics(trial_dir.join(run_name)) or {}).get("global_step")
+            mark = {"max_failures": cfg.max_failures, "global_step": step, "error": str(e).strip()[-2000:]}
+            failed.write_bytes(json.dumps(mark).encode())
+        except Exception:  # noqa: BLE001 - never hide the training failure behind a storage one
+            pass
         raise

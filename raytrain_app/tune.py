@@ -10,6 +10,7 @@ unfinished ones continue from their own latest checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -111,9 +112,11 @@ def fetch_base(found: Location) -> tuple[str, str]:
     tmp_dir = tempfile.mkdtemp(prefix="raytrain-sweep-base-")
     try:
         return fetch_file(found, tmp_dir)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise StorageError(f"--base-checkpoint {found}: could not read it ({e})") from None
+        if isinstance(e, OSError):
+            raise StorageError(f"--base-checkpoint {found}: could not read it ({e})") from None
+        raise
 
 
 def plan_sweep(argv: list[str]) -> SweepPlan:
@@ -150,6 +153,8 @@ def plan_sweep(argv: list[str]) -> SweepPlan:
         cfg, summary = prepare_start(cfg, given, read_from, data, label=base.uri)
         steps = trial_steps(cfg, data.train.num_rows, summary)
         grace = check_schedule(sweep, cfg, summary, steps)
+        # The weights were needed only for the checks: drop them (they map the copy, or hold a download).
+        summary = dataclasses.replace(summary, model_state_dict={})
     except BaseException:
         if base_copy:
             shutil.rmtree(os.path.dirname(base_copy), ignore_errors=True)
@@ -275,6 +280,14 @@ def run_tuner(plan: SweepPlan, record: dict[str, Any], max_concurrent: int) -> A
     return tuner.fit()
 
 
+def ended_trials(results: Any) -> set[str]:
+    """Ids of the trials Tune ended (TERMINATED): finished, or stopped by ASHA. Ctrl-C makes Tune save its state
+    and return with the others still running; those are unfinished. (ResultGrid exposes only counts of these
+    states; the per-trial states are in its ExperimentAnalysis, Ray 2.60.)"""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    return {t.trial_id for t in trials if t.status == "TERMINATED"}
+
+
 def continue_command(plan: SweepPlan, best: sweep_results.TrialResult) -> str:
     """The command that trains the best trial further: its best weights, its learning rate, more epochs."""
     args = ["--data", plan.cfg.data, "--resume-from-checkpoint", best.best_checkpoint, "--lr", repr(best.lr),
@@ -330,10 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     clear_failure_marks(plan.sweep_dir)  # running the command again is the user's "try again"
     results = run_tuner(plan, record, max_concurrent)
 
-    # Ctrl-C (or SIGUSR1) makes Tune save its state and return with trials still running: those are not done.
-    interrupted = results.num_terminated + results.num_errors < len(results)
     rows = sweep_results.collect(results, sweep_dir=plan.sweep_dir, epochs=plan.cfg.epochs,
-                                 early_stopping=plan.sweep.scheduler == "asha" and not interrupted)
+                                 ended_by_tune=ended_trials(results))
     base_loss = plan.summary.eval_val_loss if plan.summary.eval_val_loss is not None else plan.summary.best_val_loss
     csv_file, png_file = sweep_results.write(rows, plan.sweep_dir, title=f"{plan.name}: learning-rate sweep",
                                              base_val_loss=base_loss)

@@ -87,3 +87,16 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_state(str(tmp_path / "evil.pt"))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_published_files_are_readable_by_others_as_the_umask_allows(tmp_path) -> None:  # noqa: ANN001
+    import os
+
+    from raytrain_app.checkpoint import _UMASK, publish_bytes, write_best_model
+    from raytrain_app.storage import parse_location
+
+    best = write_best_model(str(tmp_path), {"model_state_dict": {}})
+    publish_bytes(b"{}", parse_location(str(tmp_path / "sweep.json")))
+    for path in (best.path, str(tmp_path / "sweep.json")):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~_UMASK  # not mkstemp's owner-only 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt", "sweep.json"]  # no temporary left

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from raytrain_app.checkpoint import load_state
+from raytrain_app.config import parse_config
 from raytrain_app.loop import lr_at
 from tests.conftest import REPO_ROOT, TINY_MODEL, run_main, run_until_checkpoint, write_dataset
 
@@ -79,20 +80,36 @@ def parquet_dataset(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> 
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, dataset: Path, ray_address: str):  # noqa: ANN201
+    """The final state.pt of an uninterrupted run from the pickle, per worker count (run once, on first use).
+    A Parquet copy of the data is read in the same order, so its runs must end with the same bits too."""
+    finals: dict[int, Path] = {}
+
+    def final_state(workers: int) -> Path:
+        if workers not in finals:
+            save_dir = tmp_path_factory.mktemp(f"uninterrupted-{workers}")
+            result = run_main(train_args(dataset, save_dir, workers), ray_address)
+            assert result.returncode == 0, result.stdout + result.stderr
+            run_dir = save_dir / run_name_of(result.stdout)
+            assert_kept_checkpoints(result.stdout, run_dir, keep=2)
+            finals[workers] = ckpt(run_dir, LAST_STEP) / "state.pt"
+        return finals[workers]
+
+    return final_state
+
+
 @pytest.mark.parametrize(("workers", "data_format"), [(1, "pickle"), (2, "pickle"), (1, "parquet"), (2, "parquet")])
 def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, parquet_dataset: Path, ray_address: str,
-                                      workers: int, data_format: str) -> None:
+                                      uninterrupted, workers: int, data_format: str) -> None:  # noqa: ANN001
+    reference = uninterrupted(workers)
     if data_format == "parquet":
         dataset = parquet_dataset
-    reference = run_main(train_args(dataset, tmp_path / "reference", workers), ray_address)
-    assert reference.returncode == 0, reference.stdout + reference.stderr
-    run_name = run_name_of(reference.stdout)
-    assert_kept_checkpoints(reference.stdout, tmp_path / "reference" / run_name, keep=2)
-
     args = train_args(dataset, tmp_path / "interrupted", workers)
+    run_name = parse_config(args)[0].default_run_name()
     run_dir = tmp_path / "interrupted" / run_name
     killed_output = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
-    assert run_name_of(killed_output) == run_name  # same command, same run name
+    assert run_name_of(killed_output) == run_name  # the command's run name, the same on every run of it
     assert not ckpt(run_dir, LAST_STEP).exists(), "the run finished before it was killed"
 
     resumed = run_main(args, ray_address)
@@ -103,8 +120,7 @@ def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, parquet_dat
     assert resumed_step in MID_EPOCH_2, resumed.stdout
     assert "Epochs: 3 (starting from epoch 2, batch" in resumed.stdout
 
-    assert_same_training_state(ckpt(tmp_path / "reference" / run_name, LAST_STEP) / "state.pt",
-                               ckpt(run_dir, LAST_STEP) / "state.pt")
+    assert_same_training_state(reference, ckpt(run_dir, LAST_STEP) / "state.pt")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +141,6 @@ def snapshot_tree(root: Path) -> dict[str, tuple[int, int]]:
 
 def _fork_and_kill(args: list[str], save_dir: Path, ray_address: str) -> str:
     """Run `args` until its run has registered a mid-epoch checkpoint past the fork point (16), kill it."""
-    from raytrain_app.config import parse_config
 
     run_name = parse_config(args)[0].default_run_name()
     run_until_checkpoint(args, ray_address, save_dir / run_name, MID_EPOCH_2 - {18})

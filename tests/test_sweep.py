@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,13 +127,17 @@ def sweep_args(base: Path, dataset: Path, save_dir: Path, *extra: str) -> list[s
 
 
 def test_plan_counts_each_trials_steps_and_names_the_sweep(base_pt: Path, dataset: Path, tmp_path: Path) -> None:
-    plan = plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "3"))
+    plans = [plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "3", *extra))
+             for extra in ([], ["--max-concurrent-trials", "1"], ["--epochs", "4"])]
+    for p in plans:
+        assert os.path.isfile(p.base_copy)
+        p.cleanup()
+        assert not os.path.exists(p.base_copy)  # the local copy of the base is the sweep's to remove
+    plan, again, other = plans
     assert plan.summary.global_step == 8 and plan.trial_steps == 16  # epochs 2 and 3 of 8 steps each
     assert plan.name.startswith("sweep-") and not plan.resuming
     assert plan.grace_period == 8  # --eval-every (50) is past half a trial
-    again = plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "3", "--max-concurrent-trials", "1"))
     assert again.name == plan.name  # how many at once is not part of what a sweep trains
-    other = plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "4"))
     assert other.name != plan.name
 
 
@@ -194,14 +199,14 @@ def test_collect_reads_status_curves_and_best_checkpoints(tmp_path: Path) -> Non
         FakeResult(str(tmp_path / "trial-t_2"), 3.0, {}, None, error=RuntimeError("boom")),  # failed before reporting
         FakeResult(str(tmp_path / "trial-t_3"), 1e-4, {}, None),  # never ran
     ]
-    rows = {r.lr: r for r in collect(results, sweep_dir=sweep_dir, epochs=3, early_stopping=True)}
+    rows = {r.lr: r for r in collect(results, sweep_dir=sweep_dir, epochs=3, ended_by_tune={"t_0", "t_1"})}
     assert rows[1e-3].status == "finished" and rows[1e-3].curve == [(4, 0.9), (8, 0.8), (12, 0.5), (16, 0.6)]
     assert rows[1e-3].best_val_loss == 0.5 and rows[1e-3].best_checkpoint.endswith("trial-t_0/best_model.pt")
     assert rows[1.0].status == "stopped early" and rows[1.0].steps_trained == 4
     assert rows[3.0].status == "error" and rows[3.0].best_checkpoint == ""
     assert rows[1e-4].status == "not run"
-    # Interrupted (Ctrl-C) or without a scheduler, a trial that ended early is unfinished, not stopped early.
-    rows = {r.lr: r for r in collect(results, sweep_dir=sweep_dir, epochs=3, early_stopping=False)}
+    # Interrupted (Ctrl-C): a trial Tune had not ended is unfinished, not stopped early.
+    rows = {r.lr: r for r in collect(results, sweep_dir=sweep_dir, epochs=3, ended_by_tune={"t_0"})}
     assert rows[1.0].status == "unfinished"
 
 
