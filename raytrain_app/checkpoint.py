@@ -107,10 +107,9 @@ def _publish(tmp: str, target: Location) -> None:
 def _stream_to(source: Location, out: Any) -> str:
     """Copy `source`'s bytes into the open file `out`, returning their SHA-256 (one read for both)."""
     digest = hashlib.sha256()
-    with source.fs.open_input_stream(source.path) as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-            out.write(chunk)
+    for chunk in source.chunks():
+        digest.update(chunk)
+        out.write(chunk)
     out.flush()
     os.fsync(out.fileno())
     return digest.hexdigest()
@@ -172,7 +171,6 @@ def write_best_model(save_dir: Location | str, state: dict[str, Any] | str) -> L
 
     `state` is a state dict, or the path of a state file already written (copied, not serialised again)."""
     target = _as_location(save_dir).join(BEST_MODEL_FILE)
-
     if isinstance(state, str):
         publish_file(state, target)
     else:

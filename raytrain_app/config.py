@@ -190,7 +190,7 @@ class SweepConfig:
         None, "Checkpoint every trial starts from: anything --resume-from-checkpoint accepts (required)."
     )
     lr_grid: tuple[float, ...] | None = _opt(
-        None, "Learning rates to try, comma-separated (e.g. 1e-5,3e-5,1e-4).", parse=str  # checked in __post_init__
+        None, "Learning rates to try, comma-separated (e.g. 1e-5,3e-5,1e-4)."  # a string on the CLI: __post_init__
     )
     lr_min: float | None = _opt(None, "Smallest learning rate of a log-uniform search (with --lr-max).")
     lr_max: float | None = _opt(None, "Largest learning rate of a log-uniform search (with --lr-min).")
@@ -264,7 +264,7 @@ class SweepConfig:
 def sweep_identity_hash(sweep: SweepConfig, train: TrainConfig) -> str:
     """A short hash of everything that changes what a sweep trains; its default name is built from it."""
     payload = {"sweep": sweep.identity(), "train": train.identity_hash()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
 
 # --- the command line --------------------------------------------------------------------------------------
@@ -274,18 +274,14 @@ def cli_fields(cls: type = TrainConfig) -> list[dataclasses.Field]:
 
 
 def _cli_type(f: dataclasses.Field) -> Any:
-    if "parse" in f.metadata:
-        return f.metadata["parse"]
-    base = str(f.type).removesuffix(" | None")
-    return {"int": int, "float": float}.get(base, str)
+    return {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
 
 
 def _add_fields(parser: argparse._ActionsContainer, cls: type, hidden: frozenset[str] = frozenset()) -> None:
     """`hidden`: accepted (so a clear error can name them) but not listed in --help."""
     for f in cli_fields(cls):
         flag = f"--{_flag(f.name)}"
-        default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-        help_text = argparse.SUPPRESS if f.name in hidden else f"{f.metadata['help']} (default: {default})"
+        help_text = argparse.SUPPRESS if f.name in hidden else f"{f.metadata['help']} (default: {f.default})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
@@ -307,7 +303,7 @@ def build_parser(prog: str = "python -m raytrain_app.main", description: str | N
     return parser
 
 
-def load_config_file(path: str, allowed: set[str] | None = None) -> dict[str, Any]:
+def load_config_file(path: str, allowed: set[str]) -> dict[str, Any]:
     """Read a YAML or TOML settings file; keys may use dashes or underscores."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config file not found: {path}")
@@ -325,19 +321,24 @@ def load_config_file(path: str, allowed: set[str] | None = None) -> dict[str, An
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path} must hold a mapping of settings, got {type(values).__name__}")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    allowed = allowed if allowed is not None else {f.name for f in cli_fields()}
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ConfigError(f"unknown key(s) in --config {path}: {', '.join(unknown)}")
     return values
 
 
+def _given_values(parser: argparse.ArgumentParser, argv: list[str] | None, allowed: set[str]) -> dict[str, Any]:
+    """The settings the user gave: a --config file's, then the flags' (flags win)."""
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    values = load_config_file(config_path, allowed) if config_path else {}
+    values.update(args)
+    return values
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """Parse the command line into a config, and the set of fields the user set (flags or config file)."""
-    args = vars(build_parser().parse_args(argv))
-    config_path = args.pop("config", None)
-    values = load_config_file(config_path) if config_path else {}
-    values.update(args)  # flags win over the file
+    values = _given_values(build_parser(), argv, {f.name for f in cli_fields()})
     return TrainConfig.from_dict(values), set(values)
 
 
@@ -346,12 +347,8 @@ def parse_sweep_config(argv: list[str] | None = None,
     """Parse a sweep's command line: its SweepConfig, the fixed TrainConfig of every trial, and the training
     fields the user set. A --config file may hold both kinds of keys. Trials restart the schedule at the base
     checkpoint unless --no-restart-schedule is given."""
-    args = vars(build_parser(prog, sweep=True).parse_args(argv))
-    config_path = args.pop("config", None)
     sweep_names = {f.name for f in cli_fields(SweepConfig)}
-    allowed = sweep_names | {f.name for f in cli_fields(TrainConfig)}
-    values = load_config_file(config_path, allowed) if config_path else {}
-    values.update(args)
+    values = _given_values(build_parser(prog, sweep=True), argv, sweep_names | {f.name for f in cli_fields()})
     train_values = {k: v for k, v in values.items() if k not in sweep_names}
     for name, instead in SWEEP_OWNED_FLAGS.items():
         if name in train_values:

@@ -206,15 +206,16 @@ class Trainer:
         instead of having to beat the base's best (a fine-tune sharing the base's best_model.pt)."""
         report = LoadReport()
         self.model.load_state_dict(state["model_state_dict"])
-        report.reset = fork and self.cfg.reset_optimizer and bool(state.get("optimizer_state_dict"))
-        if state.get("optimizer_state_dict") and not (fork and self.cfg.reset_optimizer):
+        reset = fork and self.cfg.reset_optimizer
+        report.reset = reset and bool(state.get("optimizer_state_dict"))
+        if state.get("optimizer_state_dict") and not reset:
             self.optimizer.load_state_dict(state["optimizer_state_dict"])
             report.optimizer = True
         # Hyperparameters come from the current config, not the checkpoint (fine-tuning overrides).
         self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay
         for group in self.optimizer.param_groups:
             group["fused"] = self.device.type == "cuda"
-        if self.scaler.is_enabled() and state.get("scaler_state_dict") and not (fork and self.cfg.reset_optimizer):
+        if self.scaler.is_enabled() and state.get("scaler_state_dict") and not reset:
             self.scaler.load_state_dict(state["scaler_state_dict"])
             report.scaler = True
         self.epoch = int(state.get("epoch", 0) or 0)

@@ -88,13 +88,17 @@ class Location:
         if self.is_file():
             _guarded(lambda: self.fs.delete_file(self.path), self.uri)
 
+    def chunks(self, size: int = 8 << 20) -> Iterator[bytes]:
+        """The file's bytes, streamed in pieces of `size`."""
+        with self.fs.open_input_stream(self.path) as f:
+            while chunk := f.read(size):
+                yield chunk
+
     def sha256(self) -> str:
-        """SHA-256 of the file's bytes, streamed in 8 MiB pieces."""
         def digest() -> str:
             h = hashlib.sha256()
-            with self.fs.open_input_stream(self.path) as f:
-                while chunk := f.read(8 << 20):
-                    h.update(chunk)
+            for chunk in self.chunks():
+                h.update(chunk)
             return h.hexdigest()
         return _guarded(digest, self.uri)
 

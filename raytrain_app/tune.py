@@ -63,10 +63,9 @@ class SweepPlan:
     name: str
     sweep_dir: Location
     learning_rates: list[float]
-    base: Location  # the user's base checkpoint, or the sweep's copy of it once the sweep has started
-    summary: StateSummary
+    summary: StateSummary  # of the base checkpoint, without its weights
+    lineage: dict[str, Any]  # of the base checkpoint: what every trial records
     base_copy: str | None  # first start: a local copy of the base (checked, hashed, then published), else None
-    base_sha256: str | None
     identity: str
     record: dict[str, Any] | None  # sweep.json of an earlier start of this sweep, None on the first
     trial_steps: int  # optimizer steps each trial trains to reach --epochs
@@ -77,8 +76,12 @@ class SweepPlan:
         return self.record is not None
 
     def cleanup(self) -> None:
-        if self.base_copy:
-            shutil.rmtree(os.path.dirname(self.base_copy), ignore_errors=True)
+        _remove_base_copy(self.base_copy)
+
+
+def _remove_base_copy(base_copy: str | None) -> None:
+    if base_copy:
+        shutil.rmtree(os.path.dirname(base_copy), ignore_errors=True)
 
 
 def _option(name: str) -> str:
@@ -153,16 +156,15 @@ def plan_sweep(argv: list[str]) -> SweepPlan:
         cfg, summary = prepare_start(cfg, given, read_from, data, label=base.uri)
         steps = trial_steps(cfg, data.train.num_rows, summary)
         grace = check_schedule(sweep, cfg, summary, steps)
+        lineage = record["lineage"] if record else fork_lineage(base, summary, sha256=base_sha256)
         # The weights were needed only for the checks: drop them (they map the copy, or hold a download).
         summary = dataclasses.replace(summary, model_state_dict={})
     except BaseException:
-        if base_copy:
-            shutil.rmtree(os.path.dirname(base_copy), ignore_errors=True)
+        _remove_base_copy(base_copy)
         raise
     return SweepPlan(sweep=sweep, cfg=cfg, given=given, name=name, sweep_dir=sweep_dir,
-                     learning_rates=learning_rates, base=base, summary=summary, base_copy=base_copy,
-                     base_sha256=base_sha256, identity=identity, record=record, trial_steps=steps,
-                     grace_period=grace)
+                     learning_rates=learning_rates, summary=summary, lineage=lineage, base_copy=base_copy,
+                     identity=identity, record=record, trial_steps=steps, grace_period=grace)
 
 
 def check_schedule(sweep: SweepConfig, cfg: TrainConfig, summary: StateSummary, steps: int) -> int:
@@ -207,32 +209,31 @@ def fit_concurrency(plan: SweepPlan) -> int:
     return running
 
 
-def start_record(plan: SweepPlan) -> dict[str, Any]:
+def start_record(plan: SweepPlan) -> None:
     """First start: publish the base's copy into the sweep, then sweep.json (its presence means the sweep has
     started). Later starts reuse both."""
-    if plan.record is not None:
-        return plan.record
+    if plan.resuming:
+        return
     record = {
         "identity": plan.identity,
         "sweep_name": plan.name,
         "sweep": plan.sweep.to_dict(),
         "train": plan.cfg.to_dict(),
         "learning_rates": plan.learning_rates,
-        "lineage": fork_lineage(plan.base, plan.summary, sha256=plan.base_sha256),
+        "lineage": plan.lineage,
     }
     try:
         publish_file(plan.base_copy, plan.sweep_dir.join(BASE_FILE))
         publish_bytes(json.dumps(record, indent=1).encode(), plan.sweep_dir.join(SWEEP_FILE))
     except OSError as e:
         raise StorageError(f"could not write the sweep into {plan.sweep_dir}: {e}") from None
-    return record
 
 
 def _trial_dirname(trial: Any) -> str:
     return trial_dir_name(trial.trial_id)
 
 
-def run_tuner(plan: SweepPlan, record: dict[str, Any], max_concurrent: int) -> Any:
+def run_tuner(plan: SweepPlan, max_concurrent: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -244,7 +245,7 @@ def run_tuner(plan: SweepPlan, record: dict[str, Any], max_concurrent: int) -> A
         "sweep_dir": sweep_dir.uri,
         "base": sweep_dir.join(BASE_FILE).uri,
         "sweep_name": plan.name,
-        "lineage": record["lineage"],
+        "lineage": plan.lineage,
     }
     trainable = tune.with_resources(tune.with_parameters(train_trial, spec=spec), {"cpu": TRIAL_DRIVER_CPUS})
     storage_fs = None if save_dir.is_local else save_dir.fs
@@ -309,7 +310,7 @@ def print_plan(plan: SweepPlan) -> None:
         print(f"🔁 Sweep {plan.name} was started before: resuming it (finished trials are kept, unfinished ones "
               "continue from their latest checkpoints).")
     print(f"🔬 Sweep {plan.name}: {len(lrs)} trials in {plan.sweep_dir}")
-    print(f"  Base: {plan.record['lineage']['base_checkpoint'] if plan.record else plan.base} "
+    print(f"  Base: {plan.lineage['base_checkpoint']} "
           f"(epoch {s.epoch}, global step {s.global_step})")
     print(f"  Learning rates: {', '.join(f'{lr:g}' for lr in lrs)}")
     print(f"  Each trial: to epoch {plan.cfg.epochs} ({plan.trial_steps} steps), "
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         # A private local instance gets every core, and at least the logical CPUs for one trial.
         connect_ray(num_cpus=max(4, os.cpu_count() or 1, plan.cfg.num_workers + 1))
         max_concurrent = fit_concurrency(plan)
-        record = start_record(plan)
+        start_record(plan)
     except (UserError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.cleanup()
 
     clear_failure_marks(plan.sweep_dir)  # running the command again is the user's "try again"
-    results = run_tuner(plan, record, max_concurrent)
+    results = run_tuner(plan, max_concurrent)
 
     rows = sweep_results.collect(results, sweep_dir=plan.sweep_dir, epochs=plan.cfg.epochs,
                                  ended_by_tune=ended_trials(results))

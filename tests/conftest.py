@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,15 +159,33 @@ def latest_checkpoint_step(run_dir: Path | str) -> int | None:
     return int(latest["checkpoint_dir_name"].split("=")[1]) if latest else None
 
 
+def start_process(args: list[str], ray_address: str, module: str = "raytrain_app.main",
+                  extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Any]:
+    """Start a command as a real process in its own session (so the test can kill all of it); its output goes
+    to the returned temporary file."""
+    env = {**base_env(), "RAY_ADDRESS": ray_address, **(extra_env or {})}
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(main_command(*args, module=module), env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=REPO_ROOT, start_new_session=True)
+    return proc, log
+
+
+def finish_process(proc: subprocess.Popen, log: Any, timeout: float = 240) -> str:
+    """Wait for a process from `start_process` (SIGKILL its session if it outlives `timeout`); its output."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log.seek(0)
+    return log.read()
+
+
 def run_until_checkpoint(args: list[str], ray_address: str, run_dir: Path | str, kill_at_steps: set[int],
                          timeout: float = 240) -> str:
     """Start training as a real process and SIGKILL it once the run's latest registered checkpoint is one of
     `kill_at_steps`. Returns its output."""
-    env = base_env()
-    env["RAY_ADDRESS"] = ray_address
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(main_command(*args), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                            start_new_session=True)
+    proc, log = start_process(args, ray_address)
     deadline = time.monotonic() + timeout
     try:
         while latest_checkpoint_step(run_dir) not in kill_at_steps:
@@ -178,9 +197,6 @@ def run_until_checkpoint(args: list[str], ray_address: str, run_dir: Path | str,
                 raise AssertionError(f"no checkpoint at {sorted(kill_at_steps)} in {run_dir} within {timeout} s")
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: the way a lost node or OOM kill ends it
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log.seek(0)
-    return log.read()
+        output = finish_process(proc, log, timeout=30)
+    return output

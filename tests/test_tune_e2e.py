@@ -11,9 +11,9 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +24,14 @@ from raytrain_app.data import open_dataset
 from raytrain_app.loop import Trainer, seed_everything
 from raytrain_app.model import SequenceTransformer
 from raytrain_app.storage import parse_location
-from tests.conftest import REPO_ROOT, TINY_MODEL, base_env, main_command, make_bucket, run_tune, s3_uri
+from tests.conftest import (
+    TINY_MODEL,
+    finish_process,
+    make_bucket,
+    run_tune,
+    s3_uri,
+    start_process,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -190,17 +197,11 @@ def test_asha_stops_diverging_trials(base_checkpoint: Path, dataset: Path, ray_a
     assert "🏆 Best: lr " + f"{float(best['lr']):g}" in result.stdout
 
 
-def start_sweep(args: list[str], ray_address: str) -> tuple[subprocess.Popen, tempfile.SpooledTemporaryFile]:
-    env = base_env()
-    env["RAY_ADDRESS"] = ray_address
+def start_sweep(args: list[str], ray_address: str) -> tuple[subprocess.Popen, Any]:
     # Tune saves its own record of the trials only now and then (every 10 s or more): make that "only at the
     # start", so the kill below always lands before Tune recorded the finished trial, and the trial itself must
     # notice that it has nothing left to train.
-    env["TUNE_GLOBAL_CHECKPOINT_S"] = "3600"
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(main_command(*args, module="raytrain_app.tune"), env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
-    return proc, log
+    return start_process(args, ray_address, module="raytrain_app.tune", extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "3600"})
 
 
 def wait_until(condition, proc: subprocess.Popen, log, timeout: float = 240) -> None:  # noqa: ANN001
@@ -208,8 +209,7 @@ def wait_until(condition, proc: subprocess.Popen, log, timeout: float = 240) -> 
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None or time.monotonic() > deadline:
-            log.seek(0)
-            raise AssertionError(f"sweep ended (rc {proc.returncode}) or timed out first:\n{log.read()}")
+            raise AssertionError(f"sweep ended (rc {proc.returncode}) or timed out first:\n{read_so_far(log)}")
         time.sleep(0.05)
 
 
@@ -245,16 +245,6 @@ def processes_of_cluster(title: str, ray_address: str) -> list[int]:
     return pids
 
 
-def finish(proc: subprocess.Popen, log) -> str:  # noqa: ANN001
-    try:
-        proc.wait(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log.seek(0)
-    return log.read()
-
-
 def test_killed_sweep_resumes_where_it_stopped(
     base_checkpoint: Path, dataset: Path, ray_address: str, tmp_path: Path
 ) -> None:
@@ -277,7 +267,7 @@ def test_killed_sweep_resumes_where_it_stopped(
         wait_until(done_and_partway, proc, log)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
-        finish(proc, log)
+        finish_process(proc, log)
     metrics = settled(progress)  # Ray ends the dead driver's actors within moments; until then they may report
     (done,) = [t for t, m in metrics.items() if m.get("epoch") == epochs]
     (cut,) = [t for t, m in metrics.items() if m.get("epoch", epochs) < epochs]
@@ -299,7 +289,7 @@ def test_killed_sweep_resumes_where_it_stopped(
         for pid in trial_drivers:
             os.kill(pid, signal.SIGKILL)
     finally:
-        output = finish(proc, log)
+        output = finish_process(proc, log)
     assert proc.returncode == 0, output
     assert "🔁 Sweep cut was started before: resuming it" in output
     # The finished trial is not trained again: its run is exactly as it was.
