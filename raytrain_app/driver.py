@@ -49,7 +49,8 @@ def connect_ray(num_cpus: int) -> None:
 def scaling_config(cfg: TrainConfig) -> Any:
     import ray.train
 
-    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu)
+    workers = (cfg.min_workers, cfg.num_workers) if cfg.elastic else cfg.num_workers
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu)
 
 
 def run_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -81,12 +82,12 @@ def how_many_fit(need: dict[str, float], capacity: dict[str, float]) -> int:
 
 def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_from: str | None,
                  lineage: dict[str, Any] | None, callbacks: list[Any] | None = None,
-                 fork_keeps_best: bool = True, log_prefix: str = "") -> Any:
+                 fork_keeps_best: bool = True, log_prefix: str = "", stop_request: Any = None) -> Any:
     """The TorchTrainer of one run: `<storage>/<run_name>/`, restarted from its latest checkpoint on worker
     failure, continued from it when created again with the same name (a retry, a re-run).
 
     A new run starts from `init_from` (None: from scratch) and records `lineage`; see
-    `Trainer.load_state_dict` for `fork_keeps_best`."""
+    `Trainer.load_state_dict` for `fork_keeps_best`. `stop_request`: see `graceful_stop`."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -95,7 +96,8 @@ def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_fro
     return TorchTrainer(
         train_func,
         train_loop_config={"config": cfg.to_dict(), "init_from": init_from, "lineage": lineage,
-                           "fork_keeps_best": fork_keeps_best, "log_prefix": log_prefix},
+                           "fork_keeps_best": fork_keeps_best, "log_prefix": log_prefix,
+                           "stop_request": stop_request},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=run_name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -140,8 +141,19 @@ class LoadReport:
     reset: bool = False  # --reset-optimizer discarded the optimizer and scaler state the checkpoint held
 
 
-# The callback receives (metrics, state or None on ranks > 0, is_best) on every rank at every validation.
+# The callback receives (metrics, state or None on ranks > 0, is_best) on every rank at every checkpoint: every
+# validation, and every save an interrupt asks for (validated False, see UNVALIDATED_LOSS).
 CheckpointFn = Callable[[dict[str, float], "dict[str, Any] | None", bool], None]
+
+# The val_loss reported with a checkpoint saved without validating. Finite, because Ray's run snapshot stores
+# NaN and inf as null, which breaks its ordering of checkpoints when the run resumes; worse than any real loss,
+# so Ray keeps such a checkpoint only while it is the latest. `validated` says which kind a report is.
+UNVALIDATED_LOSS = sys.float_info.max
+
+# What an interrupt function may ask for, polled at every optimizer-step boundary; the ranks act on the
+# largest value any of them saw, so they all save and stop at the same step.
+CONTINUE, SAVE, STOP = 0, 1, 2  # SAVE: checkpoint this step and go on (preemption notice); STOP: save, return
+InterruptFn = Callable[[], int]
 
 
 class Trainer:
@@ -150,6 +162,11 @@ class Trainer:
         in training: the same module, possibly compiled and/or wrapped in DDP."""
         self.cfg, self.model, self.train_model, self.device = cfg, model, train_model, device
         self.rank, self.world_size = _world()
+        self.grad_accum = cfg.grad_accum_for(self.world_size)  # more per worker when an elastic run has fewer
+        # Interrupt agreement is a tiny CPU collective per step: gloo, so no GPU sync on the training path.
+        self._control_group = (dist.new_group(backend="gloo")
+                               if self.world_size > 1 and dist.get_backend() != "gloo" else None)
+        self._saved_step = 0  # the global step of the newest checkpoint (step 0: nothing to lose yet)
         self.ddp = train_model if isinstance(train_model, DistributedDataParallel) else None
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -231,6 +248,7 @@ class Trainer:
         self.best_val_loss = math.inf if best is None else float(best)
         self._load_ema(state)
         self.batch_index = self._resume_batch_index(state.get("data_position"))
+        self._saved_step = self.global_step
         rng_states = state.get("rng_states") or []
         if self.rank < len(rng_states):
             restore_rng_state(rng_states[self.rank])
@@ -305,21 +323,55 @@ class Trainer:
         self.best_val_loss = min(self.best_val_loss, val_loss)
         metrics = {
             "epoch": self.epoch, "global_step": self.global_step, "batch_index": self.batch_index,
-            "val_loss": val_loss, "best_val_loss": self.best_val_loss, "train_ema_loss": self.mean_ema(),
+            "val_loss": val_loss, "validated": True, "best_val_loss": self.best_val_loss,
+            "train_ema_loss": self.mean_ema(),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
         on_checkpoint(metrics, self.state_dict(eval_val_loss=val_loss), is_best)
+        self._saved_step = self.global_step
+
+    def _save_unvalidated(self, on_checkpoint: CheckpointFn) -> None:
+        """A checkpoint of this step without validating: a resume point, never a candidate for the best (see
+        UNVALIDATED_LOSS). Tracking of the best is untouched, so a run stopped here and resumed ends exactly as an
+        uninterrupted one."""
+        metrics = {
+            "epoch": self.epoch, "global_step": self.global_step, "batch_index": self.batch_index,
+            "val_loss": UNVALIDATED_LOSS, "validated": False, "best_val_loss": self.best_val_loss,
+            "train_ema_loss": self.mean_ema(), "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        on_checkpoint(metrics, self.state_dict(), False)
+        self._saved_step = self.global_step
+
+    def _agreed_interrupt(self, interrupt: InterruptFn | None) -> int:
+        if interrupt is None:
+            return CONTINUE
+        code = interrupt()
+        if self.world_size > 1:
+            t = torch.tensor([code], dtype=torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_group)
+            code = int(t.item())
+        return code
+
+    def _interrupted(self, interrupt: InterruptFn | None, on_checkpoint: CheckpointFn) -> bool:
+        """Act on an interrupt at an optimizer-step boundary; True when training must stop now."""
+        code = self._agreed_interrupt(interrupt)
+        if code >= SAVE and self._saved_step != self.global_step:
+            self._save_unvalidated(on_checkpoint)
+        return code == STOP
 
     def steps_per_epoch(self, data: Dataset) -> int:
         n = batches_per_epoch(data.train.num_rows, self.cfg.batch_size, self.world_size)
-        return math.ceil(n / self.cfg.grad_accum_steps)
+        return math.ceil(n / self.grad_accum)
 
-    def fit(self, data: Dataset, on_checkpoint: CheckpointFn) -> None:
+    def fit(self, data: Dataset, on_checkpoint: CheckpointFn, interrupt: InterruptFn | None = None) -> bool:
         """Train until `cfg.epochs` epochs are complete, validating and checkpointing every `eval_every` optimizer
-        steps and at the end of every epoch."""
+        steps and at the end of every epoch. `interrupt` is polled at every optimizer step (see SAVE, STOP).
+        Returns True when every epoch is done, False when an interrupt stopped training (after saving)."""
         cfg = self.cfg
         n_batches = batches_per_epoch(data.train.num_rows, cfg.batch_size, self.world_size)
         self.schedule.total_steps = cfg.epochs * self.steps_per_epoch(data)
+        if self.epoch < cfg.epochs and self._interrupted(interrupt, on_checkpoint):
+            return False  # asked to stop before the first step: nothing new to save
         while self.epoch < cfg.epochs:
             micro: list[tuple[torch.Tensor, torch.Tensor]] = []
             batches = shard_batches(data.train, seed=cfg.seed, epoch=self.epoch, rank=self.rank,
@@ -328,13 +380,19 @@ class Trainer:
             for b, x, y in batches:
                 x = augment(x, cfg.aug_noise_std, seed=cfg.seed, epoch=self.epoch, rank=self.rank, batch_index=b)
                 micro.append((x, y))
-                if (b + 1) % cfg.grad_accum_steps and b != n_batches - 1:
+                if (b + 1) % self.grad_accum and b != n_batches - 1:
                     continue
                 self.train_step(micro)
                 micro = []
                 self.batch_index = b + 1
-                if self.batch_index < n_batches and self.global_step % cfg.eval_every == 0:
-                    self._validate(data, on_checkpoint)  # mid-epoch checkpoint
+                if self.batch_index < n_batches:  # the epoch's last step is followed by its validation below
+                    if self.global_step % cfg.eval_every == 0:
+                        self._validate(data, on_checkpoint)  # mid-epoch checkpoint
+                    if self._interrupted(interrupt, on_checkpoint):
+                        return False
             self.epoch += 1
             self.batch_index = 0
             self._validate(data, on_checkpoint)
+            if self.epoch < cfg.epochs and self._interrupted(interrupt, on_checkpoint):
+                return False
+        return True

@@ -12,6 +12,7 @@ Resume contract:
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from raytrain_app.checkpoint import (
 )
 from raytrain_app.config import TrainConfig, parse_config
 from raytrain_app.driver import connect_ray, make_trainer
+from raytrain_app.graceful_stop import fit_until_stopped, new_stop_request
 from raytrain_app.preflight import (
     EXIT_TRAINING_FAILED,
     EXIT_USER_ERROR,
@@ -106,16 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Run: {plan.run_name} in {run_dir}")
     start = f"starting from epoch {done_epochs + 1}" + (f", batch {in_epoch}" if in_epoch else "")
     print(f"  Epochs: {cfg.epochs} ({start})")
-    print(f"  Workers: {cfg.num_workers} x {'GPU' if cfg.use_gpu else 'CPU'}, batch {cfg.batch_size} per worker, "
-          f"accumulation {cfg.grad_accum_steps}", flush=True)
+    print(f"  Workers: {cfg.workers_text()} x {'GPU' if cfg.use_gpu else 'CPU'}, batch {cfg.batch_size} per worker, "
+          f"accumulation {cfg.grad_accum_steps}"
+          + (f" (effective batch {cfg.batch_size * cfg.num_workers * cfg.grad_accum_steps}, kept with fewer workers "
+             "by accumulating more)" if cfg.elastic else ""), flush=True)
 
     connect_ray(num_cpus=max(4, cfg.num_workers))
     import ray.train
 
+    stop_request = new_stop_request()
     trainer = make_trainer(cfg, run_name=plan.run_name, storage=plan.save_dir, init_from=plan.init_from,
-                           lineage=plan.lineage)
+                           lineage=plan.lineage, stop_request=stop_request)
+    command = shlex.join([python_for_commands(), "-m", "raytrain_app.main", *argv])
     try:
-        result = trainer.fit()
+        result, stopped_by = fit_until_stopped(trainer, stop_request)
     except ray.train.TrainingFailedError as e:
         print(f"error: training failed after {cfg.max_failures} restart(s): {str(e).strip().splitlines()[0]}",
               file=sys.stderr)
@@ -123,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TRAINING_FAILED
 
     metrics = result.metrics or {}
-    command = shlex.join([python_for_commands(), "-m", "raytrain_app.main", *argv])
+    if stopped_by is not None and metrics.get("epoch", 0) < cfg.epochs:
+        print(f"\n⏸️  Stopped by {signal.Signals(stopped_by).name} at epoch {metrics.get('epoch')}, global step "
+              f"{metrics.get('global_step')}: that step is checkpointed in {run_dir}.")
+        print(f"  Continue (the same command): {command}")
+        return 128 + stopped_by  # not 0: a job system must see an interruption, not a finished run
     best_path = plan.save_dir.join(BEST_MODEL_FILE).uri
     print("\n✅ Training finished.")
     if metrics:

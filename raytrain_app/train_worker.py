@@ -18,6 +18,7 @@ import torch
 from raytrain_app.checkpoint import STATE_FILE, checkpoint_dir_name, load_state, save_checkpoint_dir, write_best_model
 from raytrain_app.config import TrainConfig
 from raytrain_app.data import open_dataset
+from raytrain_app.graceful_stop import Interrupts
 from raytrain_app.loop import LoadReport, Trainer, seed_everything
 from raytrain_app.model import SequenceTransformer
 from raytrain_app.storage import parse_location
@@ -45,7 +46,8 @@ def _print_load_report(source: str, report: LoadReport, trainer: Trainer, prefix
     if trainer.scaler.is_enabled():
         parts.append("gradient scaler" if report.scaler else "no gradient scaler state (fresh)")
     print(f"{prefix}Workers loaded {source}: {', '.join(parts)}; at epoch {trainer.epoch}, global step "
-          f"{trainer.global_step}, batch {trainer.batch_index}", flush=True)
+          f"{trainer.global_step}, batch {trainer.batch_index}; {trainer.world_size} worker(s), "
+          f"{trainer.grad_accum} micro-batch(es) per step", flush=True)
 
 
 def _quiet_ray_report_logs() -> None:
@@ -82,11 +84,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     def on_checkpoint(metrics: dict[str, float], state: dict[str, Any] | None, is_best: bool) -> None:
         if rank == 0:
+            validated = metrics["validated"]
             print(
                 f"{log_prefix}epoch {metrics['epoch'] + (metrics['batch_index'] > 0)}/{cfg.epochs} "
                 f"step {metrics['global_step']} "
-                f"train_ema_loss {metrics['train_ema_loss']:.4f} val_loss {metrics['val_loss']:.6f} "
-                f"best {metrics['best_val_loss']:.6f} lr {metrics['lr']:.2e}",
+                f"train_ema_loss {metrics['train_ema_loss']:.4f} "
+                + (f"val_loss {metrics['val_loss']:.6f} " if validated else "saved on request (not validated) ")
+                + f"best {metrics['best_val_loss']:.6f} lr {metrics['lr']:.2e}",
                 flush=True,
             )
         if state is None:  # ranks > 0: the report is a barrier, so every rank reports the same number of times
@@ -105,4 +109,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
 
-    trainer.fit(data, on_checkpoint)
+    # Only a run's own driver can ask its workers to stop (a sweep's trials are stopped by Tune).
+    stop_request = loop_config.get("stop_request")
+    completed = trainer.fit(data, on_checkpoint, Interrupts(stop_request) if stop_request is not None else None)
+    if not completed and rank == 0:
+        print(f"{log_prefix}Stopped on request at epoch {trainer.epoch}, global step {trainer.global_step}, "
+              f"batch {trainer.batch_index}: checkpoint saved.", flush=True)

@@ -180,3 +180,51 @@ def test_fork_flags_apply_only_to_forks_and_lineage_follows_the_run() -> None:
     assert report.optimizer and not report.reset
     assert own.schedule.start_step == 16 and own.lineage == after_fork["lineage"]
     assert own.best_val_loss == saved[16]["val_loss"]  # a fork keeps the base's best unless told otherwise
+
+
+def test_stop_saves_the_current_step_unvalidated_and_resuming_ends_bit_exact() -> None:
+    """An interrupt's STOP at step 7 (between validations at 5 and 10): the loop saves step 7 without validating
+    (val_loss NaN, best untouched) and returns False; resuming from it ends exactly as the uninterrupted run."""
+    from raytrain_app.loop import CONTINUE, SAVE, STOP
+
+    cfg, data = config(), synthetic()
+    full, full_saved = run(cfg, data)
+
+    trainer, saved, seen = build(cfg), {}, []
+
+    def on_checkpoint(metrics: dict, state: dict | None, is_best: bool) -> None:
+        seen.append((metrics["global_step"], not metrics["validated"], is_best))
+        assert math.isfinite(metrics["val_loss"])  # Ray's run snapshot cannot hold NaN or inf
+        saved[metrics["global_step"]] = copy_state(state)
+
+    codes = {3: SAVE, 7: STOP}  # polled once per optimizer step, after it (steps 3 and 7)
+    polls: list[int] = []
+
+    def interrupt() -> int:
+        polls.append(trainer.global_step)
+        return codes.get(trainer.global_step, CONTINUE)
+
+    assert trainer.fit(data, on_checkpoint, interrupt) is False
+    assert trainer.global_step == 7
+    assert seen == [(3, True, False), (5, False, True), (7, True, False)]
+    assert polls[0] == 0  # polled before the first step too
+    assert saved[7]["eval_val_loss"] is None and saved[7]["val_loss"] == saved[5]["val_loss"]
+    assert_states_equal(saved[5], full_saved[5])
+
+    resumed, _ = run(cfg, data, start=saved[7])
+    assert_states_equal(resumed.state_dict(), full.state_dict())
+    # A stop asked for before the first step returns at once with nothing to save.
+    again = build(cfg)
+    again.load_state_dict(saved[7])
+    assert again.fit(data, lambda *a: pytest.fail("saved"), lambda: STOP) is False and again.global_step == 7
+
+
+def test_elastic_run_keeps_its_effective_batch_with_fewer_workers() -> None:
+    """--num-workers 1-2 with one worker: twice the accumulation, so the same steps per epoch as with two."""
+    cfg = config(num_workers="1-2", grad_accum_steps=2)
+    assert (cfg.min_workers, cfg.num_workers) == (1, 2)
+    trainer = build(cfg)  # a single process: world size 1
+    assert trainer.grad_accum == 4
+    assert trainer.steps_per_epoch(synthetic()) == 256 // 16 // 4
+    assert config(num_workers=2, grad_accum_steps=2).grad_accum_for(1) == 2  # a fixed run accumulates as told
+    assert config(num_workers="2-4").grad_accum_for(3) == 2  # rounds the effective batch up: 3 x 2 >= 4
