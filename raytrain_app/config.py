@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -76,7 +77,15 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model.")
 
     # --- cluster and run ---
-    num_workers: int = _opt(2, "Ray Train workers (data-parallel ranks).")
+    num_workers: int = _opt(
+        2, "Ray Train workers (data-parallel ranks): N, or MIN-MAX to train elastically on whatever the cluster "
+        "offers in that range (the effective batch stays batch-size x MAX x grad-accum-steps).",
+        parse=lambda text: text,  # "2" or "1-2"; __post_init__ splits a range into min_workers and num_workers
+    )
+    min_workers: int | None = _opt(
+        None, "Fewest workers an elastic run (--num-workers MIN-MAX) keeps training with.", cli=False,
+        identity=False, added_later=True,
+    )
     use_gpu: bool = _opt(False, "One GPU per worker.")
     save_dir: str = _opt("./checkpoints", "Where runs live (Ray storage_path): <save-dir>/<run-name>/.", identity=False)
     run_name: str | None = _opt(
@@ -103,6 +112,7 @@ class TrainConfig:
     use_wandb: bool = _opt(False, "Log to Weights & Biases.", identity=False)
 
     def __post_init__(self) -> None:
+        self._split_worker_range()
         positive = ("epochs", "batch_size", "grad_accum_steps", "eval_every", "hidden_dim", "num_layers",
                     "num_heads", "num_workers", "keep_checkpoints")
         for name in positive:
@@ -124,6 +134,38 @@ class TrainConfig:
             )
         if self.amp_dtype not in ("bf16", "fp16"):
             raise ConfigError(f"--amp-dtype must be bf16 or fp16, got {self.amp_dtype!r}")
+
+    def _split_worker_range(self) -> None:
+        """--num-workers is N or MIN-MAX (a string from the CLI or a config file); MIN lands in min_workers."""
+        value = self.num_workers
+        if isinstance(value, int) and not isinstance(value, bool):
+            return
+        low, sep, high = str(value).strip().partition("-")
+        try:
+            low_n, high_n = int(low), int(high) if sep else None
+        except ValueError:
+            raise ConfigError(f"--num-workers must be a count like 2 or a range like 1-4, got {value!r}") from None
+        if high_n is None:
+            self.num_workers = low_n
+            return
+        if not 0 < low_n <= high_n:
+            raise ConfigError(f"--num-workers {value}: the range must be MIN-MAX with 0 < MIN <= MAX, like 1-4")
+        self.min_workers, self.num_workers = (low_n, high_n) if low_n < high_n else (None, high_n)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-batches per optimizer step at `world_size` workers. An elastic run keeps its effective batch
+        (batch_size x num_workers x grad_accum_steps) when it has fewer workers by accumulating more; when the
+        worker count does not divide it, the effective batch rounds up."""
+        if not self.elastic or world_size >= self.num_workers:
+            return self.grad_accum_steps
+        return math.ceil(self.grad_accum_steps * self.num_workers / world_size)
+
+    def workers_text(self) -> str:
+        return f"{self.min_workers}-{self.num_workers}" if self.elastic else str(self.num_workers)
 
     # --- round trips ---
     def to_dict(self) -> dict[str, Any]:
@@ -274,6 +316,8 @@ def cli_fields(cls: type = TrainConfig) -> list[dataclasses.Field]:
 
 
 def _cli_type(f: dataclasses.Field) -> Any:
+    if "parse" in f.metadata:
+        return f.metadata["parse"]
     return {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
 
 

@@ -1,0 +1,93 @@
+"""Elastic training on a real two-node cluster on this machine: the node running one of two workers is lost
+mid-training, and a `--num-workers 1-2` run continues from its latest checkpoint on the node that is left,
+with the same effective batch (so the same number of steps), and finishes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from raytrain_app.checkpoint import load_state
+from raytrain_app.config import parse_config
+
+from .conftest import TINY_MODEL, base_env, finish_process, latest_checkpoint_step, start_process
+from .test_resume_e2e import ckpt
+
+pytestmark = pytest.mark.e2e
+
+EPOCHS, BATCH = 3, 8
+STEPS_PER_EPOCH = 256 // (2 * BATCH)  # 2 workers, or 1 worker accumulating 2 micro-batches: 16 either way
+LAST_STEP = EPOCHS * STEPS_PER_EPOCH
+
+
+def cluster_env() -> dict[str, str]:
+    # A lost node is declared dead after about 1.5 s instead of Ray's default of about 15 s. Right after the
+    # loss Ray Train may still see the lost node's CPU and try two workers again until its worker-group start
+    # timeout (60 s by default; README, "Elastic training") before it settles on one: 15 s here.
+    return {**base_env(), "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_initial_delay_ms": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+
+
+@pytest.fixture
+def two_nodes():  # noqa: ANN201
+    """A head and a second node with one CPU each (tests/two_node_cluster.py), so two 1-CPU workers land one
+    per node. Yields (address, remove the second node)."""
+    temp_dir = tempfile.mkdtemp(prefix="rt2-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("two_node_cluster.py")), temp_dir],
+                            env=cluster_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+    def remove_second_node() -> None:
+        proc.stdin.write("remove\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "removed"
+
+    try:
+        address = proc.stdout.readline().strip()
+        assert address, "the two-node cluster did not start"
+        yield address, remove_second_node
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_losing_a_node_shrinks_the_run_which_resumes_from_its_latest_checkpoint_and_finishes(
+        tmp_path: Path, dataset: Path, two_nodes) -> None:  # noqa: ANN001
+    address, remove_second_node = two_nodes
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path), "--num-workers", "1-2", "--batch-size", str(BATCH),
+            "--epochs", str(EPOCHS), "--eval-every", "4", *TINY_MODEL]
+    run_dir = tmp_path / parse_config(args)[0].default_run_name()
+    proc, log = start_process(args, address, extra_env=cluster_env())
+    try:
+        deadline = time.monotonic() + 180
+        while (killed_at := latest_checkpoint_step(run_dir)) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the node was lost"
+            time.sleep(0.05)
+        remove_second_node()
+    finally:
+        output = finish_process(proc, log, timeout=300)
+    assert proc.returncode == 0, output
+    assert "Workers: 1-2 x CPU, batch 8 per worker, accumulation 1 (effective batch 16" in output
+    loads = re.findall(r"Workers loaded .*? global step (\d+), batch \d+; (\d+) worker\(s\), (\d+) micro", output)
+    assert loads, output
+    step, world, accumulation = loads[-1]
+    assert int(step) >= killed_at, output  # from the latest checkpoint when the node went
+    assert (world, accumulation) == ("1", "2"), output  # one worker left, accumulating for two
+    final = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))
+    assert final["global_step"] == LAST_STEP and final["epoch"] == EPOCHS  # the same steps with one worker
+    assert final["data_position"]["world_size"] == 1
+    assert len(final["rng_states"]) == 1  # the checkpoint holds what the current world size needs
