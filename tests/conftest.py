@@ -38,6 +38,9 @@ def base_env() -> dict[str, str]:
         "RAY_AUTH_MODE": "token",  # the test cluster uses Ray's default token auth
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONPATH": str(REPO_ROOT),
+        # `python` on the test cluster is this environment's, as it is the image's on a real cluster: jobs run
+        # the documented `python -m raytrain_app...` commands.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
         # Credentials for the local S3 server (moto accepts any); the driver forwards them to the workers.
         "AWS_ACCESS_KEY_ID": "testing",
@@ -97,22 +100,32 @@ def s3_uri(bucket_uri: str, key: str, endpoint: str) -> str:
     return f"{bucket_uri}/{key}?endpoint_override={endpoint}"
 
 
+_JOB_API: dict[str, str] = {}  # the session cluster's job API URL, set with the cluster
+
+
 @pytest.fixture(scope="session")
 def ray_address() -> str:
     """A real local Ray cluster shared by every test that trains; its own temp dir, so a user's or the demo's
     cluster is never touched."""
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
+    port, dashboard_port = _free_port(), _free_port()
     env = base_env()
     cmd = [str(RAY_BIN), "start", "--head", "--num-cpus", "4", "--port", str(port), "--temp-dir", temp_dir,
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(_free_port()), "--disable-usage-stats"]
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--disable-usage-stats"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     address = f"127.0.0.1:{port}"
+    _JOB_API["url"] = f"http://127.0.0.1:{dashboard_port}"
     try:
         yield address
     finally:
         subprocess.run([str(RAY_BIN), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def job_api(ray_address: str) -> str:
+    """The session cluster's job API (the dashboard's HTTP address), as `ray job submit --address` takes it."""
+    return _JOB_API["url"]
 
 
 def write_dataset(path: Path, **overrides: object) -> Path:

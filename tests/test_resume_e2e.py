@@ -55,10 +55,10 @@ def assert_kept_checkpoints(output: str, run_dir: Path, keep: int) -> None:
     assert kept == set(best) | {LAST_STEP}
 
 
-def assert_same_training_state(a_path: Path, b_path: Path) -> None:
+def assert_same_training_state(a_path: Path, b_path: Path, last_step: int = LAST_STEP, epochs: int = EPOCHS) -> None:
     a, b = load_state(str(a_path)), load_state(str(b_path))
-    assert a["global_step"] == b["global_step"] == LAST_STEP
-    assert a["epoch"] == b["epoch"] == EPOCHS
+    assert a["global_step"] == b["global_step"] == last_step
+    assert a["epoch"] == b["epoch"] == epochs
     assert a["val_loss"] == b["val_loss"]
     assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
     for name, tensor in a["model_state_dict"].items():
