@@ -1,0 +1,125 @@
+"""The cluster definitions users launch: cluster.yaml (Ray's autoscaler, checked by Ray's own validation),
+jobs/rayjob.yaml (KubeRay) and jobs/runtime_env.yaml; and the submit helper's checks before it submits."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raytrain_app.config import parse_config
+
+from .conftest import REPO_ROOT, base_env
+
+CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
+RAYJOB_YAML = REPO_ROOT / "jobs" / "rayjob.yaml"
+RUNTIME_ENV_YAML = REPO_ROOT / "jobs" / "runtime_env.yaml"
+
+
+def validate(config: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_cluster_yaml_passes_rays_autoscaler_validation_and_holds_what_the_readme_promises() -> None:
+    config = load(CLUSTER_YAML)
+    prepared = validate(config)
+    assert prepared["provider"]["type"] == "aws"
+    types = prepared["available_node_types"]
+    head = types[prepared["head_node_type"]]
+    assert head["resources"] == {"CPU": 0, "GPU": 0}  # no training on the head
+    start_head = " ".join(prepared["head_start_ray_commands"])
+    assert "--num-cpus=0" in start_head and "--num-gpus=0" in start_head
+    assert "--dashboard-host=127.0.0.1" in start_head  # the job API only through the SSH tunnel
+    workers = {name: t for name, t in types.items() if name != prepared["head_node_type"]}
+    assert set(workers) == {"gpu_spot", "gpu_ondemand"}
+    for t in workers.values():
+        assert t["min_workers"] == 0 and t["max_workers"] > 0 and t["resources"]["GPU"] >= 1
+    assert workers["gpu_spot"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert "InstanceMarketOptions" not in workers["gpu_ondemand"]["node_config"]
+    # On a tie the autoscaler launches the higher priority (v2) or the name that sorts last (v1): spot first.
+    assert sorted(workers)[-1] == "gpu_spot"
+    assert workers["gpu_spot"]["priority"] > workers["gpu_ondemand"]["priority"]
+    assert prepared["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
+    assert any("pip install" in c and "/home/ray/raytrain_app" in c for c in prepared["setup_commands"])
+    assert prepared["file_mounts"]["/home/ray/raytrain_app"] == "."
+    assert "IpPermissions" not in prepared["provider"].get("security_group", {})  # no extra ports opened
+
+
+@pytest.mark.parametrize(("where", "key", "message"), [
+    ((), "idle_timeout_minutes", "'idle_timeout_minute' was unexpected"),
+    (("available_node_types", "gpu_spot"), "max_workers", "'max_worker' was unexpected"),
+    (("available_node_types", "head"), "node_config", "'node_config' is a required property"),
+    (("docker",), "image", "Must provide a container & image name"),
+])
+def test_a_misspelled_field_fails_validation(where: tuple[str, ...], key: str, message: str) -> None:
+    config = load(CLUSTER_YAML)
+    section = config
+    for name in where:
+        section = section[name]
+    section[key[:-1]] = section.pop(key)  # drop the last letter
+    with pytest.raises(Exception, match=message):
+        validate(config)
+
+
+def test_rayjob_retries_the_same_run_from_object_storage_on_an_autoscaling_gpu_group() -> None:
+    job = load(RAYJOB_YAML)
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    command = shlex.split(spec["entrypoint"])
+    assert command[:3] == ["python", "-m", "raytrain_app.main"]
+    cfg, given = parse_config(command[3:])  # every flag is one raytrain_app.main accepts
+    assert {"run_name", "save_dir"} <= given  # a pinned run on object storage: each retry resumes it
+    assert cfg.save_dir.startswith("s3://") and cfg.use_gpu and cfg.elastic
+    assert spec["backoffLimit"] >= 1
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
+    assert int(runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == "2.60.0" and cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    [gpu_group] = cluster["workerGroupSpecs"]
+    assert gpu_group["minReplicas"] == 0 < gpu_group["maxReplicas"]
+    assert gpu_group["maxReplicas"] >= cfg.num_workers
+    [container] = gpu_group["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_runtime_env_lets_the_driver_save_on_stop() -> None:
+    env = load(RUNTIME_ENV_YAML)
+    assert env["working_dir"] == "."
+    assert env["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
+    assert int(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
+    assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray requires string values
+
+
+def run_jobs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raytrain_app.jobs", *args], env=base_env(), capture_output=True,
+                          text=True, timeout=120, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "d.pkl"], "--save-dir ./checkpoints: a job runs in a fresh copy of the working directory"),
+    (["--data", "d.pkl", "--save-dir", "ckpts"], "--save-dir ckpts: a job runs in a fresh copy"),
+    (["--data", "d.pkl", "--save-dir", "/abs", "--num-workers", "3-1"], "--num-workers 3-1: the range must be"),
+    (["--data", "d.pkl", "--save-dir", "/abs", "--lr", "0"], "--lr must be positive"),
+    ([], "nothing to submit"),
+])
+def test_submit_refuses_a_command_that_cannot_work_before_contacting_a_cluster(args: list[str], message: str) -> None:
+    # The address points nowhere: the refusal must come first.
+    result = run_jobs("submit", "--address", "http://127.0.0.1:9", "--", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("error: ") and message in line
