@@ -109,7 +109,9 @@ class Interrupts:
                 if ray.get(stop_request.get.remote(), timeout=30) is not None:
                     self._stop.set()
                     return
-            except Exception:  # noqa: BLE001 - the driver is gone: Ray ends these workers too
+            except ray.exceptions.GetTimeoutError:
+                continue  # a busy node: ask again
+            except Exception:  # noqa: BLE001 - the driver and its actor are gone: Ray ends these workers too
                 return
             time.sleep(POLL_INTERVAL_S)
 

@@ -168,8 +168,7 @@ def submit(args: argparse.Namespace) -> int:
     print(f"[jobs] run {entry.run}: {entry.entrypoint()}", flush=True)
     for attempt in range(1, total + 1):
         submission_id = f"{entry.run}-{attempt}-{secrets.token_hex(3)}"
-        client.submit_job(entrypoint=entry.entrypoint(), submission_id=submission_id, runtime_env=runtime_env,
-                          metadata={RUN_KEY: entry.run, ATTEMPT_KEY: str(attempt)})
+        _submit(client, entry, submission_id, runtime_env, attempt, args.reconnect_timeout)
         print(f"[jobs] attempt {attempt}/{total}: submitted {submission_id}", flush=True)
         if args.no_follow:
             print(f"[jobs] not following (--no-follow): python -m raytrain_app.jobs logs --follow {entry.run}")
@@ -196,6 +195,29 @@ def submit(args: argparse.Namespace) -> int:
     print(f"[jobs] run {entry.run} did not finish in {total} attempt(s); submit again to continue it.")
     _print_history(history)
     return EXIT_TRAINING_FAILED
+
+
+def _submit(client: Any, entry: Entry, submission_id: str, runtime_env: dict[str, Any], attempt: int,
+            reconnect_timeout: float) -> None:
+    """Submit one attempt; a head that does not answer (restarting) is waited for once."""
+    for last_try in (False, True):
+        try:
+            client.submit_job(entrypoint=entry.entrypoint(), submission_id=submission_id, runtime_env=runtime_env,
+                              metadata={RUN_KEY: entry.run, ATTEMPT_KEY: str(attempt)})
+            return
+        except Exception as e:  # noqa: BLE001 - refused (bad runtime env, auth) or unreachable: one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if last_try or not _is_connection_error(e):
+                raise JobsError(f"submitting {submission_id} failed: {reason}") from None
+            print(f"[jobs] the job API did not answer ({reason}); waiting up to {reconnect_timeout:.0f} s",
+                  flush=True)
+            _wait_for_api(client, reconnect_timeout)
+
+
+def _is_connection_error(e: Exception) -> bool:
+    import requests
+
+    return isinstance(e, (requests.ConnectionError, requests.Timeout, ConnectionError))
 
 
 def _print_history(history: list[str]) -> None:

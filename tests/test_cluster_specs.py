@@ -116,9 +116,10 @@ def run_jobs(*args: str) -> subprocess.CompletedProcess:
     (["--data", "d.pkl", "--save-dir", "/abs", "--num-workers", "3-1"], "--num-workers 3-1: the range must be"),
     (["--data", "d.pkl", "--save-dir", "/abs", "--lr", "0"], "--lr must be positive"),
     ([], "nothing to submit"),
+    (["--data", "d.pkl", "--save-dir", "/abs"], "cannot reach the Ray job API at http://127.0.0.1:9"),
 ])
-def test_submit_refuses_a_command_that_cannot_work_before_contacting_a_cluster(args: list[str], message: str) -> None:
-    # The address points nowhere: the refusal must come first.
+def test_submit_refuses_what_cannot_work_with_one_line_before_submitting(args: list[str], message: str) -> None:
+    # The address points nowhere: a bad command is refused before the helper tries it.
     result = run_jobs("submit", "--address", "http://127.0.0.1:9", "--", *args)
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()  # one line, no traceback
