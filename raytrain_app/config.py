@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A mistake in the user's configuration; the message names the flag and what to do."""
 
 
+# Exit codes of every command: a mistake in its input (nothing was written), or training that did not finish.
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_FAILED = 1
+
+
 def _opt(default: Any, help: str, *, cli: bool = True, identity: bool = True, **extra: Any) -> Any:
     """A dataclass field with its CLI help.
 

@@ -27,9 +27,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raytrain_app.config import parse_config, parse_sweep_config, sweep_identity_hash
-from raytrain_app.preflight import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, USER_ERRORS
-from raytrain_app.storage import parse_location
+from raytrain_app.config import (
+    EXIT_TRAINING_FAILED,
+    EXIT_USER_ERROR,
+    ConfigError,
+    parse_config,
+    parse_sweep_config,
+    sweep_identity_hash,
+)
+from raytrain_app.storage import StorageError, parse_location
 
 DEFAULT_RUNTIME_ENV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs",
                                    "runtime_env.yaml")
@@ -302,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
     try:
         return args.func(args)
-    except (JobsError, *USER_ERRORS) as e:
+    except (JobsError, ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

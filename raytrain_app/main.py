@@ -24,12 +24,10 @@ from raytrain_app.checkpoint import (
     latest_run_checkpoint,
     resolve_checkpoint,
 )
-from raytrain_app.config import TrainConfig, parse_config
+from raytrain_app.config import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, TrainConfig, parse_config
 from raytrain_app.driver import connect_ray, make_trainer
 from raytrain_app.graceful_stop import fit_until_stopped, new_stop_request
 from raytrain_app.preflight import (
-    EXIT_TRAINING_FAILED,
-    EXIT_USER_ERROR,
     USER_ERRORS,
     UserError,
     prepare_data,

@@ -18,8 +18,6 @@ from raytrain_app.storage import Location, StorageError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError)  # and UserError, below: exit 2
 
-EXIT_USER_ERROR = 2
-EXIT_TRAINING_FAILED = 1
 
 
 class UserError(Exception):

@@ -30,13 +30,18 @@ from raytrain_app.checkpoint import (
     publish_file,
     resolve_checkpoint,
 )
-from raytrain_app.config import SweepConfig, TrainConfig, parse_sweep_config, sweep_identity_hash
+from raytrain_app.config import (
+    EXIT_TRAINING_FAILED,
+    EXIT_USER_ERROR,
+    SweepConfig,
+    TrainConfig,
+    parse_sweep_config,
+    sweep_identity_hash,
+)
 from raytrain_app.driver import cluster_capacity, connect_ray, how_many_fit, run_resources
 from raytrain_app.loop import resume_batch_index
 from raytrain_app.order import batches_per_epoch
 from raytrain_app.preflight import (
-    EXIT_TRAINING_FAILED,
-    EXIT_USER_ERROR,
     USER_ERRORS,
     UserError,
     prepare_data,
