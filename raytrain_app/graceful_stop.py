@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from raytrain_app.loop import CONTINUE, SAVE, STOP
@@ -95,9 +96,11 @@ class Interrupts:
     """The loop's interrupt function on a worker: STOP once the driver asked to stop, SAVE once per preemption
     notice, CONTINUE otherwise. Cheap enough to call every step: it reads state set by a background thread."""
 
-    def __init__(self, stop_request: Any | None) -> None:
+    def __init__(self, stop_request: Any | None, on_notice: Callable[[Any], None] | None = None) -> None:
+        """`on_notice(info)` is called when a preemption notice turns into SAVE (to say so in the logs)."""
         self._stop = threading.Event()
         self._preemption_seen: object | None = None
+        self._on_notice = on_notice
         if stop_request is not None:
             threading.Thread(target=self._watch, args=(stop_request,), name="stop-watch", daemon=True).start()
 
@@ -121,6 +124,8 @@ class Interrupts:
         info = _preemption_info()
         if info is not None and info is not self._preemption_seen:
             self._preemption_seen = info
+            if self._on_notice is not None:
+                self._on_notice(info)
             return SAVE
         return CONTINUE
 

@@ -111,7 +111,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     # Only a run's own driver can ask its workers to stop (a sweep's trials are stopped by Tune).
     stop_request = loop_config.get("stop_request")
-    completed = trainer.fit(data, on_checkpoint, Interrupts(stop_request) if stop_request is not None else None)
+
+    def on_notice(info: Any) -> None:
+        if rank == 0:  # the step just taken is checkpointed next, unless a validation already did
+            print(f"{log_prefix}Preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
+                  f"{info.preempted_ranks}): checkpointing global step {trainer.global_step}", flush=True)
+
+    interrupts = Interrupts(stop_request, on_notice) if stop_request is not None else None
+    completed = trainer.fit(data, on_checkpoint, interrupts)
     if not completed and rank == 0:
         print(f"{log_prefix}Stopped on request at epoch {trainer.epoch}, global step {trainer.global_step}, "
               f"batch {trainer.batch_index}: checkpoint saved.", flush=True)

@@ -173,11 +173,12 @@ def latest_checkpoint_step(run_dir: Path | str) -> int | None:
 
 
 def start_process(args: list[str], ray_address: str, module: str = "raytrain_app.main",
-                  extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Any]:
+                  extra_env: dict[str, str] | None = None,
+                  log_path: Path | None = None) -> tuple[subprocess.Popen, Any]:
     """Start a command as a real process in its own session (so the test can kill all of it); its output goes
-    to the returned temporary file."""
+    to the returned file: a temporary one, or `log_path` (which a test may read while the process runs)."""
     env = {**base_env(), "RAY_ADDRESS": ray_address, **(extra_env or {})}
-    log = tempfile.TemporaryFile(mode="w+")
+    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     proc = subprocess.Popen(main_command(*args, module=module), env=env, stdout=log, stderr=subprocess.STDOUT,
                             cwd=REPO_ROOT, start_new_session=True)
     return proc, log

@@ -2,8 +2,8 @@
 
 Ray's test utilities (`ray.cluster_utils.Cluster`) start a head and a second node, each with one CPU, all on
 127.0.0.1 (the `ray start` CLI refuses a second node in loopback-only mode). The process prints the cluster's
-address, then follows commands on stdin: `remove` SIGKILLs every process of the second node (a lost spot
-instance) and prints `removed`; end of input shuts the cluster down.
+address and the second node's id, then follows commands on stdin: `remove` SIGKILLs every process of the
+second node (a lost spot instance) and prints `removed`; end of input shuts the cluster down.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def main() -> None:
     temp_dir = sys.argv[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp_dir})
     second = cluster.add_node(num_cpus=1, temp_dir=temp_dir)
-    print(cluster.address, flush=True)
+    print(cluster.address, second.node_id, flush=True)
     try:
         for line in sys.stdin:
             if line.strip() == "remove":
