@@ -6,6 +6,7 @@ Shared by `raytrain_app.main` (one run) and `raytrain_app.tune` (one run per tri
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -40,10 +41,24 @@ def connect_ray(num_cpus: int) -> None:
         # Ray Train tees workers' print() into its logger, which doubles every line on the console.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
+    # In a job, Ray refuses a driver runtime env that names a variable the job's runtime env already sets
+    # (jobs/runtime_env.yaml may set AWS_REGION, say): leave those to the job, which sets them everywhere.
+    env_vars = {k: v for k, v in env_vars.items() if k not in _job_env_vars()}
     if start_local:
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars})
     else:
         ray.init(address=address or "auto", runtime_env={"env_vars": env_vars})
+
+
+def _job_env_vars() -> set[str]:
+    """The environment variables the runtime env of the Ray job this driver runs in sets (none outside a job)."""
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor
+    if not job_config:
+        return set()
+    try:
+        return set((json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
 
 
 def scaling_config(cfg: TrainConfig) -> Any:

@@ -33,8 +33,10 @@ POLL_INTERVAL_S = 0.5  # how often each worker asks the driver whether to stop
 
 
 def new_stop_request() -> Any:
-    """An actor holding the driver's stop request. Owned by the driver: it lives and dies with the run."""
+    """An actor holding the driver's stop request. Owned by the driver, and placed on the driver's node (as Ray
+    Train places its controller) so that losing a worker node never loses it: it lives and dies with the run."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class StopRequest:
@@ -47,7 +49,8 @@ def new_stop_request() -> Any:
         def get(self) -> str | None:
             return self.reason
 
-    return StopRequest.remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return StopRequest.options(scheduling_strategy=here).remote()
 
 
 def fit_until_stopped(trainer: Any, stop_request: Any) -> tuple[Any, int | None]:
@@ -114,7 +117,9 @@ class Interrupts:
                     return
             except ray.exceptions.GetTimeoutError:
                 continue  # a busy node: ask again
-            except Exception:  # noqa: BLE001 - the driver and its actor are gone: Ray ends these workers too
+            except Exception as e:  # noqa: BLE001 - the driver and its actor are gone: Ray ends these workers too
+                print(f"Stop requests can no longer be received ({type(e).__name__}): the driver is gone.",
+                      flush=True)
                 return
             time.sleep(POLL_INTERVAL_S)
 

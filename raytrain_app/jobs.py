@@ -41,10 +41,17 @@ DEFAULT_RUNTIME_ENV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspa
                                    "runtime_env.yaml")
 RUN_KEY, ATTEMPT_KEY = "raytrain_run", "raytrain_attempt"  # job metadata: which run, which attempt
 POLL_S = 1.0
+STOP_TIMEOUT_S = 900  # longer than any RAY_JOB_STOP_WAIT_TIME_S we set: Ray SIGKILLs the driver by then
+# Failures another attempt would repeat: the runtime env (working_dir, pip) could not be set up.
+NOT_RETRIED = ("RUNTIME_ENV_SETUP_FAILURE",)
 
 
 class JobsError(Exception):
-    """A mistake in a jobs command, or a cluster that cannot be reached; one line for the user."""
+    """A mistake in a jobs command (exit code 2), or a cluster that stopped answering (exit code 1); one line."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -82,6 +89,8 @@ def plan_entry(training_args: list[str], sweep: bool) -> Entry:
 
 
 def load_runtime_env(path: str) -> dict[str, Any]:
+    """The job's runtime environment. A local working_dir is relative to this folder, as for `ray job submit`,
+    and must hold this project: the job runs `python -m raytrain_app...` in it."""
     import yaml
 
     if not os.path.isfile(path):
@@ -90,6 +99,13 @@ def load_runtime_env(path: str) -> dict[str, Any]:
         env = yaml.safe_load(f) or {}
     if not isinstance(env, dict):
         raise JobsError(f"--runtime-env {path} must hold a mapping (working_dir, env_vars, ...)")
+    working_dir = env.get("working_dir")
+    if isinstance(working_dir, str) and "://" not in working_dir:
+        folder = os.path.abspath(working_dir)
+        if not os.path.isdir(os.path.join(folder, "raytrain_app")):
+            raise JobsError(f"the runtime env's working_dir {working_dir!r} is {folder}, which does not hold "
+                            "raytrain_app/: run this command from the repository root")
+        env["working_dir"] = folder
     return env
 
 
@@ -130,7 +146,9 @@ def _wait_for_api(client: Any, timeout: float) -> None:
             return
         except Exception:  # noqa: BLE001 - still down
             if time.monotonic() > deadline:
-                raise JobsError(f"the Ray job API did not answer for {timeout:.0f} s") from None
+                raise JobsError(f"the Ray job API did not answer for {timeout:.0f} s; the job may still be "
+                                "running: see `python -m raytrain_app.jobs status RUN` once the cluster answers",
+                                exit_code=EXIT_TRAINING_FAILED) from None
             time.sleep(5)
 
 
@@ -161,14 +179,21 @@ async def _follow(client: Any, submission_id: str, echo: bool, reconnect_timeout
             _wait_for_api(client, reconnect_timeout)
             try:
                 client.get_job_info(submission_id)
-            except Exception:  # noqa: BLE001 - the restarted head does not know the job
-                return None
+            except Exception as again:  # noqa: BLE001
+                if "does not exist" in str(again):  # the restarted head does not know the job
+                    return None
 
 
 def submit(args: argparse.Namespace) -> int:
     entry = plan_entry(args.training_args, args.sweep)
     runtime_env = load_runtime_env(args.runtime_env)
     client = connect(args.address)
+    running = [j.submission_id for j in client.list_jobs()
+               if (j.metadata or {}).get(RUN_KEY) == entry.run and not j.status.is_terminal()]
+    if running:  # two drivers on one run would train it twice over
+        raise JobsError(f"run {entry.run} has an attempt still running ({running[0]}): follow it with "
+                        f"`python -m raytrain_app.jobs logs --follow {entry.run}` or stop it with "
+                        f"`python -m raytrain_app.jobs stop {entry.run}`")
     total = args.retries + 1
     history: list[str] = []
     print(f"[jobs] run {entry.run}: {entry.entrypoint()}", flush=True)
@@ -193,6 +218,10 @@ def submit(args: argparse.Namespace) -> int:
             return EXIT_TRAINING_FAILED
         if info is not None and info.driver_exit_code == EXIT_USER_ERROR:
             print("[jobs] the command was refused (exit 2, see the line above): another attempt would repeat it.")
+            _print_history(history)
+            return EXIT_USER_ERROR
+        if info is not None and info.error_type in NOT_RETRIED:
+            print(f"[jobs] the job could not start ({info.error_type}): another attempt would repeat it.")
             _print_history(history)
             return EXIT_USER_ERROR
         if attempt < total:
@@ -260,7 +289,11 @@ def stop(args: argparse.Namespace) -> int:
         client.stop_job(job.submission_id)
         print(f"stopping {job.submission_id}: the driver saves the current step, then exits", flush=True)
         if not args.no_wait:
+            deadline = time.monotonic() + STOP_TIMEOUT_S
             while not (info := client.get_job_info(job.submission_id)).status.is_terminal():
+                if time.monotonic() > deadline:
+                    raise JobsError(f"{job.submission_id} has not stopped after {STOP_TIMEOUT_S} s",
+                                    exit_code=EXIT_TRAINING_FAILED)
                 time.sleep(POLL_S)
             print(f"{job.submission_id}: {describe(info)}")
     return 0
@@ -308,13 +341,20 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
     try:
         return args.func(args)
-    except (JobsError, ConfigError, StorageError) as e:
+    except JobsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\n[jobs] stopped following; the job keeps running. Follow it again with "
               "`python -m raytrain_app.jobs logs --follow RUN`, stop it with `... jobs stop RUN`.", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the job API refused a request (auth, a lost head): one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: the Ray job API failed: {type(e).__name__}: {first}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
 
 
 if __name__ == "__main__":

@@ -363,13 +363,22 @@ class Trainer:
         n = batches_per_epoch(data.train.num_rows, self.cfg.batch_size, self.world_size)
         return math.ceil(n / self.grad_accum)
 
+    def schedule_steps_per_epoch(self, data: Dataset) -> int:
+        """Steps per epoch as the learning-rate schedule counts them: an elastic run's are those at its most
+        workers, whatever it has now, so a resize never moves the schedule (at worker counts that do not divide
+        the effective batch, an epoch has a few more or fewer steps than the schedule counts)."""
+        if not self.cfg.elastic:
+            return self.steps_per_epoch(data)
+        n = batches_per_epoch(data.train.num_rows, self.cfg.batch_size, self.cfg.num_workers)
+        return math.ceil(n / self.cfg.grad_accum_steps)
+
     def fit(self, data: Dataset, on_checkpoint: CheckpointFn, interrupt: InterruptFn | None = None) -> bool:
         """Train until `cfg.epochs` epochs are complete, validating and checkpointing every `eval_every` optimizer
         steps and at the end of every epoch. `interrupt` is polled at every optimizer step (see SAVE, STOP).
         Returns True when every epoch is done, False when an interrupt stopped training (after saving)."""
         cfg = self.cfg
         n_batches = batches_per_epoch(data.train.num_rows, cfg.batch_size, self.world_size)
-        self.schedule.total_steps = cfg.epochs * self.steps_per_epoch(data)
+        self.schedule.total_steps = cfg.epochs * self.schedule_steps_per_epoch(data)
         if self.epoch < cfg.epochs and self._interrupted(interrupt, on_checkpoint):
             return False  # asked to stop before the first step: nothing new to save
         while self.epoch < cfg.epochs:

@@ -124,3 +124,31 @@ def test_submit_refuses_what_cannot_work_with_one_line_before_submitting(args: l
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()  # one line, no traceback
     assert line.startswith("error: ") and message in line
+
+
+def test_submit_pins_the_run_or_sweep_name_every_attempt_continues() -> None:
+    from raytrain_app.config import parse_sweep_config, sweep_identity_hash
+    from raytrain_app.jobs import plan_entry
+
+    train = ["--data", "/d.pkl", "--save-dir", "s3://bucket/ckpt", "--epochs", "3"]
+    entry = plan_entry(train, sweep=False)
+    name = parse_config(train)[0].default_run_name()
+    assert (entry.module, entry.run, entry.args) == ("raytrain_app.main", name, [*train, "--run-name", name])
+    assert entry.entrypoint() == shlex.join(["python", "-m", "raytrain_app.main", *entry.args])
+    assert plan_entry([*train, "--run-name", "mine"], sweep=False).args == [*train, "--run-name", "mine"]
+
+    sweep = ["--base-checkpoint", "/b.pt", "--lr-grid", "1e-4,1e-3", *train]
+    entry = plan_entry(sweep, sweep=True)
+    sweep_cfg, cfg, _ = parse_sweep_config(sweep)
+    name = f"sweep-{sweep_identity_hash(sweep_cfg, cfg)}"  # the name raytrain_app.tune gives it
+    assert (entry.module, entry.run, entry.args) == ("raytrain_app.tune", name, [*sweep, "--sweep-name", name])
+
+
+def test_submit_from_outside_the_repository_refuses_to_upload_the_wrong_folder(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "raytrain_app.jobs", "submit", "--address", "http://127.0.0.1:9",
+                             "--", "--data", "/d.pkl", "--save-dir", "/abs"],
+                            env=base_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line == (f"error: the runtime env's working_dir '.' is {tmp_path}, which does not hold raytrain_app/: "
+                    "run this command from the repository root")

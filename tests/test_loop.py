@@ -184,7 +184,7 @@ def test_fork_flags_apply_only_to_forks_and_lineage_follows_the_run() -> None:
 
 def test_stop_saves_the_current_step_unvalidated_and_resuming_ends_bit_exact() -> None:
     """An interrupt's STOP at step 7 (between validations at 5 and 10): the loop saves step 7 without validating
-    (val_loss NaN, best untouched) and returns False; resuming from it ends exactly as the uninterrupted run."""
+    (validated False, best untouched) and returns False; resuming from it ends exactly as the uninterrupted run."""
     from raytrain_app.loop import CONTINUE, SAVE, STOP
 
     cfg, data = config(), synthetic()
@@ -225,6 +225,8 @@ def test_elastic_run_keeps_its_effective_batch_with_fewer_workers() -> None:
     assert (cfg.min_workers, cfg.num_workers) == (1, 2)
     trainer = build(cfg)  # a single process: world size 1
     assert trainer.grad_accum == 4
-    assert trainer.steps_per_epoch(synthetic()) == 256 // 16 // 4
+    assert trainer.steps_per_epoch(synthetic()) == 256 // 16 // 4 == trainer.schedule_steps_per_epoch(synthetic())
+    elastic = build(config(num_workers="2-4"))  # a world of 1 here: the schedule still counts 4 workers
+    assert elastic.schedule_steps_per_epoch(synthetic()) == 256 // 4 // 16
     assert config(num_workers=2, grad_accum_steps=2).grad_accum_for(1) == 2  # a fixed run accumulates as told
     assert config(num_workers="2-4").grad_accum_for(3) == 2  # rounds the effective batch up: 3 x 2 >= 4
