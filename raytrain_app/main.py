@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\nInterrupted before training started: nothing was written.", file=sys.stderr)
+        return 128 + signal.SIGINT
     cfg, summary, run_dir = plan.cfg, plan.summary, plan.run_dir
 
     if cfg.use_wandb:
