@@ -85,7 +85,7 @@ class TrainConfig:
     num_workers: int = _opt(
         2, "Ray Train workers (data-parallel ranks): N, or MIN-MAX to train elastically on whatever the cluster "
         "offers in that range (the effective batch stays batch-size x MAX x grad-accum-steps).",
-        parse=lambda text: text,  # "2" or "1-2"; __post_init__ splits a range into min_workers and num_workers
+        parse=str,  # "2" or "1-2"; __post_init__ splits a range into min_workers and num_workers
     )
     min_workers: int | None = _opt(
         None, "Fewest workers an elastic run (--num-workers MIN-MAX) keeps training with.", cli=False,

@@ -99,13 +99,13 @@ class Interrupts:
     """The loop's interrupt function on a worker: STOP once the driver asked to stop, SAVE once per preemption
     notice, CONTINUE otherwise. Cheap enough to call every step: it reads state set by a background thread."""
 
-    def __init__(self, stop_request: Any | None, on_notice: Callable[[Any], None] | None = None) -> None:
+    def __init__(self, stop_request: Any, on_notice: Callable[[Any], None] | None = None) -> None:
         """`on_notice(info)` is called when a preemption notice turns into SAVE (to say so in the logs)."""
         self._stop = threading.Event()
         self._preemption_seen: object | None = None
         self._on_notice = on_notice
-        if stop_request is not None:
-            threading.Thread(target=self._watch, args=(stop_request,), name="stop-watch", daemon=True).start()
+        self._preemption_info = _preemption_reader()
+        threading.Thread(target=self._watch, args=(stop_request,), name="stop-watch", daemon=True).start()
 
     def _watch(self, stop_request: Any) -> None:
         import ray
@@ -126,7 +126,7 @@ class Interrupts:
     def __call__(self) -> int:
         if self._stop.is_set():
             return STOP
-        info = _preemption_info()
+        info = self._preemption_info()
         if info is not None and info is not self._preemption_seen:
             self._preemption_seen = info
             if self._on_notice is not None:
@@ -135,12 +135,13 @@ class Interrupts:
         return CONTINUE
 
 
-def _preemption_info() -> Any:
-    """This worker's copy of Ray Train's preemption notice, read without the collective that
-    `ray.train.get_preemption_info()` runs (the loop agrees across ranks itself)."""
+def _preemption_reader() -> Callable[[], Any]:
+    """A function returning this worker's copy of Ray Train's preemption notice (or None), read without the
+    collective that `ray.train.get_preemption_info()` runs (the loop agrees across ranks itself)."""
     try:
         from ray.train.v2._internal.execution.context import get_train_context
 
-        return get_train_context().preemption_context.preemption_info
+        context = get_train_context()
     except Exception:  # noqa: BLE001 - not in a Ray Train worker, or another Ray version: no notices
-        return None
+        return lambda: None
+    return lambda: getattr(context.preemption_context, "preemption_info", None)

@@ -54,6 +54,11 @@ class JobsError(Exception):
         self.exit_code = exit_code
 
 
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 @dataclass
 class Entry:
     """What every attempt runs: the module, its arguments with the run name pinned, and that name."""
@@ -116,15 +121,15 @@ def connect(address: str | None) -> Any:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - unreachable, refused, unauthorised: one line
         shown = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "auto"
-        raise JobsError(f"cannot reach the Ray job API at {shown}: {str(e).strip().splitlines()[0]} (start the "
+        raise JobsError(f"cannot reach the Ray job API at {shown}: {first_line(e)} (start the "
                         "cluster, open its tunnel with `ray dashboard cluster.yaml`, or pass --address)") from None
 
 
 def attempts_of(client: Any, run_or_id: str) -> list[Any]:
     """The submissions of a run, oldest first; or the one submission with that id."""
-    jobs = [j for j in client.list_jobs() if (j.metadata or {}).get(RUN_KEY) == run_or_id]
-    if not jobs:
-        jobs = [j for j in client.list_jobs() if j.submission_id == run_or_id]
+    every = client.list_jobs()
+    jobs = ([j for j in every if (j.metadata or {}).get(RUN_KEY) == run_or_id]
+            or [j for j in every if j.submission_id == run_or_id])
     if not jobs:
         raise JobsError(f"no job of run or submission id {run_or_id!r} on this cluster (see `ray job list`)")
     return sorted(jobs, key=lambda j: j.start_time or 0)
@@ -152,21 +157,20 @@ def _wait_for_api(client: Any, timeout: float) -> None:
             time.sleep(5)
 
 
-async def _follow(client: Any, submission_id: str, echo: bool, reconnect_timeout: float) -> Any | None:
+async def _follow(client: Any, submission_id: str, reconnect_timeout: float) -> Any | None:
     """Print the job's logs as they come until it ends; its final details, or None when the cluster lost it
     (the head restarted and forgot its jobs)."""
     printed = 0  # characters already shown: a reconnect re-reads the log from the start
     while True:
         try:
-            if echo:
-                seen = 0
-                async for chunk in client.tail_job_logs(submission_id):
-                    new = chunk[max(0, printed - seen):]
-                    seen += len(chunk)
-                    if new:
-                        sys.stdout.write(new)
-                        sys.stdout.flush()
-                        printed += len(new)
+            seen = 0
+            async for chunk in client.tail_job_logs(submission_id):
+                new = chunk[max(0, printed - seen):]
+                seen += len(chunk)
+                if new:
+                    sys.stdout.write(new)
+                    sys.stdout.flush()
+                    printed += len(new)
             info = client.get_job_info(submission_id)
             if info.status.is_terminal():
                 return info
@@ -204,32 +208,39 @@ def submit(args: argparse.Namespace) -> int:
         if args.no_follow:
             print(f"[jobs] not following (--no-follow): python -m raytrain_app.jobs logs --follow {entry.run}")
             return 0
-        info = asyncio.run(_follow(client, submission_id, echo=True, reconnect_timeout=args.reconnect_timeout))
+        info = asyncio.run(_follow(client, submission_id, args.reconnect_timeout))
         outcome = "LOST (the cluster no longer knows this job)" if info is None else describe(info)
         history.append(f"attempt {attempt}: {submission_id} {outcome}")
         print(f"\n[jobs] attempt {attempt}/{total} ({submission_id}) ended {outcome}", flush=True)
-        if info is not None and info.status.value == "SUCCEEDED":
+        if (final := _final_outcome(info, entry.run)) is not None:
+            message, code = final
+            if message:
+                print(message)
             _print_history(history)
-            return 0
-        if info is not None and info.status.value == "STOPPED":
-            print(f"[jobs] stopped by a user: not resubmitting. Continue it with the same command, which resumes "
-                  f"run {entry.run} from its latest checkpoint.")
-            _print_history(history)
-            return EXIT_TRAINING_FAILED
-        if info is not None and info.driver_exit_code == EXIT_USER_ERROR:
-            print("[jobs] the command was refused (exit 2, see the line above): another attempt would repeat it.")
-            _print_history(history)
-            return EXIT_USER_ERROR
-        if info is not None and info.error_type in NOT_RETRIED:
-            print(f"[jobs] the job could not start ({info.error_type}): another attempt would repeat it.")
-            _print_history(history)
-            return EXIT_USER_ERROR
+            return code
         if attempt < total:
             print(f"[jobs] resubmitting: attempt {attempt + 1} continues run {entry.run} from its latest "
                   "checkpoint", flush=True)
     print(f"[jobs] run {entry.run} did not finish in {total} attempt(s); submit again to continue it.")
     _print_history(history)
     return EXIT_TRAINING_FAILED
+
+
+def _final_outcome(info: Any | None, run: str) -> tuple[str, int] | None:
+    """(what to say, exit code) when an attempt's end must not be retried; None to resubmit."""
+    if info is None:
+        return None  # lost with the head: resubmit
+    if info.status.value == "SUCCEEDED":
+        return "", 0
+    if info.status.value == "STOPPED":
+        return (f"[jobs] stopped by a user: not resubmitting. Continue it with the same command, which resumes run "
+                f"{run} from its latest checkpoint.", EXIT_TRAINING_FAILED)
+    if info.driver_exit_code == EXIT_USER_ERROR:
+        return ("[jobs] the command was refused (exit 2, see the line above): another attempt would repeat it.",
+                EXIT_USER_ERROR)
+    if info.error_type in NOT_RETRIED:
+        return f"[jobs] the job could not start ({info.error_type}): another attempt would repeat it.", EXIT_USER_ERROR
+    return None
 
 
 def _submit(client: Any, entry: Entry, submission_id: str, runtime_env: dict[str, Any], attempt: int,
@@ -241,7 +252,7 @@ def _submit(client: Any, entry: Entry, submission_id: str, runtime_env: dict[str
                               metadata={RUN_KEY: entry.run, ATTEMPT_KEY: str(attempt)})
             return
         except Exception as e:  # noqa: BLE001 - refused (bad runtime env, auth) or unreachable: one line
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             if last_try or not _is_connection_error(e):
                 raise JobsError(f"submitting {submission_id} failed: {reason}") from None
             print(f"[jobs] the job API did not answer ({reason}); waiting up to {reconnect_timeout:.0f} s",
@@ -273,7 +284,7 @@ def logs(args: argparse.Namespace) -> int:
     client = connect(args.address)
     job = attempts_of(client, args.run)[-1]
     if args.follow:
-        asyncio.run(_follow(client, job.submission_id, echo=True, reconnect_timeout=args.reconnect_timeout))
+        asyncio.run(_follow(client, job.submission_id, args.reconnect_timeout))
     else:
         sys.stdout.write(client.get_job_logs(job.submission_id))
     return 0
@@ -352,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
               "`python -m raytrain_app.jobs logs --follow RUN`, stop it with `... jobs stop RUN`.", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the job API refused a request (auth, a lost head): one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: the Ray job API failed: {type(e).__name__}: {first}", file=sys.stderr)
+        print(f"error: the Ray job API failed: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
 
 

@@ -132,6 +132,10 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _steps_per_epoch(data: Dataset, batch_size: int, world_size: int, grad_accum: int) -> int:
+    return math.ceil(batches_per_epoch(data.train.num_rows, batch_size, world_size) / grad_accum)
+
+
 @dataclass
 class LoadReport:
     """The optional parts `load_state_dict` found and restored (weights and counters always are)."""
@@ -321,25 +325,19 @@ class Trainer:
         val_loss = self.evaluate(data)
         is_best = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
+        self._checkpoint(on_checkpoint, val_loss, is_best)
+
+    def _checkpoint(self, on_checkpoint: CheckpointFn, val_loss: float | None, is_best: bool = False) -> None:
+        """Hand this step's metrics and state to `on_checkpoint`. `val_loss=None`: a checkpoint without
+        validating, a resume point that is never a candidate for the best (see UNVALIDATED_LOSS); tracking of the
+        best is untouched, so a run stopped there and resumed ends exactly as an uninterrupted one."""
         metrics = {
             "epoch": self.epoch, "global_step": self.global_step, "batch_index": self.batch_index,
-            "val_loss": val_loss, "validated": True, "best_val_loss": self.best_val_loss,
-            "train_ema_loss": self.mean_ema(),
+            "val_loss": UNVALIDATED_LOSS if val_loss is None else val_loss, "validated": val_loss is not None,
+            "best_val_loss": self.best_val_loss, "train_ema_loss": self.mean_ema(),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
         on_checkpoint(metrics, self.state_dict(eval_val_loss=val_loss), is_best)
-        self._saved_step = self.global_step
-
-    def _save_unvalidated(self, on_checkpoint: CheckpointFn) -> None:
-        """A checkpoint of this step without validating: a resume point, never a candidate for the best (see
-        UNVALIDATED_LOSS). Tracking of the best is untouched, so a run stopped here and resumed ends exactly as an
-        uninterrupted one."""
-        metrics = {
-            "epoch": self.epoch, "global_step": self.global_step, "batch_index": self.batch_index,
-            "val_loss": UNVALIDATED_LOSS, "validated": False, "best_val_loss": self.best_val_loss,
-            "train_ema_loss": self.mean_ema(), "lr": self.optimizer.param_groups[0]["lr"],
-        }
-        on_checkpoint(metrics, self.state_dict(), False)
         self._saved_step = self.global_step
 
     def _agreed_interrupt(self, interrupt: InterruptFn | None) -> int:
@@ -356,12 +354,11 @@ class Trainer:
         """Act on an interrupt at an optimizer-step boundary; True when training must stop now."""
         code = self._agreed_interrupt(interrupt)
         if code >= SAVE and self._saved_step != self.global_step:
-            self._save_unvalidated(on_checkpoint)
+            self._checkpoint(on_checkpoint, val_loss=None)
         return code == STOP
 
     def steps_per_epoch(self, data: Dataset) -> int:
-        n = batches_per_epoch(data.train.num_rows, self.cfg.batch_size, self.world_size)
-        return math.ceil(n / self.grad_accum)
+        return _steps_per_epoch(data, self.cfg.batch_size, self.world_size, self.grad_accum)
 
     def schedule_steps_per_epoch(self, data: Dataset) -> int:
         """Steps per epoch as the learning-rate schedule counts them: an elastic run's are those at its most
@@ -369,8 +366,7 @@ class Trainer:
         the effective batch, an epoch has a few more or fewer steps than the schedule counts)."""
         if not self.cfg.elastic:
             return self.steps_per_epoch(data)
-        n = batches_per_epoch(data.train.num_rows, self.cfg.batch_size, self.cfg.num_workers)
-        return math.ceil(n / self.cfg.grad_accum_steps)
+        return _steps_per_epoch(data, self.cfg.batch_size, self.cfg.num_workers, self.cfg.grad_accum_steps)
 
     def fit(self, data: Dataset, on_checkpoint: CheckpointFn, interrupt: InterruptFn | None = None) -> bool:
         """Train until `cfg.epochs` epochs are complete, validating and checkpointing every `eval_every` optimizer

@@ -117,8 +117,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
             print(f"{log_prefix}Preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
                   f"{info.preempted_ranks}): checkpointing global step {trainer.global_step}", flush=True)
 
-    interrupts = Interrupts(stop_request, on_notice) if stop_request is not None else None
-    completed = trainer.fit(data, on_checkpoint, interrupts)
+    completed = trainer.fit(data, on_checkpoint,
+                            Interrupts(stop_request, on_notice) if stop_request is not None else None)
     if not completed and rank == 0:
         print(f"{log_prefix}Stopped on request at epoch {trainer.epoch}, global step {trainer.global_step}, "
               f"batch {trainer.batch_index}: checkpoint saved.", flush=True)

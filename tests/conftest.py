@@ -161,6 +161,11 @@ def run_tune(args: list[str], ray_address: str, timeout: float = 300) -> subproc
     return run_main(args, ray_address, timeout=timeout, module="raytrain_app.tune")
 
 
+def run_jobs(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m raytrain_app.jobs ...` (the job API address is given with --address)."""
+    return run_main(list(args), timeout=120, cwd=cwd, module="raytrain_app.jobs")
+
+
 def latest_checkpoint_step(run_dir: Path | str) -> int | None:
     """The step of the run's latest checkpoint as Ray Train registered it (what a restart would load).
     `run_dir` is a local folder or a storage URI."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import yaml
 
 from raytrain_app.config import parse_config
 
-from .conftest import REPO_ROOT, base_env
+from .conftest import REPO_ROOT, run_jobs
 
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
 RAYJOB_YAML = REPO_ROOT / "jobs" / "rayjob.yaml"
@@ -105,11 +103,6 @@ def test_runtime_env_lets_the_driver_save_on_stop() -> None:
     assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray requires string values
 
 
-def run_jobs(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raytrain_app.jobs", *args], env=base_env(), capture_output=True,
-                          text=True, timeout=120, cwd=REPO_ROOT)
-
-
 @pytest.mark.parametrize(("args", "message"), [
     (["--data", "d.pkl"], "--save-dir ./checkpoints: a job runs in a fresh copy of the working directory"),
     (["--data", "d.pkl", "--save-dir", "ckpts"], "--save-dir ckpts: a job runs in a fresh copy"),
@@ -145,9 +138,8 @@ def test_submit_pins_the_run_or_sweep_name_every_attempt_continues() -> None:
 
 
 def test_submit_from_outside_the_repository_refuses_to_upload_the_wrong_folder(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "raytrain_app.jobs", "submit", "--address", "http://127.0.0.1:9",
-                             "--", "--data", "/d.pkl", "--save-dir", "/abs"],
-                            env=base_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = run_jobs("submit", "--address", "http://127.0.0.1:9", "--", "--data", "/d.pkl", "--save-dir", "/abs",
+                      cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line == (f"error: the runtime env's working_dir '.' is {tmp_path}, which does not hold raytrain_app/: "

@@ -26,6 +26,7 @@ from .conftest import (
     base_env,
     finish_process,
     latest_checkpoint_step,
+    run_jobs,
     run_main,
     write_dataset,
 )
@@ -66,14 +67,9 @@ def wait_for(condition, what: str, timeout: float = 180, every: float = 0.05):  
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def jobs_helper(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raytrain_app.jobs", *args], env=base_env(), capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO_ROOT)
-
-
 def job_status(job_api: str, submission_id: str) -> str:
     """The status `python -m raytrain_app.jobs status` reports (it finds plain `ray job submit` jobs by id)."""
-    result = jobs_helper("status", "--address", job_api, submission_id)
+    result = run_jobs("status", "--address", job_api, submission_id)
     assert result.returncode == 0, result.stdout + result.stderr
     [line] = result.stdout.strip().splitlines()
     return re.match(rf"{submission_id}  attempt -  ([A-Z]+)\b", line).group(1)
@@ -165,7 +161,7 @@ def test_submit_helper_resubmits_after_the_driver_is_killed_and_the_run_finishes
     assert resumed >= killed_at
     assert_same_training_state(reference, ckpt(run_dir, LAST_STEP) / "state.pt", LAST_STEP, EPOCHS)
 
-    status = jobs_helper("status", "--address", job_api, run_name)
+    status = run_jobs("status", "--address", job_api, run_name)
     assert status.returncode == 0, status.stderr
     lines = status.stdout.strip().splitlines()
     assert [line.split()[2] for line in lines] == ["1", "2"]  # "<id>  attempt N  STATUS..."
