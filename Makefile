@@ -23,7 +23,7 @@ demo: $(VENV)/.installed $(DEMO_DATA)
 	$(PY) -m raytrain_app.main --data $(DEMO_DATA) --num-workers 2 --epochs 5
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist worksteal
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check raytrain_app tests

@@ -80,7 +80,7 @@ def s3_endpoint() -> str:
         _wait_for_port(port, proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
+        proc.kill()  # it takes 15 s to honour SIGTERM
         proc.wait(timeout=30)
         for key, value in saved.items():
             if value is None:
@@ -103,32 +103,95 @@ def s3_uri(bucket_uri: str, key: str, endpoint: str) -> str:
     return f"{bucket_uri}/{key}?endpoint_override={endpoint}"
 
 
-_JOB_API: dict[str, str] = {}  # the session cluster's job API URL, set with the cluster
+_CLUSTER: dict[str, str] = {}  # the session cluster's job API URL and temp dir, set with the cluster
+
+
+def _stop_cluster(temp_dir: str, gcs_address: str) -> None:
+    """Stop one local cluster: its processes (found by its temp dir or GCS address) and all their children.
+    `ray stop` would stop every cluster on the machine, including the other test workers' ones."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if any(temp_dir in arg or gcs_address in arg for arg in p.info["cmdline"] or [])]
+    procs = set(roots)
+    for root in roots:
+        try:
+            procs.update(root.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:  # as `ray stop --force`: nothing of a finished test session is worth waiting for
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=15)
 
 
 @pytest.fixture(scope="session")
 def ray_address() -> str:
     """A real local Ray cluster shared by every test that trains; its own temp dir, so a user's or the demo's
-    cluster is never touched."""
+    cluster is never touched. Each pytest-xdist worker starts its own, so every port is its own too (Ray's
+    defaults for the client server and the dashboard agent are fixed ports)."""
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port, client_port, agent_port = (_free_port() for _ in range(4))
     env = base_env()
     cmd = [str(RAY_BIN), "start", "--head", "--num-cpus", "4", "--port", str(port), "--temp-dir", temp_dir,
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--disable-usage-stats"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+           "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
+           "--disable-usage-stats"]
     address = f"127.0.0.1:{port}"
-    _JOB_API["url"] = f"http://127.0.0.1:{dashboard_port}"
     try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+        _CLUSTER.update(job_api=f"http://127.0.0.1:{dashboard_port}", temp_dir=temp_dir)
         yield address
     finally:
-        subprocess.run([str(RAY_BIN), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp_dir, address)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def job_api(ray_address: str) -> str:
     """The session cluster's job API (the dashboard's HTTP address), as `ray job submit --address` takes it."""
-    return _JOB_API["url"]
+    return _CLUSTER["job_api"]
+
+
+def cluster_processes(name_part: str) -> list[Any]:
+    """Processes of the session cluster (descendants of its raylet) whose title contains `name_part`, such as
+    "RayTrainWorker": the other pytest workers' clusters are left alone."""
+    import psutil
+
+    temp_dir = _CLUSTER["temp_dir"]
+    found = []
+    for raylet in psutil.process_iter(["name", "cmdline"]):
+        if raylet.info["name"] == "raylet" and any(temp_dir in a for a in raylet.info["cmdline"] or []):
+            for child in raylet.children(recursive=True):
+                try:
+                    if name_part in child.name() or name_part in " ".join(child.cmdline()):
+                        found.append(child)
+                except psutil.NoSuchProcess:
+                    pass
+    return found
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder all pytest-xdist workers of this session share (each worker's own basetemp is inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def computed_once(shared_tmp: Path, key: str, compute: Any) -> Any:
+    """`compute(folder)` run once per test session across all pytest-xdist workers (the others wait for it and
+    reuse its JSON-able result): an expensive reference run is trained once, not once per worker."""
+    from filelock import FileLock
+
+    with FileLock(str(shared_tmp / f"{key}.lock")):
+        done = shared_tmp / f"{key}.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        result = compute(shared_tmp / key)
+        done.write_text(json.dumps(result))
+        return result
 
 
 def write_dataset(path: Path, **overrides: object) -> Path:

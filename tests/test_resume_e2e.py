@@ -17,7 +17,7 @@ import torch
 from raytrain_app.checkpoint import load_state
 from raytrain_app.config import parse_config
 from raytrain_app.loop import lr_at
-from tests.conftest import REPO_ROOT, TINY_MODEL, run_main, run_until_checkpoint, write_dataset
+from tests.conftest import REPO_ROOT, TINY_MODEL, computed_once, run_main, run_until_checkpoint, write_dataset
 
 pytestmark = pytest.mark.e2e
 
@@ -80,21 +80,21 @@ def parquet_dataset(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> 
     return out
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, dataset: Path, ray_address: str):  # noqa: ANN201
-    """The final state.pt of an uninterrupted run from the pickle, per worker count (run once, on first use).
-    A Parquet copy of the data is read in the same order, so its runs must end with the same bits too."""
-    finals: dict[int, Path] = {}
+@pytest.fixture(scope="session")
+def uninterrupted(shared_tmp: Path, dataset: Path, ray_address: str):  # noqa: ANN201
+    """The final state.pt of an uninterrupted run from the pickle, per worker count (trained once per test
+    session, on first use, whichever pytest worker needs it first). A Parquet copy of the data is read in the
+    same order, so its runs must end with the same bits too."""
 
     def final_state(workers: int) -> Path:
-        if workers not in finals:
-            save_dir = tmp_path_factory.mktemp(f"uninterrupted-{workers}")
+        def train(save_dir: Path) -> str:
             result = run_main(train_args(dataset, save_dir, workers), ray_address)
             assert result.returncode == 0, result.stdout + result.stderr
             run_dir = save_dir / run_name_of(result.stdout)
             assert_kept_checkpoints(result.stdout, run_dir, keep=2)
-            finals[workers] = ckpt(run_dir, LAST_STEP) / "state.pt"
-        return finals[workers]
+            return str(ckpt(run_dir, LAST_STEP) / "state.pt")
+
+        return Path(computed_once(shared_tmp, f"uninterrupted-{workers}", train))
 
     return final_state
 

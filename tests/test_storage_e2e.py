@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from raytrain_app.checkpoint import load_state
+from raytrain_app.config import parse_config
 from raytrain_app.loop import lr_at
 from raytrain_app.storage import parse_location
 from tests.conftest import (
@@ -22,7 +23,7 @@ from tests.conftest import (
     run_until_checkpoint,
     s3_uri,
 )
-from tests.test_resume_e2e import (
+from tests.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared reference runs, a fixture
     EPOCHS,
     LAST_STEP,
     MID_EPOCH_2,
@@ -30,6 +31,7 @@ from tests.test_resume_e2e import (
     assert_same_training_state,
     run_name_of,
     train_args,
+    uninterrupted,
 )
 
 pytestmark = pytest.mark.e2e
@@ -40,24 +42,23 @@ def s3_state(uri: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def s3_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, ray_address: str, s3_endpoint: str) -> dict:
-    """Train with --save-dir on S3, kill it after a mid-epoch checkpoint, run the same command again."""
+def s3_run(dataset: Path, ray_address: str, s3_endpoint: str, uninterrupted) -> dict:  # noqa: ANN001, F811
+    """Train with --save-dir on S3, kill it after a mid-epoch checkpoint, run the same command again. The reference
+    is the session's uninterrupted local run of the same command (--save-dir and --keep-checkpoints do not change
+    what is trained)."""
     bucket = make_bucket(s3_endpoint, "runs")
     save_dir = s3_uri(bucket, "experiments", s3_endpoint)
     args = train_args(dataset, Path("/unused"), 2)
     args[args.index("--save-dir") + 1] = save_dir
     args[args.index("--keep-checkpoints") + 1] = "100"
-    reference_dir = tmp_path_factory.mktemp("s3-reference")
-    reference = run_main([*args, "--save-dir", str(reference_dir)], ray_address)  # the last --save-dir wins
-    assert reference.returncode == 0, reference.stdout + reference.stderr
-    run_name = run_name_of(reference.stdout)
+    run_name = parse_config(args)[0].default_run_name()
     run_dir = parse_location(save_dir).join(run_name).uri
 
     killed = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
     assert run_name_of(killed) == run_name
     resumed = run_main(args, ray_address)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    return {"save_dir": save_dir, "run_name": run_name, "run_dir": run_dir, "reference_dir": reference_dir,
+    return {"save_dir": save_dir, "run_name": run_name, "run_dir": run_dir, "reference": uninterrupted(2),
             "resumed": resumed.stdout, "endpoint": s3_endpoint}
 
 
@@ -69,9 +70,7 @@ def test_s3_run_killed_and_rerun_resumes_from_s3_bit_exact(s3_run: dict) -> None
     assert resumed_step in MID_EPOCH_2
     final = parse_location(s3_run["run_dir"]).join(f"checkpoint_step={LAST_STEP:06d}", "state.pt")
     with final.local_copy() as local_final:
-        assert_same_training_state(
-            s3_run["reference_dir"] / s3_run["run_name"] / f"checkpoint_step={LAST_STEP:06d}" / "state.pt",
-            Path(local_final))
+        assert_same_training_state(s3_run["reference"], Path(local_final))
     assert parse_location(s3_run["save_dir"]).join("best_model.pt").is_file()
 
 
@@ -138,7 +137,7 @@ def test_wrong_credentials(tmp_path: Path, dataset: Path) -> None:
         _fails_fast(["--data", str(dataset), "--save-dir", f"s3://runs/x?endpoint_override=http://127.0.0.1:{port}"],
                     "access denied: check the credentials")
     finally:
-        server.terminate()
+        server.kill()  # it takes 15 s to honour SIGTERM
         server.wait(timeout=30)
 
 
