@@ -1,9 +1,15 @@
 """The checkpoint format, and the only module that reads or writes it.
 
 A checkpoint is a Ray `Checkpoint` directory named `checkpoint_step=000123` holding
-  state.pt   torch.save of the training state (keys below), loadable with weights_only=True
-  meta.json  the few numbers needed to choose between checkpoints without loading state.pt
+  state.pt       torch.save of the training state (keys below), loadable with weights_only=True
+  meta.json      the few numbers needed to choose between checkpoints without loading state.pt
+  manifest.json  size and SHA-256 of the two files above, written last: a folder whose files do not match it
+                 (a write cut off, a lost or damaged object) is never loaded
 and `<save-dir>/best_model.pt` is the same state as one file, replaced atomically whenever validation improves.
+
+A run folder also holds Ray Train's record of its checkpoints (checkpoint_manager_snapshot.json). Before a run
+continues, `recover_run` verifies the checkpoint that record names as the latest and, when it is not whole,
+falls back to the newest one that is, rewriting the record so Ray restores that one.
 
 state.pt keys (the first eight are the ones users' tools already know):
   epoch                 completed epochs
@@ -22,7 +28,7 @@ state.pt keys (the first eight are the ones users' tools already know):
                         (--resume-from-checkpoint, a sweep trial): base_checkpoint (its location),
                         base_global_step, base_epoch, base_sha256 (of the base state file), base_lineage
                         (the base's own lineage), and for sweep trials sweep_name and trial_id
-  format_version        1
+  format_version        2 (1: written before manifests; such folders are loaded without one)
 """
 
 from __future__ import annotations
@@ -42,9 +48,11 @@ import torch
 
 from raytrain_app.storage import Location, check_bucket, parse_location
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MANIFEST_VERSION_SINCE = 2  # format versions from this one on are written with a manifest
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
 BEST_MODEL_FILE = "best_model.pt"
 RUN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 CHECKPOINT_PREFIX = "checkpoint_step="
@@ -83,12 +91,75 @@ def _meta(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _HashingWriter:
+    """A file wrapper that hashes what passes through it: torch.save's bytes are hashed as they are written,
+    not read back."""
+
+    def __init__(self, out: Any) -> None:
+        self.out, self.digest, self.size = out, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _write_local(path: str, write: Any) -> dict[str, Any]:
+    """Write a local file through `write(file)`; its manifest entry (size, SHA-256)."""
+    with open(path, "wb") as f:
+        out = _HashingWriter(f)
+        write(out)
+        f.flush()
+    return {"size": out.size, "sha256": out.digest.hexdigest()}
+
+
 def save_checkpoint_dir(checkpoint_dir: str, state: dict[str, Any]) -> None:
-    """Write state.pt and meta.json into a (local, temporary) directory that Ray then persists."""
+    """Write state.pt, meta.json and, last, manifest.json into a (local, temporary) directory that Ray then
+    persists. Ray may upload the files in any order: the manifest's sizes and hashes, not its presence, make the
+    folder whole."""
     os.makedirs(checkpoint_dir, exist_ok=True)
-    torch.save(state, os.path.join(checkpoint_dir, STATE_FILE))
-    with open(os.path.join(checkpoint_dir, META_FILE), "w") as f:
-        json.dump(_meta(state), f, indent=1)
+    files = {
+        STATE_FILE: _write_local(os.path.join(checkpoint_dir, STATE_FILE), lambda f: torch.save(state, f)),
+        META_FILE: _write_local(os.path.join(checkpoint_dir, META_FILE),
+                                lambda f: f.write(json.dumps(_meta(state), indent=1).encode())),
+    }
+    with open(os.path.join(checkpoint_dir, MANIFEST_FILE), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, "files": files}, f, indent=1)
+
+
+def checkpoint_problem(checkpoint_dir: Location | str) -> str | None:
+    """Why the checkpoint folder is not whole (missing, cut off, damaged), or None when it is: every file its
+    manifest lists is there with the listed size and SHA-256. A folder written before manifests (format 1) is
+    whole when its state file is there; loading it still refuses a truncated file."""
+    where = _as_location(checkpoint_dir)
+    manifest = _read_json(where.join(MANIFEST_FILE))
+    if manifest is None:
+        meta = _read_json(where.join(META_FILE)) or {}
+        if meta.get("format_version", MANIFEST_VERSION_SINCE) < MANIFEST_VERSION_SINCE:
+            return None if where.join(STATE_FILE).is_file() else f"it has no {STATE_FILE}"
+        if not where.exists():
+            return "it does not exist"
+        return f"it has no {MANIFEST_FILE} (its write never finished)"
+    for name, expected in sorted((manifest.get("files") or {}).items()):
+        item = where.join(name)
+        info = item.info()
+        if info.type != pafs.FileType.File:
+            return f"{name} is missing"
+        if info.size != expected["size"]:
+            return f"{name} is {info.size} bytes, its manifest says {expected['size']} (cut off or damaged)"
+        if item.sha256() != expected["sha256"]:
+            return f"{name} does not match the SHA-256 in its manifest (damaged)"
+    return None
+
+
+def verify_checkpoint_dir(checkpoint_dir: Location | str, label: str | None = None) -> None:
+    """Raise CheckpointError naming the folder (or `label`) unless it is whole (see `checkpoint_problem`)."""
+    problem = checkpoint_problem(checkpoint_dir)
+    if problem:
+        raise CheckpointError(f"checkpoint {label or checkpoint_dir} is not whole: {problem}")
 
 
 def _as_location(location: Location | str) -> Location:
@@ -227,7 +298,8 @@ def _latest_result(run_dir: Location) -> dict[str, Any] | None:
 
 
 def latest_run_checkpoint(run_dir: Location | str) -> Location | None:
-    """The state file of the run's latest checkpoint, as Ray Train recorded it (the one a restart loads)."""
+    """The state file of the run's latest checkpoint, as Ray Train recorded it (the one a restart loads),
+    without checking that it is whole (see `recover_run`)."""
     run_dir = _as_location(run_dir)
     latest = _latest_result(run_dir)
     if not latest:
@@ -236,14 +308,129 @@ def latest_run_checkpoint(run_dir: Location | str) -> Location | None:
     return state if state.is_file() else None
 
 
+def _step_of(dir_name: str) -> int:
+    return int(dir_name[len(CHECKPOINT_PREFIX):])
+
+
+def recover_run(run_dir: Location | str, warn: Any = print) -> Location | None:
+    """The state file a run continues from, verified; None when Ray has recorded no checkpoint for the run.
+
+    When the checkpoint Ray's record names as the latest is not whole (cut off, damaged, deleted), `warn` names
+    it and the run falls back to its newest whole checkpoint; Ray's record is rewritten without the broken ones
+    (atomically), so that Ray restores the same one and never refuses to start over a folder that is gone.
+    Raises CheckpointError, writing nothing, when no recorded checkpoint is whole."""
+    run_dir = _as_location(run_dir)
+    snapshot_file = run_dir.join(RUN_SNAPSHOT_FILE)
+    snapshot = _read_json(snapshot_file)
+    if snapshot is None and snapshot_file.is_file():
+        snapshot = _rebuild_snapshot(run_dir, snapshot_file, warn)
+    if not snapshot or not snapshot.get("latest_checkpoint_result"):
+        return None
+    latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    recorded = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    candidates = [latest, *sorted((n for n in recorded if _step_of(n) < _step_of(latest)), key=_step_of,
+                                  reverse=True)]
+    broken, chosen = set(), None
+    for name in candidates:
+        problem = checkpoint_problem(run_dir.join(name))
+        if problem is None:
+            chosen = name
+            break
+        warn(f"⚠️  WARNING: checkpoint {run_dir.join(name)} is not whole: {problem}. Falling back to the run's "
+             "newest whole checkpoint.")
+        broken.add(name)
+    if chosen is None:
+        raise CheckpointError(
+            f"run {run_dir} has no whole checkpoint left ({', '.join(sorted(broken))} checked); nothing was "
+            "changed. Start it anew under another --run-name, or restore the folder from a backup.")
+    # Ray refuses to start when any recorded folder is gone; the older ones are only checked to exist.
+    broken |= {n for n in recorded - broken - {chosen} if not run_dir.join(n, STATE_FILE).is_file()}
+    if broken:
+        _forget_checkpoints(snapshot_file, snapshot, broken, chosen)
+        print(f"  Continuing from {run_dir.join(chosen)} (global step {_step_of(chosen)}).", flush=True)
+    return run_dir.join(chosen, STATE_FILE)
+
+
+def last_good_checkpoint(run_dir: Location | str, before_step: int) -> Location | None:
+    """The folder of the run's newest whole checkpoint from before global step `before_step` whose validation
+    loss was finite (None: there is none). A diverging run's last checkpoints can hold weights that already
+    overflow: only a finite validation loss vouches for them."""
+    run_dir = _as_location(run_dir)
+    names = [e.base_name for e in run_dir.list()
+             if e.type == pafs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX)]
+    for name in sorted((n for n in names if _step_of(n) < before_step), key=_step_of, reverse=True):
+        loss = (_read_json(run_dir.join(name, META_FILE)) or {}).get("eval_val_loss")
+        if loss is not None and math.isfinite(loss) and checkpoint_problem(run_dir.join(name)) is None:
+            return run_dir.join(name)
+    return None
+
+
+def _rebuild_snapshot(run_dir: Location, snapshot_file: Location, warn: Any) -> dict[str, Any] | None:
+    """Ray Train writes its run record in place, so a process killed during that write leaves it cut off, and
+    Ray then refuses to start the run at all. Rebuild the record from the run's whole checkpoint folders (their
+    meta.json holds what Ray orders them by)."""
+    import ray
+
+    from raytrain_app.loop import UNVALIDATED_LOSS
+
+    results = []
+    for entry in run_dir.list():
+        name = entry.base_name
+        if entry.type != pafs.FileType.Directory or not name.startswith(CHECKPOINT_PREFIX):
+            continue
+        meta = _read_json(run_dir.join(name, META_FILE))
+        if meta is None or checkpoint_problem(run_dir.join(name)) is not None:
+            continue
+        loss = meta.get("eval_val_loss")
+        metrics = {"epoch": meta["epoch"], "global_step": meta["global_step"],
+                   "batch_index": (meta.get("data_position") or {}).get("batch_index", 0),
+                   "val_loss": UNVALIDATED_LOSS if loss is None else loss, "validated": loss is not None,
+                   "best_val_loss": meta.get("best_val_loss")}
+        results.append({"version": 0, "checkpoint_dir_name": name, "metrics": metrics})
+    results.sort(key=lambda r: _step_of(r["checkpoint_dir_name"]))
+    warn(f"⚠️  WARNING: Ray's record of run {run_dir} ({RUN_SNAPSHOT_FILE}) is cut off or damaged: rebuilt it "
+         f"from the run's {len(results)} whole checkpoint(s).")
+    if not results:
+        raise CheckpointError(f"run {run_dir} has a damaged {RUN_SNAPSHOT_FILE} and no whole checkpoint; "
+                              "start it anew under another --run-name")
+    snapshot = {"ray_version": ray.__version__, "checkpoint_results": results,
+                "checkpoint_report_indices": list(range(len(results))), "latest_checkpoint_result": results[-1],
+                "pending_training_results": [], "pending_validation_specs": [], "current_report_index": len(results),
+                "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
+                "failed_validation_checkpoint_dir_names": []}
+    publish_bytes(json.dumps(snapshot).encode(), snapshot_file)
+    return snapshot
+
+
+def _forget_checkpoints(snapshot_file: Location, snapshot: dict[str, Any], broken: set[str], latest: str) -> None:
+    """Rewrite Ray Train's run record without the `broken` checkpoints, with `latest` as the latest."""
+    keep = [(r, i) for r, i in zip(snapshot["checkpoint_results"], snapshot["checkpoint_report_indices"],
+                                               strict=True)
+            if r["checkpoint_dir_name"] not in broken]
+    snapshot["checkpoint_results"] = [r for r, _ in keep]
+    snapshot["checkpoint_report_indices"] = [i for _, i in keep]
+    snapshot["latest_checkpoint_result"] = next(r for r, _ in keep if r["checkpoint_dir_name"] == latest)
+    pending = [(r, v) for r, v in zip(snapshot.get("pending_training_results", []),
+                                      snapshot.get("pending_validation_specs", []), strict=True)
+               if r["checkpoint_dir_name"] not in broken]
+    snapshot["pending_training_results"] = [r for r, _ in pending]
+    snapshot["pending_validation_specs"] = [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if key in snapshot:
+            snapshot[key] = [n for n in snapshot[key] if n not in broken]
+    publish_bytes(json.dumps(snapshot).encode(), snapshot_file)
+
+
 def latest_run_metrics(run_dir: Location | str) -> dict[str, Any] | None:
     """The metrics reported with the run's latest checkpoint (epoch, global_step, val_loss, ...), or None."""
     latest = _latest_result(_as_location(run_dir))
     return dict(latest.get("metrics") or {}) if latest else None
 
 
-def best_run_checkpoint(run_dir: Location | str) -> Location | None:
-    """The state file of the run's checkpoint with the lowest validation loss (latest on ties)."""
+def best_run_checkpoint(run_dir: Location | str, warn: Any = print) -> Location | None:
+    """The state file of the run's whole checkpoint with the lowest validation loss (latest on ties); one that
+    is not whole is named by `warn` and passed over."""
     run_dir = _as_location(run_dir)
     candidates: list[tuple[float, int, str]] = []
     for entry in run_dir.list():
@@ -255,13 +442,26 @@ def best_run_checkpoint(run_dir: Location | str) -> Location | None:
             continue
         loss = meta.get("eval_val_loss")
         candidates.append((math.inf if loss is None else loss, -meta["global_step"], name))
-    return run_dir.join(min(candidates)[2], STATE_FILE) if candidates else None
+    for _, _, name in sorted(candidates):
+        problem = checkpoint_problem(run_dir.join(name))
+        if problem is None:
+            return run_dir.join(name, STATE_FILE)
+        warn(f"⚠️  WARNING: checkpoint {run_dir.join(name)} is not whole: {problem}. Passing over it.")
+    return None
 
 
 def is_run_dir(location: Location) -> bool:
     return location.join(RUN_SNAPSHOT_FILE).is_file() or any(
         entry.base_name.startswith(CHECKPOINT_PREFIX) for entry in location.list()
     )
+
+
+def _parent(location: Location) -> Location:
+    parent = posixpath.dirname(location.path.rstrip("/"))
+    if location.is_local:
+        return Location(location.fs, parent, parent)
+    base, _, query = location.uri.partition("?")
+    return Location(location.fs, parent, posixpath.dirname(base.rstrip("/")) + (f"?{query}" if query else ""))
 
 
 def resolve_checkpoint(location: str, flag: str = "--resume-from-checkpoint") -> Location | None:
@@ -276,8 +476,12 @@ def resolve_checkpoint(location: str, flag: str = "--resume-from-checkpoint") ->
     if info.type == pafs.FileType.NotFound:
         return None
     if info.type == pafs.FileType.File:
+        folder = _parent(where)
+        if where.name == STATE_FILE and folder.join(MANIFEST_FILE).is_file():  # a checkpoint folder's state file
+            verify_checkpoint_dir(folder, label=f"{flag} {location}")
         return where
-    if where.join(STATE_FILE).is_file():
+    if where.join(STATE_FILE).is_file() or where.join(MANIFEST_FILE).is_file():
+        verify_checkpoint_dir(where, label=f"{flag} {location}")
         return where.join(STATE_FILE)
     if is_run_dir(where):
         best = best_run_checkpoint(where)

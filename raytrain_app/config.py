@@ -112,9 +112,15 @@ class TrainConfig:
     max_failures: int = _opt(
         3, "Worker-group restarts from the latest checkpoint before the run fails.", identity=False
     )
+    max_skipped_steps: int = _opt(
+        25, "Stop when this many optimizer steps in a row were skipped for a non-finite loss or gradients (the "
+        "run has diverged; 0: never stop). Skipped steps are counted in the metrics.", identity=False,
+        added_later=True,
+    )
     keep_checkpoints: int = _opt(3, "Checkpoints kept per run: the N best by validation loss, plus always the latest.",
                                  identity=False)
     use_wandb: bool = _opt(False, "Log to Weights & Biases.", identity=False)
+    debug: bool = _opt(False, "Show the full traceback with an error message.", identity=False, added_later=True)
 
     def __post_init__(self) -> None:
         self._split_worker_range()
@@ -125,7 +131,7 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "warmup_steps", "grad_clip", "aug_noise_std", "max_failures"):
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "aug_noise_std", "max_failures", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:

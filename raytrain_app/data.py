@@ -171,7 +171,12 @@ def _load_pickle(location: Location, path: str, *, val_fraction: float, seed: in
     if info.type == pafs.FileType.Directory:
         raise DataError(f"--data {path} is a folder without Parquet files; pass a dataset .pkl or Parquet data")
     raw = safe_unpickle(location.read_bytes(), f"--data {path}")
-    return _dataset_from_dict(raw, path, val_fraction=val_fraction, seed=seed, uri=location.uri)
+    try:
+        return _dataset_from_dict(raw, path, val_fraction=val_fraction, seed=seed, uri=location.uri)
+    except DataError as e:
+        if path in str(e):
+            raise
+        raise DataError(f"--data {path}: {e}") from None
 
 
 def _dataset_from_dict(raw: object, path: str, *, val_fraction: float, seed: int, uri: str) -> Dataset:

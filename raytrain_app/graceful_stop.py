@@ -42,12 +42,21 @@ def new_stop_request() -> Any:
     class StopRequest:
         def __init__(self) -> None:
             self.reason: str | None = None
+            self.diverged: dict[str, int] | None = None
 
         def request(self, reason: str) -> None:
             self.reason = self.reason or reason
 
         def get(self) -> str | None:
             return self.reason
+
+        # The other way: rank 0 tells the driver the run stopped itself because it diverged (Ray's Result
+        # only carries a checkpoint's metrics, and a diverged step is deliberately not checkpointed).
+        def report_divergence(self, info: dict[str, int]) -> None:
+            self.diverged = info
+
+        def divergence(self) -> dict[str, int] | None:
+            return self.diverged
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return StopRequest.options(scheduling_strategy=here).remote()

@@ -157,7 +157,48 @@ UNVALIDATED_LOSS = sys.float_info.max
 # What an interrupt function may ask for, polled at every optimizer-step boundary; the ranks act on the
 # largest value any of them saw, so they all save and stop at the same step.
 CONTINUE, SAVE, STOP = 0, 1, 2  # SAVE: checkpoint this step and go on (preemption notice); STOP: save, return
+DIVERGED = 3  # not asked for: the loop's own verdict after --max-skipped-steps skips in a row; returns unsaved
 InterruptFn = Callable[[], int]
+
+
+@dataclass
+class Divergence:
+    """Why training stopped itself: global steps first..last were all skipped (non-finite loss or gradients);
+    the weights are those after step first - 1."""
+
+    first_step: int
+    last_step: int
+
+
+class _LazyHostValue:
+    """A device scalar copied to the host without waiting: `read()` gives the newest copy the device has
+    finished (on CPU, the value just pushed), with the step it belongs to. On CUDA it may lag a step or two."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.int64, pin_memory=self.cuda)
+        self.event: Any = None
+        self.step, self.pending_step, self.value = 0, 0, None
+
+    def push(self, value: torch.Tensor, step: int) -> None:
+        if not self.cuda:
+            self.value, self.step = int(value), step
+            return
+        if self.event is not None and not self.event.query():
+            return  # the previous copy is still in flight: keep it
+        self._collect()
+        self.host.copy_(value, non_blocking=True)
+        self.event, self.pending_step = torch.cuda.Event(), step
+        self.event.record()
+
+    def _collect(self) -> None:
+        if self.event is not None and self.event.query():
+            self.value, self.step, self.event = int(self.host), self.pending_step, None
+
+    def read(self) -> tuple[int | None, int]:
+        if self.cuda:
+            self._collect()
+        return self.value, self.step
 
 
 class Trainer:
@@ -176,7 +217,8 @@ class Trainer:
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+            # Fused on every device: its kernel skips a step flagged non-finite on the device (see train_step).
+            lr=cfg.lr, betas=(0.9, 0.95), fused=True,
         )
         self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
@@ -188,6 +230,11 @@ class Trainer:
         self.best_val_loss = math.inf
         self.ema = torch.zeros((), device=device)  # stays on the device: no host sync per step
         self.ema_started = False
+        # Steps skipped for a non-finite loss or gradients: in all, and in a row now. Device tensors, no syncs.
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.skip_streak = torch.zeros((), dtype=torch.int64, device=device)
+        self._streak_reader = _LazyHostValue(device)
+        self.diverged: Divergence | None = None
         # Where this run's weights came from (a fork's base checkpoint, a sweep trial's ids); saved with every
         # checkpoint, set by the caller for a fork and restored from the run's own checkpoints.
         self.lineage: dict[str, Any] | None = None
@@ -215,6 +262,7 @@ class Trainer:
                               "batch_size": self.cfg.batch_size, "world_size": self.world_size},
             "eval_val_loss": eval_val_loss,
             "lineage": self.lineage,
+            "skipped_steps": int(self.skipped_steps), "skip_streak": int(self.skip_streak),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, fork: bool = False, fork_keeps_best: bool = True) -> LoadReport:
@@ -235,7 +283,7 @@ class Trainer:
         # Hyperparameters come from the current config, not the checkpoint (fine-tuning overrides).
         self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay
         for group in self.optimizer.param_groups:
-            group["fused"] = self.device.type == "cuda"
+            group["fused"] = True
         if self.scaler.is_enabled() and state.get("scaler_state_dict") and not reset:
             self.scaler.load_state_dict(state["scaler_state_dict"])
             report.scaler = True
@@ -251,6 +299,8 @@ class Trainer:
         best = state.get("val_loss") if fork_keeps_best or not fork else None
         self.best_val_loss = math.inf if best is None else float(best)
         self._load_ema(state)
+        self.skipped_steps.fill_(int(state.get("skipped_steps", 0) or 0))
+        self.skip_streak.fill_(int(state.get("skip_streak", 0) or 0))
         self.batch_index = self._resume_batch_index(state.get("data_position"))
         self._saved_step = self.global_step
         rng_states = state.get("rng_states") or []
@@ -291,14 +341,30 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             step_loss += loss.detach()
         self.schedule.set_step(self.global_step)
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16 loss scaling
         if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        # A non-finite loss makes non-finite gradients, and so does an overflow. After DDP's all-reduce every
+        # rank has the same gradients, so every rank skips the same steps. Decided on the device: no host sync.
+        bad = ~torch.isfinite(grad_norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # fp16: the scaler skips the step (and lowers its scale) itself
+        else:
+            self.optimizer.found_inf = bad.to(torch.float32)  # read by the fused AdamW kernel: no update
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        self.ema = step_loss if not self.ema_started else EMA_DECAY * self.ema + (1 - EMA_DECAY) * step_loss
+        self.skipped_steps += bad
+        self.skip_streak = (self.skip_streak + 1) * bad
+        self._streak_reader.push(self.skip_streak, self.global_step)
+        ema = step_loss if not self.ema_started else EMA_DECAY * self.ema + (1 - EMA_DECAY) * step_loss
+        self.ema = torch.where(bad, self.ema, ema)  # a skipped step's loss is not part of the curve
         self.ema_started = True
 
     @torch.no_grad()
@@ -323,36 +389,51 @@ class Trainer:
 
     def _validate(self, data: Dataset, on_checkpoint: CheckpointFn) -> None:
         val_loss = self.evaluate(data)
-        is_best = val_loss < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, val_loss)
+        is_best = val_loss < self.best_val_loss  # False for NaN: a diverged model is never the best
+        self.best_val_loss = min(self.best_val_loss, val_loss) if is_best else self.best_val_loss
         self._checkpoint(on_checkpoint, val_loss, is_best)
 
     def _checkpoint(self, on_checkpoint: CheckpointFn, val_loss: float | None, is_best: bool = False) -> None:
         """Hand this step's metrics and state to `on_checkpoint`. `val_loss=None`: a checkpoint without
         validating, a resume point that is never a candidate for the best (see UNVALIDATED_LOSS); tracking of the
-        best is untouched, so a run stopped there and resumed ends exactly as an uninterrupted one."""
+        best is untouched, so a run stopped there and resumed ends exactly as an uninterrupted one. A non-finite
+        validation loss is reported the same way (Ray's run record cannot hold it), with `val_loss_finite` False."""
+        finite = val_loss is not None and math.isfinite(val_loss)
         metrics = {
             "epoch": self.epoch, "global_step": self.global_step, "batch_index": self.batch_index,
-            "val_loss": UNVALIDATED_LOSS if val_loss is None else val_loss, "validated": val_loss is not None,
-            "best_val_loss": self.best_val_loss, "train_ema_loss": self.mean_ema(),
+            "skipped_steps": int(self.skipped_steps),
+            "val_loss": val_loss if finite else UNVALIDATED_LOSS, "validated": val_loss is not None,
+            "val_loss_finite": finite or val_loss is None,
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else UNVALIDATED_LOSS,
+            "train_ema_loss": self.mean_ema(),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
-        on_checkpoint(metrics, self.state_dict(eval_val_loss=val_loss), is_best)
+        on_checkpoint(metrics, self.state_dict(eval_val_loss=val_loss if finite else None), is_best)
         self._saved_step = self.global_step
 
     def _agreed_interrupt(self, interrupt: InterruptFn | None) -> int:
-        if interrupt is None:
-            return CONTINUE
-        code = interrupt()
-        if self.world_size > 1:
+        code = interrupt() if interrupt is not None else CONTINUE
+        if self.cfg.max_skipped_steps and self._diverged_at() is not None:
+            code = DIVERGED
+        if self.world_size > 1:  # the same decision on every rank (the streak may be read at different steps)
             t = torch.tensor([code], dtype=torch.int32)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_group)
             code = int(t.item())
         return code
 
+    def _diverged_at(self) -> Divergence | None:
+        streak, step = self._streak_reader.read()
+        if streak is None or streak < self.cfg.max_skipped_steps:
+            return None
+        return Divergence(first_step=step - streak + 1, last_step=step)
+
     def _interrupted(self, interrupt: InterruptFn | None, on_checkpoint: CheckpointFn) -> bool:
         """Act on an interrupt at an optimizer-step boundary; True when training must stop now."""
         code = self._agreed_interrupt(interrupt)
+        if code == DIVERGED:
+            # Nothing is saved: the caller points at the last checkpoint from before the skipped steps.
+            self.diverged = self._diverged_at() or Divergence(first_step=self.global_step, last_step=self.global_step)
+            return True
         if code >= SAVE and self._saved_step != self.global_step:
             self._checkpoint(on_checkpoint, val_loss=None)
         return code == STOP

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,8 @@ from raytrain_app.checkpoint import (
     BEST_MODEL_FILE,
     StateSummary,
     fork_lineage,
-    latest_run_checkpoint,
+    last_good_checkpoint,
+    recover_run,
     resolve_checkpoint,
 )
 from raytrain_app.config import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, TrainConfig, parse_config
@@ -30,6 +32,7 @@ from raytrain_app.graceful_stop import fit_until_stopped, new_stop_request
 from raytrain_app.preflight import (
     USER_ERRORS,
     UserError,
+    check_cluster_fits,
     prepare_data,
     prepare_start,
     print_resume_summary,
@@ -64,7 +67,7 @@ def prepare(argv: list[str]) -> Plan:
     cfg, data = prepare_data(cfg.replace(save_dir=save_dir.uri))
     run_dir = save_dir.join(run_name)
     source, init_from = None, None
-    if (latest := latest_run_checkpoint(run_dir)) is not None:
+    if (latest := recover_run(run_dir)) is not None:
         print(f"Run {run_name} has checkpoints: continuing it from its latest one.")
         source = latest
     elif cfg.resume_from_checkpoint:
@@ -84,15 +87,31 @@ def prepare(argv: list[str]) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every mistake a user can make ends here as one line on stderr and exit code 2, with nothing written;
+    anything unexpected as one line and exit code 1. --debug adds the traceback."""
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # read before parsing: a flag that fails to parse still gets its traceback
     try:
-        plan = prepare(argv)
+        return train(argv)
     except (UserError, *USER_ERRORS) as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the workers start; afterwards the signal handler stops them
         print("\nInterrupted before training started: nothing was written.", file=sys.stderr)
         return 128 + signal.SIGINT
+    except Exception as e:  # noqa: BLE001 - a failure we did not foresee: still one line, unless --debug
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}{': ' + first if first else ''} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+
+
+def train(argv: list[str]) -> int:
+    plan = prepare(argv)
     cfg, summary, run_dir = plan.cfg, plan.summary, plan.run_dir
 
     if cfg.use_wandb:
@@ -105,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Nothing to train: the checkpoint has completed {done_epochs} epochs and --epochs is {cfg.epochs} "
               "(a total). Pass a larger --epochs to train more.")
         return 0
+    connect_ray(num_cpus=max(4, cfg.num_workers))
+    check_cluster_fits(cfg)
     print("🚀 Starting training...")
     print(f"  Run: {plan.run_name} in {run_dir}")
     start = f"starting from epoch {done_epochs + 1}" + (f", batch {in_epoch}" if in_epoch else "")
@@ -114,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
           + (f" (effective batch {cfg.batch_size * cfg.num_workers * cfg.grad_accum_steps}, kept with fewer workers "
              "by accumulating more)" if cfg.elastic else ""), flush=True)
 
-    connect_ray(num_cpus=max(4, cfg.num_workers))
     import ray.train
 
     stop_request = new_stop_request()
@@ -129,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Re-run the same command to continue from the latest checkpoint in {run_dir}.", file=sys.stderr)
         return EXIT_TRAINING_FAILED
 
+    divergence = ray.get(stop_request.divergence.remote())
+    if divergence is not None:
+        print_divergence(plan, argv, divergence)
+        return EXIT_TRAINING_FAILED
     metrics = result.metrics or {}
     if stopped_by is not None and metrics.get("epoch", 0) < cfg.epochs:
         print(f"\n⏸️  Stopped by {signal.Signals(stopped_by).name} at epoch {metrics.get('epoch')}, global step "
@@ -148,6 +172,36 @@ def main(argv: list[str] | None = None) -> int:
                             "--epochs", str(cfg.epochs + 5)])
     print(f"  Fine-tune the best model with a lower learning rate: {fine_tune}")
     return 0
+
+
+def print_divergence(plan: Plan, argv: list[str], divergence: dict[str, int]) -> None:
+    """The run stopped itself after --max-skipped-steps skipped steps in a row: say where, and give the command
+    that forks a new run from the last checkpoint before them with half the learning rate."""
+    cfg, first, last = plan.cfg, divergence["first_step"], divergence["last_step"]
+    print(f"error: training diverged: global steps {first}-{last} ({last - first + 1} in a row, "
+          f"--max-skipped-steps {cfg.max_skipped_steps}) had a non-finite loss or gradients and were skipped. "
+          f"Lower the learning rate (--lr {cfg.lr:g}).", file=sys.stderr)
+    good = last_good_checkpoint(plan.run_dir, first)
+    start = good.uri if good is not None else plan.init_from  # else the run's own start: its fork point, or none
+    args = without_flags(argv, ("--lr", "--resume-from-checkpoint", "--run-name"))
+    args += [*(["--resume-from-checkpoint", start] if start else []), "--lr", f"{cfg.lr / 2:g}"]
+    where = f"the last checkpoint with a finite validation loss ({good.uri})" if good is not None else (
+        f"where this run started ({start})" if start else "the start")
+    print(f"Resume from {where} with half the learning rate, as a new run:", file=sys.stderr)
+    print(f"  {shlex.join([python_for_commands(), '-m', 'raytrain_app.main', *args])}", file=sys.stderr)
+
+
+def without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """`argv` without the given flags and their values (`--flag value` or `--flag=value`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif arg.split("=", 1)[0] not in flags:
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

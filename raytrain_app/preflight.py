@@ -148,6 +148,25 @@ def prepare_start(cfg: TrainConfig, given: set[str], source: Location, data: Dat
     return cfg, summary
 
 
+def check_cluster_fits(cfg: TrainConfig) -> None:
+    """Fail fast, before a worker starts, when the cluster (as far as it can ever grow) cannot place the run's
+    workers: Ray would otherwise wait for them forever."""
+    from raytrain_app.driver import cluster_capacity, how_many_fit, scaling_config
+
+    capacity, autoscaling = cluster_capacity()
+    where = "this cluster can grow to" if autoscaling else "this cluster has"
+    shown = ", ".join(f"{k} {v:g}" for k, v in sorted(capacity.items()) if k in ("CPU", "GPU") and v) or "nothing"
+    if cfg.use_gpu and capacity.get("GPU", 0.0) < 1:
+        raise UserError(f"--use-gpu: {where} no GPU ({shown}); drop --use-gpu to train on CPUs, or add GPU nodes")
+    per_worker = scaling_config(cfg)._resources_per_worker_not_none
+    fewest = cfg.min_workers or cfg.num_workers
+    fits = how_many_fit(per_worker, capacity)
+    if fits < fewest:
+        need = ", ".join(f"{k} {v:g}" for k, v in sorted(per_worker.items()) if v)
+        raise UserError(f"--num-workers {cfg.workers_text()}: each worker needs {need} and {where} {shown}, so at "
+                        f"most {fits} worker(s) can ever be placed; lower --num-workers or add nodes")
+
+
 def python_for_commands() -> str:
     """`python`, or the project's venv interpreter when it is not the one on PATH (right after `make demo`)."""
     on_path = shutil.which("python")

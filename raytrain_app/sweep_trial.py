@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from raytrain_app.checkpoint import latest_run_metrics
+from raytrain_app.checkpoint import latest_run_metrics, recover_run
 from raytrain_app.config import TrainConfig
 from raytrain_app.driver import make_trainer
 from raytrain_app.storage import Location, parse_location
@@ -49,11 +49,14 @@ def clear_failure_marks(sweep_dir: Location) -> None:
 def tune_metrics(metrics: dict[str, Any], base_global_step: int) -> dict[str, Any]:
     """What a trial reports to Tune: the worker's metrics, plus `steps_trained` since the base checkpoint (ASHA's
     clock: it keeps counting across retries and restores, unlike Tune's own iteration count). A diverged
-    loss is reported as +inf: NaN compares false with everything, so ASHA would never stop that trial."""
+    loss is reported as +inf: NaN compares false with everything, so ASHA would never stop that trial. So is the
+    stand-in Ray Train is given for a loss that was not measured or not finite (UNVALIDATED_LOSS)."""
+    from raytrain_app.loop import UNVALIDATED_LOSS
+
     out = dict(metrics)
     out["steps_trained"] = int(out["global_step"]) - base_global_step
     for key in LOSS_KEYS:
-        if key in out and not math.isfinite(out[key]):
+        if key in out and not (math.isfinite(out[key]) and out[key] < UNVALIDATED_LOSS):
             out[key] = math.inf
     return out
 
@@ -98,6 +101,9 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         raise RuntimeError(f"trial {trial_id}: training failed after {mark['max_failures']} worker restart(s) "
                            f"(latest checkpoint at step {mark['global_step']}); not retrying it. Re-run the sweep "
                            f"command to try again from its latest checkpoint. The failure: {mark['error']}")
+
+    # The trial's own latest checkpoint, verified: one that is not whole is named and the trial falls back.
+    recover_run(trial_dir.join(run_name), warn=lambda line: print(f"[trial {trial_id}] {line}", flush=True))
 
     import ray.train
 

@@ -15,11 +15,18 @@ import ray.train
 import ray.train.torch
 import torch
 
-from raytrain_app.checkpoint import STATE_FILE, checkpoint_dir_name, load_state, save_checkpoint_dir, write_best_model
+from raytrain_app.checkpoint import (
+    STATE_FILE,
+    checkpoint_dir_name,
+    load_state,
+    save_checkpoint_dir,
+    verify_checkpoint_dir,
+    write_best_model,
+)
 from raytrain_app.config import TrainConfig
 from raytrain_app.data import open_dataset
 from raytrain_app.graceful_stop import Interrupts
-from raytrain_app.loop import LoadReport, Trainer, seed_everything
+from raytrain_app.loop import UNVALIDATED_LOSS, LoadReport, Trainer, seed_everything
 from raytrain_app.model import SequenceTransformer
 from raytrain_app.storage import parse_location
 
@@ -30,6 +37,8 @@ def _restore_source(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None,
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
+            # The driver verified it before starting (recover_run); this copy is what this worker loads.
+            verify_checkpoint_dir(checkpoint_dir, label=checkpoint.path)
             path = os.path.join(checkpoint_dir, STATE_FILE)
             # mmap: tensors are read as they are copied into the model, not all held in memory per worker.
             return load_state(path, mmap=True), checkpoint.path, False
@@ -89,8 +98,11 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 f"{log_prefix}epoch {metrics['epoch'] + (metrics['batch_index'] > 0)}/{cfg.epochs} "
                 f"step {metrics['global_step']} "
                 f"train_ema_loss {metrics['train_ema_loss']:.4f} "
-                + (f"val_loss {metrics['val_loss']:.6f} " if validated else "saved on request (not validated) ")
-                + f"best {metrics['best_val_loss']:.6f} lr {metrics['lr']:.2e}",
+                + ("saved on request (not validated) " if not validated else
+                    f"val_loss {metrics['val_loss']:.6f} " if metrics["val_loss_finite"] else "val_loss non-finite ")
+                + (f"best {metrics['best_val_loss']:.6f} " if metrics["best_val_loss"] < UNVALIDATED_LOSS else "")
+                + f"lr {metrics['lr']:.2e}"
+                + (f" skipped_steps {metrics['skipped_steps']}" if metrics["skipped_steps"] else ""),
                 flush=True,
             )
         if state is None:  # ranks > 0: the report is a barrier, so every rank reports the same number of times
@@ -119,6 +131,27 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     completed = trainer.fit(data, on_checkpoint,
                             Interrupts(stop_request, on_notice) if stop_request is not None else None)
-    if not completed and rank == 0:
+    if trainer.diverged is not None:
+        _report_divergence(trainer, stop_request, log_prefix, rank)
+    elif not completed and rank == 0:
         print(f"{log_prefix}Stopped on request at epoch {trainer.epoch}, global step {trainer.global_step}, "
               f"batch {trainer.batch_index}: checkpoint saved.", flush=True)
+
+
+def _report_divergence(trainer: Trainer, stop_request: Any, log_prefix: str, rank: int) -> None:
+    """Tell the driver (a run's) or Tune (a trial's) that training stopped itself; nothing was saved."""
+    d = trainer.diverged
+    info = {"first_step": d.first_step, "last_step": d.last_step, "epoch": trainer.epoch,
+            "global_step": trainer.global_step}
+    if rank == 0:
+        print(f"{log_prefix}Diverged: global steps {d.first_step}-{d.last_step} all had a non-finite loss or "
+              f"gradients and were skipped; stopping without saving.", flush=True)
+        if stop_request is not None:
+            import ray
+
+            ray.get(stop_request.report_divergence.remote(info))
+    # A sweep trial's last report: ASHA and the results table see a diverged trial (no checkpoint with it).
+    ray.train.report({"epoch": trainer.epoch, "global_step": trainer.global_step, "batch_index": trainer.batch_index,
+                      "val_loss": float("inf"), "best_val_loss": trainer.best_val_loss,
+                      "train_ema_loss": trainer.mean_ema(), "skipped_steps": int(trainer.skipped_steps),
+                      "validated": False, "diverged": True})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,10 @@ import torch
 
 from raytrain_app.checkpoint import (
     CheckpointError,
+    checkpoint_problem,
+    last_good_checkpoint,
     load_state,
+    recover_run,
     resolve_checkpoint,
     save_checkpoint_dir,
     write_best_model,
@@ -32,7 +38,11 @@ def make_run(run_dir: Path, losses: dict[int, float]) -> None:
 
 def test_checkpoint_dir_round_trip(tmp_path: Path) -> None:
     save_checkpoint_dir(str(tmp_path / "c"), state(7, 0.5))
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["meta.json", "state.pt"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["manifest.json", "meta.json", "state.pt"]
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())["files"]
+    raw = (tmp_path / "c" / "state.pt").read_bytes()
+    assert manifest["state.pt"] == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    assert checkpoint_problem(str(tmp_path / "c")) is None
     loaded = load_state(str(tmp_path / "c" / "state.pt"))
     assert loaded["global_step"] == 7 and torch.equal(loaded["model_state_dict"]["w"], torch.full((2,), 7.0))
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["eval_val_loss"] == 0.5
@@ -100,3 +110,117 @@ def test_published_files_are_readable_by_others_as_the_umask_allows(tmp_path) ->
     for path in (best.path, str(tmp_path / "sweep.json")):
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~_UMASK  # not mkstemp's owner-only 0600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt", "sweep.json"]  # no temporary left
+
+
+def ray_run(run_dir: Path, steps: list[int]) -> Path:
+    """A run folder as Ray Train leaves it: checkpoint folders and its record of them (latest last)."""
+    results = []
+    for step in steps:
+        save_checkpoint_dir(str(run_dir / f"checkpoint_step={step:06d}"), state(step, 1.0 / step))
+        results.append({"version": 0, "checkpoint_dir_name": f"checkpoint_step={step:06d}",
+                        "metrics": {"global_step": step, "val_loss": 1.0 / step}})
+    snapshot = {"ray_version": "2.60.0", "checkpoint_results": results,
+                "checkpoint_report_indices": list(range(len(steps))), "latest_checkpoint_result": results[-1],
+                "pending_training_results": [], "pending_validation_specs": [], "current_report_index": len(steps),
+                "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
+                "failed_validation_checkpoint_dir_names": []}
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    return run_dir / "checkpoint_manager_snapshot.json"
+
+
+def cut_off(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda d: cut_off(d / "state.pt"), "state.pt is .* bytes, its manifest says"),
+    (lambda d: flip_a_byte(d / "state.pt"), "state.pt does not match the SHA-256"),
+    (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+    (lambda d: (d / "state.pt").unlink(), "state.pt is missing"),
+    (lambda d: shutil.rmtree(d), "does not exist"),
+])
+def test_a_checkpoint_that_is_not_whole_is_named_with_its_problem(tmp_path: Path, damage, problem: str) -> None:  # noqa: ANN001
+    folder = tmp_path / "checkpoint_step=000005"
+    save_checkpoint_dir(str(folder), state(5, 0.5))
+    damage(folder)
+    assert re.search(problem, checkpoint_problem(str(folder)))
+    if folder.exists():
+        with pytest.raises(CheckpointError, match=f"{folder} is not whole"):
+            resolve_checkpoint(str(folder))
+
+
+def test_a_checkpoint_written_before_manifests_still_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint_step=000005"
+    save_checkpoint_dir(str(folder), state(5, 0.5))
+    (folder / "manifest.json").unlink()
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    assert checkpoint_problem(str(folder)) is None
+
+
+@pytest.mark.parametrize("damage", [cut_off, flip_a_byte, Path.unlink])
+def test_a_broken_latest_checkpoint_falls_back_and_rays_record_follows(tmp_path: Path, damage, capsys) -> None:  # noqa: ANN001
+    snapshot_file = ray_run(tmp_path / "run", [4, 8, 12])
+    damage(tmp_path / "run" / "checkpoint_step=000012" / "state.pt")
+    chosen = recover_run(str(tmp_path / "run"))
+    assert chosen.path == str(tmp_path / "run" / "checkpoint_step=000008" / "state.pt")
+    out = capsys.readouterr().out
+    assert f"checkpoint {tmp_path / 'run' / 'checkpoint_step=000012'} is not whole" in out
+    snapshot = json.loads(snapshot_file.read_text())
+    assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_step=000008"
+    assert [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]] == [
+        "checkpoint_step=000004", "checkpoint_step=000008"]
+    assert snapshot["checkpoint_report_indices"] == [0, 1]
+    # Ray's own reader takes the rewritten record (it refuses one naming a folder that is gone).
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+    _CheckpointManagerState.model_validate(snapshot)
+    assert recover_run(str(tmp_path / "run")).path == chosen.path  # whole now: nothing more to say
+    assert "not whole" not in capsys.readouterr().out
+
+
+def test_a_run_with_no_whole_checkpoint_stops_and_changes_nothing(tmp_path: Path) -> None:
+    snapshot_file = ray_run(tmp_path / "run", [4, 8])
+    for step in (4, 8):
+        cut_off(tmp_path / "run" / f"checkpoint_step={step:06d}" / "state.pt")
+    before = snapshot_file.read_bytes()
+    with pytest.raises(CheckpointError, match="has no whole checkpoint left"):
+        recover_run(str(tmp_path / "run"))
+    assert snapshot_file.read_bytes() == before
+
+
+def test_the_best_checkpoint_of_a_run_folder_skips_a_broken_one(tmp_path: Path) -> None:
+    ray_run(tmp_path / "run", [4, 8, 12])  # the loss is 1/step: step 12 is the best
+    flip_a_byte(tmp_path / "run" / "checkpoint_step=000012" / "state.pt")
+    assert resolve_checkpoint(str(tmp_path / "run")).path.endswith("checkpoint_step=000008/state.pt")
+
+
+def test_a_cut_off_ray_record_is_rebuilt_from_the_whole_checkpoints(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Ray writes its record in place: a kill during that write leaves it cut off, which Ray refuses to start."""
+    snapshot_file = ray_run(tmp_path / "run", [4, 8, 12])
+    cut_off(snapshot_file)
+    cut_off(tmp_path / "run" / "checkpoint_step=000012" / "state.pt")  # and the newest folder was never finished
+    chosen = recover_run(str(tmp_path / "run"))
+    assert chosen.path.endswith("checkpoint_step=000008/state.pt")
+    assert "is cut off or damaged: rebuilt it from the run's 2 whole checkpoint(s)" in capsys.readouterr().out
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+    snapshot = _CheckpointManagerState.model_validate(json.loads(snapshot_file.read_text()))
+    assert [r.checkpoint_dir_name for r in snapshot.checkpoint_results] == [
+        "checkpoint_step=000004", "checkpoint_step=000008"]
+    assert snapshot.latest_checkpoint_result.metrics["global_step"] == 8
+
+
+def test_the_last_good_checkpoint_is_the_newest_validated_with_a_finite_loss(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for step, loss in {4: 0.5, 8: 0.4, 12: None, 16: None}.items():  # 12: not finite (or not validated)
+        save_checkpoint_dir(str(run / f"checkpoint_step={step:06d}"), {**state(step, 0.4), "eval_val_loss": loss})
+    assert last_good_checkpoint(str(run), before_step=17).path.endswith("checkpoint_step=000008")
+    assert last_good_checkpoint(str(run), before_step=8).path.endswith("checkpoint_step=000004")
+    flip_a_byte(run / "checkpoint_step=000008" / "state.pt")
+    assert last_good_checkpoint(str(run), before_step=17).path.endswith("checkpoint_step=000004")
+    assert last_good_checkpoint(str(run), before_step=4) is None

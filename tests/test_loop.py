@@ -230,3 +230,51 @@ def test_elastic_run_keeps_its_effective_batch_with_fewer_workers() -> None:
     assert elastic.schedule_steps_per_epoch(synthetic()) == 256 // 4 // 16
     assert config(num_workers=2, grad_accum_steps=2).grad_accum_for(1) == 2  # a fixed run accumulates as told
     assert config(num_workers="2-4").grad_accum_for(3) == 2  # rounds the effective batch up: 3 x 2 >= 4
+
+
+def batches(data: Dataset, n: int = 2, nan_at: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = data.train.read_rows(0, 16 * n)
+    micro = [(x[i * 16:(i + 1) * 16].clone(), y[i * 16:(i + 1) * 16]) for i in range(n)]
+    if nan_at is not None:
+        micro[nan_at][0][0, 0, 0] = float("nan")  # one feature of one sequence: its loss and gradients go NaN
+    return micro
+
+
+@pytest.mark.parametrize("precision", [{"use_amp": False}, {"use_amp": True, "amp_dtype": "bf16"},
+                                       {"use_amp": True, "amp_dtype": "fp16"}])
+def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(precision: dict) -> None:
+    """fp32, bf16 and fp16 alike: the weights, AdamW moments and step count and the EMA are untouched by a step
+    whose gradients are not finite; the global step (the data) moves on and the skip is counted."""
+    cfg, data = config(**precision), synthetic()
+    trainer = build(cfg)
+    trainer.train_step(batches(data))
+    before = copy_state(trainer.state_dict())
+    trainer.train_step(batches(data, nan_at=1))
+    after = copy_state(trainer.state_dict())
+    for name, tensor in before["model_state_dict"].items():
+        assert torch.equal(tensor, after["model_state_dict"][name]), name
+    for pid, moments in before["optimizer_state_dict"]["state"].items():
+        for key, tensor in moments.items():
+            assert torch.equal(tensor, after["optimizer_state_dict"]["state"][pid][key]), (pid, key)
+    assert after["train_ema_loss"] == before["train_ema_loss"] and math.isfinite(after["train_ema_loss"])
+    assert (after["global_step"], after["skipped_steps"], after["skip_streak"]) == (2, 1, 1)
+    trainer.train_step(batches(data))  # a finite step trains again and ends the streak
+    final = trainer.state_dict()
+    assert not torch.equal(final["model_state_dict"]["head.weight"], after["model_state_dict"]["head.weight"])
+    assert (final["skipped_steps"], final["skip_streak"]) == (1, 0)
+
+
+def test_too_many_skipped_steps_in_a_row_stop_training_without_saving() -> None:
+    """An absurd learning rate: the first step makes the weights overflow, every later step is non-finite and
+    skipped; after --max-skipped-steps of them the loop stops, unsaved, naming the steps. The skip counters are
+    part of the state, so a resumed run stops at the same step."""
+    cfg, data = config(lr=1e30, max_skipped_steps=3, eval_every=1), synthetic()
+    trainer, saved = build(cfg), {}
+    assert trainer.fit(data, lambda m, s, b: saved.update({m["global_step"]: copy_state(s)})) is False
+    assert (trainer.diverged.first_step, trainer.diverged.last_step) == (2, 4)
+    assert sorted(saved) == [1, 2, 3, 4]  # validated at every step (--eval-every 1), nothing after the stop
+    assert (saved[3]["skipped_steps"], saved[3]["skip_streak"]) == (2, 2)
+    resumed = build(cfg)
+    resumed.load_state_dict(saved[3])
+    assert resumed.fit(data, lambda *a: None) is False and resumed.diverged.last_step == 4
+    assert config(max_skipped_steps=0).max_skipped_steps == 0  # 0: never stop

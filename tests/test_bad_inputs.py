@@ -1,0 +1,188 @@
+"""Every mistake a user can make with `python -m raytrain_app.main`, made for real: one line on stderr naming the
+input and the cause, a non-zero exit, no traceback, and no file written or changed.
+
+The mistakes found before Ray is involved run `raytrain_app.main.main` (what `python -m` runs and passes to
+sys.exit) in this process: a process start each would cost a minute of the suite. Those that need the cluster
+run as real processes against the session's cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raytrain_app.config import TrainConfig
+from raytrain_app.main import main
+from raytrain_app.model import SequenceTransformer
+from tests.conftest import TINY_MODEL, run_main, write_dataset
+
+SHAPES = {"feature_dim": 4, "seq_len": 8, "num_classes": 3}
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under `root`: size, modification time and SHA-256."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def dump(path: Path, obj: object) -> Path:
+    path.write_bytes(pickle.dumps(obj))
+    return path
+
+
+def arrays(n: int = 64, x: np.ndarray | None = None, y: np.ndarray | None = None) -> dict:
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((n, 8, 4)).astype(np.float32) if x is None else x,
+            "y": rng.integers(0, 3, n) if y is None else y}
+
+
+def checkpoint(path: Path, **arch: int) -> Path:
+    """A training checkpoint of the tiny model (or of other `arch` values) for the 4-feature test data."""
+    cfg = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, **SHAPES, **arch)
+    torch.save({"epoch": 1, "global_step": 8, "model_state_dict": SequenceTransformer(cfg).state_dict(),
+                "config": cfg.to_dict()}, path)
+    return path
+
+
+class RunsCode:
+    """A pickle that would create a file when loaded by an unrestricted unpickler."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+# Each case: (set-up that writes its inputs into the folder and returns the flags, what the message says).
+# --data defaults to a good dataset in the folder unless the flags name another.
+Case = tuple[Callable[[Path], list[str]], str]
+CASES: dict[str, Case] = {
+    "missing data file": (lambda d: ["--data", str(d / "nope.pkl")], r"--data file not found: .*nope\.pkl"),
+    "not a pickle": (lambda d: ["--data", str(_write(d / "notes.pkl", b"just text"))],
+                     r"--data .*notes\.pkl is not a readable pickle"),
+    "pickle that would run code": (lambda d: ["--data", str(dump(d / "evil.pkl", RunsCode(d / "pwned")))],
+                                   r"--data .*evil\.pkl: refusing to load posix\.system"),
+    "wrong keys": (lambda d: ["--data", str(dump(d / "keys.pkl", {"training": arrays()}))],
+                   r"--data .*keys\.pkl must hold keys 'train'"),
+    "wrong dimensions": (
+        lambda d: ["--data", str(dump(d / "dims.pkl", {"train": arrays(x=np.zeros((64, 4), np.float32))}))],
+        r"--data .*dims\.pkl: train\.x must be \[N, T, F\], got shape \(64, 4\)"),
+    "wrong dtype": (lambda d: ["--data", str(dump(d / "dtype.pkl", {"train": arrays(y=np.zeros(64, np.float32))}))],
+                    r"--data .*dtype\.pkl: train\.y must be an integer array"),
+    "labels outside the class range": (
+        lambda d: ["--data", str(dump(d / "labels.pkl", {"train": arrays(y=np.full(64, 5)), "num_classes": 3}))],
+        r"--data .*labels\.pkl: labels must be in \[0, 3\), found values from 5 to 5"),
+    "NaN in the features": (
+        lambda d: ["--data", str(dump(d / "nan.pkl", {"train": arrays(x=np.full((64, 8, 4), np.nan, np.float32))}))],
+        r"--data .*nan\.pkl: train\.x contains NaN or inf"),
+    "empty split": (lambda d: ["--data", str(dump(d / "empty.pkl", {"train": arrays(), "val": arrays(n=0)}))],
+                    r"--data .*empty\.pkl: val is empty"),
+    "checkpoint folder without a checkpoint": (
+        lambda d: ["--resume-from-checkpoint", str(_mkdir(d / "somewhere"))],
+        r"--resume-from-checkpoint .*somewhere is a folder without a checkpoint"),
+    "truncated .pt": (lambda d: ["--resume-from-checkpoint", str(_truncate(checkpoint(d / "cut.pt")))],
+                      r"cut\.pt is not a readable checkpoint"),
+    ".pt of a different model": (
+        lambda d: ["--resume-from-checkpoint", str(_foreign(d / "other.pt"))],
+        r"checkpoint .*other\.pt holds a different model \(missing .*; pass the architecture flags"),
+    ".pt that is not a training checkpoint": (
+        lambda d: ["--resume-from-checkpoint", str(_save(d / "weights.pt", {"w": torch.zeros(2)}))],
+        r"weights\.pt is not a training checkpoint: it has no 'model_state_dict'"),
+    "architecture mismatch": (
+        lambda d: ["--resume-from-checkpoint", str(checkpoint(d / "base.pt")), "--hidden-dim", "32"],
+        r"checkpoint .*base\.pt does not fit this model: --hidden-dim 32 \(checkpoint has 16\)"),
+    "feature-dimension mismatch": (
+        lambda d: ["--resume-from-checkpoint", str(checkpoint(d / "base.pt")),
+                   "--data", str(write_dataset(d / "wide.pkl", feature_dim=5))],
+        r"checkpoint .*base\.pt does not fit this model: dataset feature dimension 5 \(checkpoint has 4\)"),
+    "zero learning rate": (lambda d: ["--lr", "0"], r"--lr must be positive, got 0"),
+    "negative batch size": (lambda d: ["--batch-size", "-4"], r"--batch-size must be positive, got -4"),
+    "zero epochs": (lambda d: ["--epochs", "0"], r"--epochs must be positive, got 0"),
+    "zero accumulation steps": (lambda d: ["--grad-accum-steps", "0"], r"--grad-accum-steps must be positive, got 0"),
+    "heads not dividing the width": (lambda d: ["--num-heads", "3"], r"--num-heads 3 must divide --hidden-dim 16"),
+    "unknown key in --config": (
+        lambda d: ["--config", str(_write(d / "c.yaml", b"lr: 0.001\nlearning_rate: 3\n"))],
+        r"unknown key\(s\) in .*c\.yaml: learning_rate"),
+    "unknown URI scheme": (lambda d: ["--save-dir", "ftp://host/runs"],
+                           r"--save-dir ftp://host/runs: unknown URI scheme"),
+}
+# Found by asking the cluster what it can ever offer: real processes against the session's cluster.
+CLUSTER_CASES: dict[str, Case] = {
+    "--use-gpu without a GPU": (lambda d: ["--use-gpu"],
+                                r"--use-gpu: this cluster has no GPU \(CPU 4\); drop --use-gpu"),
+    "more workers than the cluster can place": (
+        lambda d: ["--num-workers", "9", "--batch-size", "4"],
+        r"--num-workers 9: each worker needs CPU 1 and this cluster has CPU 4, so at most 4 worker\(s\) can ever be "
+        r"placed; lower --num-workers"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    (path / "notes.txt").write_text("not a checkpoint")
+    return path
+
+
+def _save(path: Path, obj: object) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def _truncate(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[:-100])
+    return path
+
+
+def _foreign(path: Path) -> Path:
+    return _save(path, {"epoch": 1, "model_state_dict": torch.nn.Linear(4, 3).state_dict()})
+
+
+@pytest.mark.parametrize("case", [*CASES, *CLUSTER_CASES])
+def test_a_bad_input_gets_one_line_a_non_zero_exit_and_writes_nothing(
+        case: str, tmp_path: Path, ray_address: str, capsys: pytest.CaptureFixture) -> None:
+    setup, message = CASES.get(case) or CLUSTER_CASES[case]
+    flags = setup(tmp_path)
+    if "--data" not in flags:
+        flags += ["--data", str(write_dataset(tmp_path / "good.pkl"))]
+    if "--save-dir" not in flags:
+        flags += ["--save-dir", str(tmp_path / "runs")]
+    argv = [*TINY_MODEL, "--num-workers", "1", "--epochs", "2", *flags]
+    before = tree(tmp_path)
+    if case in CASES:
+        code = main(argv)
+        stdout, stderr = capsys.readouterr()
+    else:
+        result = run_main(argv, ray_address, timeout=120)
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    output = stdout + stderr
+    assert code == 2, output
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), output
+    assert stderr.strip().splitlines()[-1] == errors[0], output  # the last word is ours
+    if case in CASES:
+        assert stderr.strip() == errors[0]  # and the only one
+    assert "Traceback" not in output
+    assert tree(tmp_path) == before  # nothing written or changed: no run folder, no best_model.pt, no marker
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_debug_shows_the_traceback_with_the_same_line(tmp_path: Path) -> None:
+    result = run_main(["--data", str(tmp_path / "nope.pkl"), "--debug"], timeout=120)
+    assert result.returncode == 2
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --data file not found")

@@ -1,0 +1,187 @@
+"""Faults injected for real on the session's Ray cluster: workers SIGKILLed at random moments, a worker killed
+in the middle of writing a checkpoint, a damaged latest checkpoint, and a run that diverges. Nothing is lost:
+each run ends bit-identical to an uninterrupted one, or says exactly how to continue."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shlex
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from raytrain_app.checkpoint import checkpoint_problem, load_state
+from raytrain_app.config import parse_config
+from tests.conftest import (
+    cluster_processes,
+    finish_process,
+    latest_checkpoint_step,
+    run_main,
+    run_until_checkpoint,
+    start_process,
+)
+from tests.test_checkpoint import flip_a_byte
+from tests.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared reference runs, a fixture
+    LAST_STEP,
+    MID_EPOCH_2,
+    assert_same_training_state,
+    ckpt,
+    train_args,
+    uninterrupted,
+)
+
+pytestmark = pytest.mark.e2e
+
+CHAOS_SEED = 2026
+
+
+def wait_for(condition, what: str, proc, log_path: Path, timeout: float = 120) -> object:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before {what}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s:\n{log_path.read_text()}")
+        time.sleep(0.002)
+    return value
+
+
+def restores(log_path: Path) -> list[str]:
+    """What the workers loaded at each (re)start, as rank 0 prints it."""
+    return re.findall(r"Workers loaded (\S+):", log_path.read_text())
+
+
+def kill_a_train_worker(rng: random.Random) -> int:
+    workers = sorted(cluster_processes("RayTrainWorker"), key=lambda p: p.pid)
+    assert workers, "no Ray Train worker is running"
+    victim = rng.choice(workers)
+    victim.send_signal(signal.SIGKILL)
+    return victim.pid
+
+
+def test_workers_killed_three_times_at_random_moments_and_the_run_ends_bit_exact(
+        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001, F811
+    """Three SIGKILLs of a Ray Train worker in one run, at seeded random checkpoints and random delays after them:
+    Ray Train restarts the worker group each time from the latest checkpoint (the default --max-failures is 3),
+    and the run ends with the same bits as one never interrupted."""
+    reference = uninterrupted(2)
+    rng = random.Random(CHAOS_SEED)
+    args = train_args(dataset, tmp_path / "runs", 2)
+    assert parse_config(args)[0].max_failures >= 3  # the default
+    run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
+    log_path = tmp_path / "train.log"
+    proc, log = start_process(args, ray_address, log_path=log_path)
+    killed_after = []
+    try:
+        for kill, window in enumerate([(3, 12), (18, 27), (30, 39)]):
+            target = rng.randint(*window)
+            wait_for(lambda kill=kill, target=target: len(restores(log_path)) == kill
+                     and (latest_checkpoint_step(run_dir) or 0) >= target,
+                     f"a checkpoint at step {target} after {kill} restart(s)", proc, log_path)
+            time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the steps after it
+            killed_after.append(latest_checkpoint_step(run_dir))
+            kill_a_train_worker(rng)
+        output = finish_process(proc, log, timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output
+    loaded = restores(log_path)
+    assert len(loaded) == 3, output  # one restore per kill, each from the run's own latest checkpoint
+    for path, at_kill in zip(loaded, killed_after, strict=True):
+        assert int(path.rsplit("=", 1)[1]) >= at_kill, (path, at_kill)
+    assert_same_training_state(reference, ckpt(run_dir, LAST_STEP) / "state.pt")
+
+
+def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
+        tmp_path: Path, dataset: Path, ray_address: str) -> None:
+    """A model big enough that copying a checkpoint into the run folder takes a while; the worker is SIGKILLed as
+    soon as a new checkpoint folder appears. That folder is never taken for whole: the restart loads the previous
+    checkpoint, --resume-from-checkpoint refuses the cut-off folder, and the run then finishes normally."""
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "1", "--epochs", "1",
+            "--batch-size", "16", "--eval-every", "3", "--hidden-dim", "256", "--num-layers", "4",
+            "--num-heads", "4"]
+    run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
+    log_path = tmp_path / "train.log"
+    proc, log = start_process(args, ray_address, log_path=log_path)
+
+    def folder_being_written() -> Path | None:
+        registered = latest_checkpoint_step(run_dir) or 0
+        if registered < 6:
+            return None
+        newer = [p for p in run_dir.glob("checkpoint_step=*") if int(p.name.split("=")[1]) > registered]
+        return newer[0] if newer else None
+
+    try:
+        torn = wait_for(folder_being_written, "a checkpoint folder being written", proc, log_path)
+        kill_a_train_worker(random.Random(0))
+        previous = latest_checkpoint_step(run_dir)
+        problem = checkpoint_problem(str(torn))
+        refused = run_main(["--resume-from-checkpoint", str(torn), "--data", str(dataset),
+                            "--save-dir", str(tmp_path / "fork")], timeout=120)
+        output = finish_process(proc, log, timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert problem is not None, f"{torn} was whole when the worker died: the kill came too late"
+    assert refused.returncode == 2 and f"checkpoint --resume-from-checkpoint {torn} is not whole" in refused.stderr
+    assert not (tmp_path / "fork").exists()
+    assert proc.returncode == 0, output
+    assert restores(log_path) == [str(ckpt(run_dir, previous))], output
+    final = sorted(run_dir.glob("checkpoint_step=*"))
+    assert final[-1].name == "checkpoint_step=000016" and all(checkpoint_problem(str(p)) is None for p in final)
+    assert load_state(str(tmp_path / "runs" / "best_model.pt"))["global_step"] > 0  # best_model.pt is whole
+
+
+def test_a_damaged_latest_checkpoint_falls_back_and_the_run_ends_bit_exact(
+        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001, F811
+    """The checkpoint Ray's record names as the latest has one byte flipped (storage rot): the re-run names it,
+    continues from the checkpoint before it (and Ray restores that one too), and ends with the same bits as an
+    uninterrupted run."""
+    reference = uninterrupted(1)
+    args = train_args(dataset, tmp_path / "runs", 1)
+    run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
+    run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
+    latest = latest_checkpoint_step(run_dir)
+    kept = sorted(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*"))
+    fallback = max(step for step in kept if step < latest)
+    flip_a_byte(ckpt(run_dir, latest) / "state.pt")
+
+    resumed = run_main(args, ray_address)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (f"checkpoint {ckpt(run_dir, latest)} is not whole: state.pt does not match the SHA-256 in its "
+            "manifest (damaged)") in resumed.stdout
+    assert f"Resuming from global step {fallback}" in resumed.stdout, resumed.stdout
+    assert f"Workers loaded {ckpt(run_dir, fallback)}:" in resumed.stdout, resumed.stdout
+    assert_same_training_state(reference, ckpt(run_dir, LAST_STEP) / "state.pt")
+
+
+def test_a_diverging_fine_tune_stops_and_says_how_to_resume_from_the_last_good_checkpoint(
+        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001, F811
+    """Fine-tuning a trained model with an absurd learning rate: step 1 of the new run makes the weights overflow,
+    every later loss is non-finite and its step skipped. Three in a row stop the run (exit 1), naming the steps;
+    the new run has no checkpoint with a finite validation loss, so the printed command forks again from the
+    checkpoint it started from, with half the learning rate."""
+    base = uninterrupted(1).parent
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "1", "--batch-size", "16",
+            "--epochs", "4", "--eval-every", "1", "--lr", "1e30", "--max-skipped-steps", "3",
+            "--resume-from-checkpoint", str(base)]
+    result = run_main(args, ray_address)
+    assert result.returncode == 1, result.stdout + result.stderr
+    first, last = LAST_STEP + 2, LAST_STEP + 4
+    assert f"Diverged: global steps {first}-{last} all had a non-finite loss or gradients" in result.stdout
+    assert (f"error: training diverged: global steps {first}-{last} (3 in a row, --max-skipped-steps 3) had a "
+            "non-finite loss or gradients and were skipped. Lower the learning rate (--lr 1e+30).") in result.stderr
+    assert "val_loss non-finite" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert f"Resume from where this run started ({base / 'state.pt'})" in result.stderr
+    argv = shlex.split(result.stderr.strip().splitlines()[-1])
+    assert argv[1:3] == ["-m", "raytrain_app.main"]
+    cfg, _ = parse_config(argv[3:])
+    assert cfg.resume_from_checkpoint == str(base / "state.pt") and cfg.lr == 5e29
+    assert (cfg.data, cfg.epochs, cfg.max_skipped_steps) == (str(dataset), 4, 3)  # the rest of the command is kept
+    run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
+    assert max(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*")) == last  # nothing after
