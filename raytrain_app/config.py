@@ -21,9 +21,11 @@ class ConfigError(ValueError):
     """A mistake in the user's configuration; the message names the flag and what to do."""
 
 
-# Exit codes of every command: a mistake in its input (nothing was written), or training that did not finish.
+# Exit codes of every command: a mistake in its input (nothing was written), training that did not finish, or
+# training that diverged (it stopped itself: running the same command again would diverge again).
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
+EXIT_DIVERGED = 3
 
 
 def _opt(default: Any, help: str, *, cli: bool = True, identity: bool = True, **extra: Any) -> Any:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raytrain_app.config import (
+    EXIT_DIVERGED,
     EXIT_TRAINING_FAILED,
     EXIT_USER_ERROR,
     ConfigError,
@@ -238,6 +239,10 @@ def _final_outcome(info: Any | None, run: str) -> tuple[str, int] | None:
     if info.driver_exit_code == EXIT_USER_ERROR:
         return ("[jobs] the command was refused (exit 2, see the line above): another attempt would repeat it.",
                 EXIT_USER_ERROR)
+    if info.driver_exit_code == EXIT_DIVERGED:
+        return ("[jobs] training diverged (exit 3, see the lines above): another attempt would diverge again. "
+                "Submit the printed command, which forks from the last good checkpoint with a lower --lr.",
+                EXIT_DIVERGED)
     if info.error_type in NOT_RETRIED:
         return f"[jobs] the job could not start ({info.error_type}): another attempt would repeat it.", EXIT_USER_ERROR
     return None

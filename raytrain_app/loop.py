@@ -175,20 +175,21 @@ class _LazyHostValue:
     finished (on CPU, the value just pushed), with the step it belongs to. On CUDA it may lag a step or two."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.int64, pin_memory=self.cuda)
+        self.asynchronous = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.int64, pin_memory=self.asynchronous)
+        self.new_event: Any = torch.cuda.Event if self.asynchronous else None
         self.event: Any = None
         self.step, self.pending_step, self.value = 0, 0, None
 
     def push(self, value: torch.Tensor, step: int) -> None:
-        if not self.cuda:
+        if not self.asynchronous:
             self.value, self.step = int(value), step
             return
         if self.event is not None and not self.event.query():
             return  # the previous copy is still in flight: keep it
         self._collect()
         self.host.copy_(value, non_blocking=True)
-        self.event, self.pending_step = torch.cuda.Event(), step
+        self.event, self.pending_step = self.new_event(), step
         self.event.record()
 
     def _collect(self) -> None:
@@ -196,7 +197,7 @@ class _LazyHostValue:
             self.value, self.step, self.event = int(self.host), self.pending_step, None
 
     def read(self) -> tuple[int | None, int]:
-        if self.cuda:
+        if self.asynchronous:
             self._collect()
         return self.value, self.step
 

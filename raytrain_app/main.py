@@ -26,7 +26,7 @@ from raytrain_app.checkpoint import (
     recover_run,
     resolve_checkpoint,
 )
-from raytrain_app.config import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, TrainConfig, parse_config
+from raytrain_app.config import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_USER_ERROR, TrainConfig, parse_config
 from raytrain_app.driver import connect_ray, make_trainer
 from raytrain_app.graceful_stop import fit_until_stopped, new_stop_request
 from raytrain_app.preflight import (
@@ -152,7 +152,7 @@ def train(argv: list[str]) -> int:
     divergence = ray.get(stop_request.divergence.remote())
     if divergence is not None:
         print_divergence(plan, argv, divergence)
-        return EXIT_TRAINING_FAILED
+        return EXIT_DIVERGED
     metrics = result.metrics or {}
     if stopped_by is not None and metrics.get("epoch", 0) < cfg.epochs:
         print(f"\n⏸️  Stopped by {signal.Signals(stopped_by).name} at epoch {metrics.get('epoch')}, global step "

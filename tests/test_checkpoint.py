@@ -6,6 +6,9 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +227,25 @@ def test_the_last_good_checkpoint_is_the_newest_validated_with_a_finite_loss(tmp
     flip_a_byte(run / "checkpoint_step=000008" / "state.pt")
     assert last_good_checkpoint(str(run), before_step=17).path.endswith("checkpoint_step=000004")
     assert last_good_checkpoint(str(run), before_step=4) is None
+
+
+def test_a_process_killed_while_writing_best_model_leaves_the_previous_one_whole(tmp_path: Path) -> None:
+    """A real process SIGKILLed in the middle of writing a 400 MB best_model.pt: the file a later load finds is
+    the previous one, whole; the cut-off bytes are only in a temporary file no load looks at."""
+    write_best_model(str(tmp_path), state(1, 0.9))
+    script = ("import sys, torch\n"
+              "from raytrain_app.checkpoint import write_best_model\n"
+              "write_best_model(sys.argv[1], {'epoch': 1, 'global_step': 2, 'val_loss': 0.5, 'config': {},\n"
+              "                               'model_state_dict': {'w': torch.ones(100_000_000)}})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size > 1 << 20 for p in tmp_path.glob(".best_model.pt.*.tmp")):
+            assert proc.poll() is None, "the writer ended before it was killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert load_state(str(tmp_path / "best_model.pt"))["global_step"] == 1
+    assert resolve_checkpoint(str(tmp_path / "best_model.pt")).path == str(tmp_path / "best_model.pt")

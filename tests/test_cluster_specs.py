@@ -144,3 +144,19 @@ def test_submit_from_outside_the_repository_refuses_to_upload_the_wrong_folder(t
     [line] = result.stderr.strip().splitlines()
     assert line == (f"error: the runtime env's working_dir '.' is {tmp_path}, which does not hold raytrain_app/: "
                     "run this command from the repository root")
+
+
+@pytest.mark.parametrize(("status", "exit_code", "retried"), [
+    ("SUCCEEDED", 0, False), ("STOPPED", 130, False), ("FAILED", 2, False), ("FAILED", 3, False),
+    ("FAILED", 1, True), ("FAILED", -9, True), ("FAILED", 143, True),
+])
+def test_the_helper_resubmits_only_what_another_attempt_can_finish(status: str, exit_code: int, retried: bool) -> None:
+    """A refused command (2) and a diverged run (3) would only repeat; a killed or failed driver continues."""
+    from types import SimpleNamespace
+
+    from raytrain_app.jobs import _final_outcome
+
+    info = SimpleNamespace(status=SimpleNamespace(value=status), driver_exit_code=exit_code, error_type=None)
+    assert (_final_outcome(info, "run-x") is None) == retried
+    if status == "FAILED" and exit_code == 3:
+        assert _final_outcome(info, "run-x")[1] == 3 and "diverged" in _final_outcome(info, "run-x")[0]

@@ -163,7 +163,7 @@ def test_a_damaged_latest_checkpoint_falls_back_and_the_run_ends_bit_exact(
 def test_a_diverging_fine_tune_stops_and_says_how_to_resume_from_the_last_good_checkpoint(
         tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001, F811
     """Fine-tuning a trained model with an absurd learning rate: step 1 of the new run makes the weights overflow,
-    every later loss is non-finite and its step skipped. Three in a row stop the run (exit 1), naming the steps;
+    every later loss is non-finite and its step skipped. Three in a row stop the run (exit 3), naming the steps;
     the new run has no checkpoint with a finite validation loss, so the printed command forks again from the
     checkpoint it started from, with half the learning rate."""
     base = uninterrupted(1).parent
@@ -171,7 +171,7 @@ def test_a_diverging_fine_tune_stops_and_says_how_to_resume_from_the_last_good_c
             "--epochs", "4", "--eval-every", "1", "--lr", "1e30", "--max-skipped-steps", "3",
             "--resume-from-checkpoint", str(base)]
     result = run_main(args, ray_address)
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 3, result.stdout + result.stderr  # not 1: the submit helper must not retry it
     first, last = LAST_STEP + 2, LAST_STEP + 4
     assert f"Diverged: global steps {first}-{last} all had a non-finite loss or gradients" in result.stdout
     assert (f"error: training diverged: global steps {first}-{last} (3 in a row, --max-skipped-steps 3) had a "

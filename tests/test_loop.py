@@ -278,3 +278,32 @@ def test_too_many_skipped_steps_in_a_row_stop_training_without_saving() -> None:
     resumed.load_state_dict(saved[3])
     assert resumed.fit(data, lambda *a: None) is False and resumed.diverged.last_step == 4
     assert config(max_skipped_steps=0).max_skipped_steps == 0  # 0: never stop
+
+
+def test_the_skip_streak_reaches_the_host_without_waiting_for_the_device() -> None:
+    """The CUDA path's logic on CPU, with an event whose completion the test decides: a value is read only once
+    its copy has finished, and a copy in flight is not replaced (so a value is never read half-copied)."""
+    from raytrain_app.loop import _LazyHostValue
+
+    class Event:
+        done = False
+
+        def record(self) -> None:
+            pass
+
+        def query(self) -> bool:
+            return Event.done
+
+    reader = _LazyHostValue(torch.device("cpu"))
+    reader.asynchronous, reader.new_event = True, Event
+    assert reader.read() == (None, 0)
+    reader.push(torch.tensor(1), step=10)
+    assert reader.read() == (None, 0)  # the copy has not finished
+    reader.push(torch.tensor(2), step=11)  # still in flight: skipped
+    Event.done = True
+    assert reader.read() == (1, 10)
+    reader.push(torch.tensor(3), step=12)
+    assert reader.read() == (3, 12)
+    Event.done = False
+    reader.push(torch.tensor(4), step=13)
+    assert reader.read() == (3, 12)  # lags until the device catches up
