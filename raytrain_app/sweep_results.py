@@ -21,7 +21,7 @@ CSV_COLUMNS = ("lr", "best_val_loss", "final_val_loss", "steps_trained", "status
 class TrialResult:
     trial_id: str
     lr: float
-    status: str  # finished | stopped early | unfinished | error | not run
+    status: str  # finished | stopped early | diverged | unfinished | error | not run
     best_val_loss: float = math.inf
     final_val_loss: float = math.inf
     steps_trained: int = 0
@@ -34,7 +34,8 @@ def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: se
 
     A trial is "finished" when it reached --epochs, "error" when it failed, "not run" when it never reported.
     One that did not reach --epochs is "stopped early" when Tune ended it (`ended_by_tune`: only the scheduler
-    does that), else "unfinished" (the sweep was interrupted)."""
+    does that), "diverged" when it stopped itself after --max-skipped-steps non-finite steps in a row, else
+    "unfinished" (the sweep was interrupted)."""
     rows = []
     for result in results:
         trial_id = trial_id_of(result.path)
@@ -56,6 +57,8 @@ def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: se
             row.best_val_loss = float(metrics.get("best_val_loss", min(loss for _, loss in row.curve)))
             if int(metrics.get("epoch", 0)) >= epochs:
                 row.status = "finished"
+            elif metrics.get("diverged"):
+                row.status = "diverged"
             else:
                 row.status = "stopped early" if trial_id in ended_by_tune else "unfinished"
         if result.error is not None:

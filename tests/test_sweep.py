@@ -208,6 +208,10 @@ def test_collect_reads_status_curves_and_best_checkpoints(tmp_path: Path) -> Non
     # Interrupted (Ctrl-C): a trial Tune had not ended is unfinished, not stopped early.
     rows = {r.lr: r for r in collect(results, sweep_dir=sweep_dir, epochs=3, ended_by_tune={"t_0"})}
     assert rows[1.0].status == "unfinished"
+    # A trial that stopped itself after too many non-finite steps in a row says so (its last report says it).
+    results[1].metrics = {**results[1].metrics, "diverged": True, "val_loss": math.inf}
+    rows = {r.lr: r for r in collect(results, sweep_dir=sweep_dir, epochs=3, ended_by_tune=set())}
+    assert rows[1.0].status == "diverged"
 
 
 def test_a_named_sweep_resumes_only_with_its_own_settings(base_pt: Path, dataset: Path, tmp_path: Path) -> None:
