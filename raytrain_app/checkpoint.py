@@ -347,7 +347,7 @@ def recover_run(run_dir: Location | str, warn: Any = print) -> Location | None:
     broken |= {n for n in recorded - broken - {chosen} if not run_dir.join(n, STATE_FILE).is_file()}
     if broken:
         _forget_checkpoints(snapshot_file, snapshot, broken, chosen)
-        print(f"  Continuing from {run_dir.join(chosen)} (global step {_step_of(chosen)}).", flush=True)
+        warn(f"  Continuing from {run_dir.join(chosen)} (global step {_step_of(chosen)}).")
     return run_dir.join(chosen, STATE_FILE)
 
 

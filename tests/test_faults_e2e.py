@@ -176,7 +176,10 @@ def test_a_diverging_fine_tune_stops_and_says_how_to_resume_from_the_last_good_c
     assert f"Diverged: global steps {first}-{last} all had a non-finite loss or gradients" in result.stdout
     assert (f"error: training diverged: global steps {first}-{last} (3 in a row, --max-skipped-steps 3) had a "
             "non-finite loss or gradients and were skipped. Lower the learning rate (--lr 1e+30).") in result.stderr
-    assert "val_loss non-finite" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert "val_loss non-finite" in result.stdout
+    # No traceback of ours (Ray's own actors may log theirs as the run ends; those lines name their pid).
+    output = result.stdout + result.stderr
+    assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line]
     assert f"Resume from where this run started ({base / 'state.pt'})" in result.stderr
     argv = shlex.split(result.stderr.strip().splitlines()[-1])
     assert argv[1:3] == ["-m", "raytrain_app.main"]
