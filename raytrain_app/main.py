@@ -159,7 +159,12 @@ def train(argv: list[str]) -> int:
               f"{metrics.get('global_step')}: that step is checkpointed in {run_dir}.")
         print(f"  Continue (the same command): {command}")
         return 128 + stopped_by  # not 0: a job system must see an interruption, not a finished run
-    best_path = plan.save_dir.join(BEST_MODEL_FILE).uri
+    best = plan.save_dir.join(BEST_MODEL_FILE)
+    if not best.is_file() and plan.init_from:  # a fork keeps its base's best, and never beat it
+        print(f"\nNo validation beat the best of the checkpoint this run started from: {plan.init_from} stays the "
+              "best model.")
+        best = parse_location(plan.init_from)
+    best_path = best.uri
     print("\n✅ Training finished.")
     if metrics:
         print(f"  Epoch {metrics.get('epoch')}, global step {metrics.get('global_step')}, "

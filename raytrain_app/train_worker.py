@@ -147,8 +147,6 @@ def _report_divergence(trainer: Trainer, stop_request: Any, log_prefix: str, ran
         print(f"{log_prefix}Diverged: global steps {d.first_step}-{d.last_step} all had a non-finite loss or "
               f"gradients and were skipped; stopping without saving.", flush=True)
         if stop_request is not None:
-            import ray
-
             ray.get(stop_request.report_divergence.remote(info))
     # A sweep trial's last report: ASHA and the results table see a diverged trial (no checkpoint with it).
     ray.train.report({"epoch": trainer.epoch, "global_step": trainer.global_step, "batch_index": trainer.batch_index,

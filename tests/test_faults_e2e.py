@@ -162,12 +162,12 @@ def test_a_damaged_latest_checkpoint_falls_back_and_the_run_ends_bit_exact(
 
 def test_a_diverging_fine_tune_stops_and_says_how_to_resume_from_the_last_good_checkpoint(
         tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001, F811
-    """Fine-tuning a trained model with an absurd learning rate: step 1 of the new run makes the weights overflow,
-    every later loss is non-finite and its step skipped. Three in a row stop the run (exit 3), naming the steps;
-    the new run has no checkpoint with a finite validation loss, so the printed command forks again from the
-    checkpoint it started from, with half the learning rate."""
+    """Fine-tuning a trained model on 2 workers with an absurd learning rate: step 1 of the new run makes the
+    weights overflow, every later loss is non-finite and its step skipped, on both ranks alike. Three in a row stop
+    the run (exit 3), naming the steps; the new run has no checkpoint with a finite validation loss, so the printed
+    command forks again from the checkpoint it started from, with half the learning rate."""
     base = uninterrupted(1).parent
-    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "1", "--batch-size", "16",
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "2", "--batch-size", "8",
             "--epochs", "4", "--eval-every", "1", "--lr", "1e30", "--max-skipped-steps", "3",
             "--resume-from-checkpoint", str(base)]
     result = run_main(args, ray_address)

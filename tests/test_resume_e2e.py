@@ -189,6 +189,13 @@ def test_b_fork_with_new_hyperparameters_restores_then_overrides(tmp_path: Path,
     # The new --lr is what the optimizer used: the schedule's value for the last step at the new peak.
     assert decay_group["lr"] == lr_at(LAST_STEP - 1, peak_lr=3e-4, warmup_steps=4, total_steps=LAST_STEP)
     assert final["val_loss"] <= source_state["val_loss"]  # best-so-far carried over, never forgotten
+    # The printed best model exists: the fork's own, or the checkpoint it started from when it never beat it.
+    best = tmp_path / "best_model.pt"
+    if final["val_loss"] < source_state["val_loss"]:
+        assert best.is_file() and f"Best model:  {best}" in result.stdout
+    else:
+        assert not best.exists() and f"{source} stays the best model" in result.stdout
+        assert f"Best model:  {source}" in result.stdout
 
 
 def test_c_pt_file_from_another_tool_without_epoch_starts_at_epoch_0_with_its_weights(
