@@ -143,7 +143,12 @@ def checkpoint_problem(checkpoint_dir: Location | str) -> str | None:
         if not where.exists():
             return "it does not exist"
         return f"it has no {MANIFEST_FILE} (its write never finished)"
-    for name, expected in sorted((manifest.get("files") or {}).items()):
+    files = manifest.get("files")
+    if not (isinstance(files, dict) and STATE_FILE in files and all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values())):
+        return f"its {MANIFEST_FILE} is damaged"
+    for name, expected in sorted(files.items()):
         item = where.join(name)
         info = item.info()
         if info.type != pafs.FileType.File:
@@ -284,12 +289,14 @@ def _load_local(path: str, label: str, *, mmap: bool) -> dict[str, Any]:
 
 
 def _read_json(location: Location) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing or is not one (cut off, damaged: any byte may be wrong)."""
     if not location.is_file():
         return None
     try:
-        return json.loads(location.read_bytes())
-    except json.JSONDecodeError:
+        value = json.loads(location.read_bytes())
+    except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
         return None
+    return value if isinstance(value, dict) else None
 
 
 def _latest_result(run_dir: Location) -> dict[str, Any] | None:
@@ -297,35 +304,41 @@ def _latest_result(run_dir: Location) -> dict[str, Any] | None:
     return snapshot.get("latest_checkpoint_result") or None
 
 
-def latest_run_checkpoint(run_dir: Location | str) -> Location | None:
-    """The state file of the run's latest checkpoint, as Ray Train recorded it (the one a restart loads),
-    without checking that it is whole (see `recover_run`)."""
-    run_dir = _as_location(run_dir)
-    latest = _latest_result(run_dir)
-    if not latest:
-        return None
-    state = run_dir.join(latest["checkpoint_dir_name"], STATE_FILE)
-    return state if state.is_file() else None
-
-
 def _step_of(dir_name: str) -> int:
     return int(dir_name[len(CHECKPOINT_PREFIX):])
 
 
-def recover_run(run_dir: Location | str, warn: Any = print) -> Location | None:
-    """The state file a run continues from, verified; None when Ray has recorded no checkpoint for the run.
+@dataclass
+class Recovery:
+    """What `plan_recovery` decided for a run: the state file it continues from (None: Ray recorded nothing, the
+    run starts anew), and the rewrite of Ray's record of the run that makes Ray restore that same checkpoint."""
+
+    state: Location | None
+    snapshot_file: Location | None = None
+    new_snapshot: dict[str, Any] | None = None  # None: Ray's record is right as it is
+
+    def apply(self) -> None:
+        """Write the new record (atomically). Called once everything else about the command has been checked,
+        so a command that is refused writes nothing."""
+        if self.new_snapshot is not None:
+            publish_bytes(json.dumps(self.new_snapshot).encode(), self.snapshot_file)
+
+
+def plan_recovery(run_dir: Location | str, warn: Any = print) -> Recovery:
+    """Find the checkpoint a run continues from, verified, without writing anything.
 
     When the checkpoint Ray's record names as the latest is not whole (cut off, damaged, deleted), `warn` names
-    it and the run falls back to its newest whole checkpoint; Ray's record is rewritten without the broken ones
-    (atomically), so that Ray restores the same one and never refuses to start over a folder that is gone.
-    Raises CheckpointError, writing nothing, when no recorded checkpoint is whole."""
+    it and the run falls back to its newest whole checkpoint; the returned Recovery rewrites Ray's record without
+    the broken ones, so that Ray restores the same one and never refuses to start over a folder that is gone.
+    A record that is cut off or missing while checkpoint folders exist is rebuilt from the whole ones. Raises
+    CheckpointError when no checkpoint is whole."""
     run_dir = _as_location(run_dir)
     snapshot_file = run_dir.join(RUN_SNAPSHOT_FILE)
     snapshot = _read_json(snapshot_file)
-    if snapshot is None and snapshot_file.is_file():
-        snapshot = _rebuild_snapshot(run_dir, snapshot_file, warn)
+    if snapshot is None and _checkpoint_names(run_dir):
+        return _rebuild_snapshot(run_dir, snapshot_file, warn)
     if not snapshot or not snapshot.get("latest_checkpoint_result"):
-        return None
+        return Recovery(state=None)
     latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
     recorded = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
     candidates = [latest, *sorted((n for n in recorded if _step_of(n) < _step_of(latest)), key=_step_of,
@@ -345,10 +358,23 @@ def recover_run(run_dir: Location | str, warn: Any = print) -> Location | None:
             "changed. Start it anew under another --run-name, or restore the folder from a backup.")
     # Ray refuses to start when any recorded folder is gone; the older ones are only checked to exist.
     broken |= {n for n in recorded - broken - {chosen} if not run_dir.join(n, STATE_FILE).is_file()}
-    if broken:
-        _forget_checkpoints(snapshot_file, snapshot, broken, chosen)
-        warn(f"  Continuing from {run_dir.join(chosen)} (global step {_step_of(chosen)}).")
-    return run_dir.join(chosen, STATE_FILE)
+    if not broken:
+        return Recovery(state=run_dir.join(chosen, STATE_FILE))
+    warn(f"  Continuing from {run_dir.join(chosen)} (global step {_step_of(chosen)}).")
+    return Recovery(state=run_dir.join(chosen, STATE_FILE), snapshot_file=snapshot_file,
+                    new_snapshot=_without_checkpoints(snapshot, broken, chosen))
+
+
+def recover_run(run_dir: Location | str, warn: Any = print) -> Location | None:
+    """`plan_recovery`, applied at once: the verified state file a run continues from, or None."""
+    recovery = plan_recovery(run_dir, warn)
+    recovery.apply()
+    return recovery.state
+
+
+def _checkpoint_names(run_dir: Location) -> list[str]:
+    return [e.base_name for e in run_dir.list()
+            if e.type == pafs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX)]
 
 
 def last_good_checkpoint(run_dir: Location | str, before_step: int) -> Location | None:
@@ -356,8 +382,7 @@ def last_good_checkpoint(run_dir: Location | str, before_step: int) -> Location 
     loss was finite (None: there is none). A diverging run's last checkpoints can hold weights that already
     overflow: only a finite validation loss vouches for them."""
     run_dir = _as_location(run_dir)
-    names = [e.base_name for e in run_dir.list()
-             if e.type == pafs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX)]
+    names = _checkpoint_names(run_dir)
     for name in sorted((n for n in names if _step_of(n) < before_step), key=_step_of, reverse=True):
         loss = (_read_json(run_dir.join(name, META_FILE)) or {}).get("eval_val_loss")
         if loss is not None and math.isfinite(loss) and checkpoint_problem(run_dir.join(name)) is None:
@@ -365,19 +390,17 @@ def last_good_checkpoint(run_dir: Location | str, before_step: int) -> Location 
     return None
 
 
-def _rebuild_snapshot(run_dir: Location, snapshot_file: Location, warn: Any) -> dict[str, Any] | None:
-    """Ray Train writes its run record in place, so a process killed during that write leaves it cut off, and
-    Ray then refuses to start the run at all. Rebuild the record from the run's whole checkpoint folders (their
-    meta.json holds what Ray orders them by)."""
-    import ray
+def _rebuild_snapshot(run_dir: Location, snapshot_file: Location, warn: Any) -> Recovery:
+    """Ray Train writes its run record in place, so a process killed during that write leaves it cut off (or,
+    killed between the first checkpoint's copy and the first record, missing), and Ray then refuses to start the
+    run, or starts it anew. Rebuild the record from the run's whole checkpoint folders: their meta.json holds
+    what Ray orders them by."""
+    from importlib.metadata import version
 
     from raytrain_app.loop import UNVALIDATED_LOSS
 
     results = []
-    for entry in run_dir.list():
-        name = entry.base_name
-        if entry.type != pafs.FileType.Directory or not name.startswith(CHECKPOINT_PREFIX):
-            continue
+    for index, name in enumerate(sorted(_checkpoint_names(run_dir), key=_step_of)):
         meta = _read_json(run_dir.join(name, META_FILE))
         if meta is None or checkpoint_problem(run_dir.join(name)) is not None:
             continue
@@ -386,24 +409,30 @@ def _rebuild_snapshot(run_dir: Location, snapshot_file: Location, warn: Any) -> 
                    "batch_index": (meta.get("data_position") or {}).get("batch_index", 0),
                    "val_loss": UNVALIDATED_LOSS if loss is None else loss, "validated": loss is not None,
                    "best_val_loss": meta.get("best_val_loss")}
-        results.append({"version": 0, "checkpoint_dir_name": name, "metrics": metrics})
-    results.sort(key=lambda r: _step_of(r["checkpoint_dir_name"]))
-    warn(f"⚠️  WARNING: Ray's record of run {run_dir} ({RUN_SNAPSHOT_FILE}) is cut off or damaged: rebuilt it "
-         f"from the run's {len(results)} whole checkpoint(s).")
+        results.append((index, {"version": 0, "checkpoint_dir_name": name, "metrics": metrics}))
+    what = "cut off or damaged" if snapshot_file.is_file() else "missing"
     if not results:
-        raise CheckpointError(f"run {run_dir} has a damaged {RUN_SNAPSHOT_FILE} and no whole checkpoint; "
-                              "start it anew under another --run-name")
-    snapshot = {"ray_version": ray.__version__, "checkpoint_results": results,
-                "checkpoint_report_indices": list(range(len(results))), "latest_checkpoint_result": results[-1],
-                "pending_training_results": [], "pending_validation_specs": [], "current_report_index": len(results),
-                "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
-                "failed_validation_checkpoint_dir_names": []}
-    publish_bytes(json.dumps(snapshot).encode(), snapshot_file)
-    return snapshot
+        raise CheckpointError(f"run {run_dir}: Ray's record of the run ({RUN_SNAPSHOT_FILE}) is {what} and no "
+                              "checkpoint folder is whole; nothing was changed. Start it anew under another "
+                              "--run-name.")
+    warn(f"⚠️  WARNING: Ray's record of run {run_dir} ({RUN_SNAPSHOT_FILE}) is {what}: rebuilding it from the "
+         f"run's {len(results)} whole checkpoint(s).")
+    latest = results[-1][1]
+    # Ray keeps the list in its own order, worst score first (the highest loss), ties in report order; it
+    # inserts into and deletes from that order, so any other would make it delete the wrong checkpoints.
+    results.sort(key=lambda r: (-r[1]["metrics"]["val_loss"], r[0]))
+    snapshot = {"ray_version": version("ray"), "checkpoint_results": [r for _, r in results],
+                "checkpoint_report_indices": [i for i, _ in results], "latest_checkpoint_result": latest,
+                "pending_training_results": [], "pending_validation_specs": [],
+                "current_report_index": max(i for i, _ in results) + 1, "validated_checkpoint_dir_names": [],
+                "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}
+    return Recovery(state=run_dir.join(latest["checkpoint_dir_name"], STATE_FILE), snapshot_file=snapshot_file,
+                    new_snapshot=snapshot)
 
 
-def _forget_checkpoints(snapshot_file: Location, snapshot: dict[str, Any], broken: set[str], latest: str) -> None:
-    """Rewrite Ray Train's run record without the `broken` checkpoints, with `latest` as the latest."""
+def _without_checkpoints(snapshot: dict[str, Any], broken: set[str], latest: str) -> dict[str, Any]:
+    """Ray Train's run record without the `broken` checkpoints, with `latest` as the latest."""
+    snapshot = dict(snapshot)
     keep = [(r, i) for r, i in zip(snapshot["checkpoint_results"], snapshot["checkpoint_report_indices"],
                                                strict=True)
             if r["checkpoint_dir_name"] not in broken]
@@ -419,7 +448,7 @@ def _forget_checkpoints(snapshot_file: Location, snapshot: dict[str, Any], broke
                 "failed_validation_checkpoint_dir_names"):
         if key in snapshot:
             snapshot[key] = [n for n in snapshot[key] if n not in broken]
-    publish_bytes(json.dumps(snapshot).encode(), snapshot_file)
+    return snapshot
 
 
 def latest_run_metrics(run_dir: Location | str) -> dict[str, Any] | None:

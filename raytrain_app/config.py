@@ -349,7 +349,10 @@ def build_parser(prog: str = "python -m raytrain_app.main", description: str | N
                  *, sweep: bool = False) -> argparse.ArgumentParser:
     """The CLI, generated from `TrainConfig` (and `SweepConfig` for sweeps). Every default is SUPPRESS so we
     know which flags were given."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    # No abbreviations: a prefix that works today would change meaning when a flag is added, and commands this
+    # tool prints (resume, fork) are built by replacing flags by their full names.
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                                     allow_abbrev=False)
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings; command-line flags win.")
     if sweep:
         _add_fields(parser.add_argument_group("sweep"), SweepConfig)

@@ -157,7 +157,6 @@ UNVALIDATED_LOSS = sys.float_info.max
 # What an interrupt function may ask for, polled at every optimizer-step boundary; the ranks act on the
 # largest value any of them saw, so they all save and stop at the same step.
 CONTINUE, SAVE, STOP = 0, 1, 2  # SAVE: checkpoint this step and go on (preemption notice); STOP: save, return
-DIVERGED = 3  # not asked for: the loop's own verdict after --max-skipped-steps skips in a row; returns unsaved
 InterruptFn = Callable[[], int]
 
 
@@ -230,7 +229,7 @@ class Trainer:
         self.batch_index = 0  # micro-batches of the current epoch already consumed by this rank
         self.best_val_loss = math.inf
         self.ema = torch.zeros((), device=device)  # stays on the device: no host sync per step
-        self.ema_started = False
+        self.ema_started = torch.zeros((), dtype=torch.bool, device=device)  # a step counted in it yet
         # Steps skipped for a non-finite loss or gradients: in all, and in a row now. Device tensors, no syncs.
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.skip_streak = torch.zeros((), dtype=torch.int64, device=device)
@@ -243,7 +242,8 @@ class Trainer:
     # --- state ---------------------------------------------------------------------------------------------
     def state_dict(self, eval_val_loss: float | None = None) -> dict[str, Any] | None:
         """The full training state on rank 0, None elsewhere. Collective: every rank must call it."""
-        per_rank = _all_gather({"rng": capture_rng_state(), "ema": self.ema.item(), "ema_started": self.ema_started})
+        per_rank = _all_gather({"rng": capture_rng_state(), "ema": self.ema.item(),
+                                 "ema_started": bool(self.ema_started)})
         if self.rank != 0:
             return None
         return {
@@ -301,7 +301,8 @@ class Trainer:
         self.best_val_loss = math.inf if best is None else float(best)
         self._load_ema(state)
         self.skipped_steps.fill_(int(state.get("skipped_steps", 0) or 0))
-        self.skip_streak.fill_(int(state.get("skip_streak", 0) or 0))
+        # A fork (a lower --lr, say) starts a streak of its own; a run's own checkpoint continues it exactly.
+        self.skip_streak.fill_(0 if fork else int(state.get("skip_streak", 0) or 0))
         self.batch_index = self._resume_batch_index(state.get("data_position"))
         self._saved_step = self.global_step
         rng_states = state.get("rng_states") or []
@@ -314,11 +315,12 @@ class Trainer:
     def _load_ema(self, state: dict[str, Any]) -> None:
         per_rank = state.get("rank_ema_losses") or []
         if self.rank < len(per_rank) and len(per_rank) == self.world_size:
-            value, self.ema_started = per_rank[self.rank]
+            value, started = per_rank[self.rank]
         else:
             value = state.get("train_ema_loss")
-            self.ema_started = value is not None
+            started = value is not None
         self.ema = torch.tensor(float(value or 0.0), dtype=torch.float32, device=self.device)
+        self.ema_started = torch.tensor(bool(started), device=self.device)
 
     def _resume_batch_index(self, position: dict[str, Any] | None) -> int:
         return resume_batch_index(position, self.epoch, self.cfg.batch_size, self.world_size)
@@ -364,9 +366,9 @@ class Trainer:
         self.skipped_steps += bad
         self.skip_streak = (self.skip_streak + 1) * bad
         self._streak_reader.push(self.skip_streak, self.global_step)
-        ema = step_loss if not self.ema_started else EMA_DECAY * self.ema + (1 - EMA_DECAY) * step_loss
+        ema = torch.where(self.ema_started, EMA_DECAY * self.ema + (1 - EMA_DECAY) * step_loss, step_loss)
         self.ema = torch.where(bad, self.ema, ema)  # a skipped step's loss is not part of the curve
-        self.ema_started = True
+        self.ema_started = self.ema_started | ~bad
 
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> float:
@@ -412,29 +414,29 @@ class Trainer:
         on_checkpoint(metrics, self.state_dict(eval_val_loss=val_loss if finite else None), is_best)
         self._saved_step = self.global_step
 
-    def _agreed_interrupt(self, interrupt: InterruptFn | None) -> int:
+    def _agreed_interrupt(self, interrupt: InterruptFn | None) -> tuple[int, bool]:
+        """(the interrupt code, whether the run diverged) as every rank will act on them: the largest any rank
+        saw. The skip streak is read without waiting for the device, so ranks may see it at different steps."""
         code = interrupt() if interrupt is not None else CONTINUE
-        if self.cfg.max_skipped_steps and self._diverged_at() is not None:
-            code = DIVERGED
-        if self.world_size > 1:  # the same decision on every rank (the streak may be read at different steps)
-            t = torch.tensor([code], dtype=torch.int32)
+        streak, _ = self._streak_reader.read()
+        diverged = bool(self.cfg.max_skipped_steps) and (streak or 0) >= self.cfg.max_skipped_steps
+        if self.world_size > 1:
+            t = torch.tensor([code, int(diverged)], dtype=torch.int32)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_group)
-            code = int(t.item())
-        return code
-
-    def _diverged_at(self) -> Divergence | None:
-        streak, step = self._streak_reader.read()
-        if streak is None or streak < self.cfg.max_skipped_steps:
-            return None
-        return Divergence(first_step=step - streak + 1, last_step=step)
+            code, diverged = int(t[0]), bool(t[1])
+        return code, diverged
 
     def _interrupted(self, interrupt: InterruptFn | None, on_checkpoint: CheckpointFn) -> bool:
         """Act on an interrupt at an optimizer-step boundary; True when training must stop now."""
-        code = self._agreed_interrupt(interrupt)
-        if code == DIVERGED:
-            # Nothing is saved: the caller points at the last checkpoint from before the skipped steps.
-            self.diverged = self._diverged_at() or Divergence(first_step=self.global_step, last_step=self.global_step)
-            return True
+        code, diverged = self._agreed_interrupt(interrupt)
+        if diverged:
+            # Confirmed on the value now on the device (identical on every rank, as the gradients are): on CUDA
+            # the lazy read may be older, and the run may have recovered since.
+            streak = int(self.skip_streak)
+            if streak >= self.cfg.max_skipped_steps:
+                # Nothing is saved: the driver points at the last checkpoint with a finite validation loss.
+                self.diverged = Divergence(first_step=self.global_step - streak + 1, last_step=self.global_step)
+                return True
         if code >= SAVE and self._saved_step != self.global_step:
             self._checkpoint(on_checkpoint, val_loss=None)
         return code == STOP

@@ -20,15 +20,17 @@ from typing import Any
 
 from raytrain_app.checkpoint import (
     BEST_MODEL_FILE,
+    Recovery,
     StateSummary,
     fork_lineage,
     last_good_checkpoint,
-    recover_run,
+    plan_recovery,
     resolve_checkpoint,
 )
 from raytrain_app.config import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_USER_ERROR, TrainConfig, parse_config
 from raytrain_app.driver import connect_ray, make_trainer
 from raytrain_app.graceful_stop import fit_until_stopped, new_stop_request
+from raytrain_app.loop import UNVALIDATED_LOSS
 from raytrain_app.preflight import (
     USER_ERRORS,
     UserError,
@@ -52,6 +54,7 @@ class Plan:
     init_from: str | None  # the checkpoint a new run starts from (a URI or path), None when continuing or fresh
     summary: StateSummary | None  # what training starts from, None for a fresh start
     lineage: dict[str, Any] | None  # what a new run forked from init_from records in its checkpoints
+    recovery: Recovery  # the run's own latest whole checkpoint, and the repair of Ray's record it may need
 
     @property
     def run_dir(self) -> Location:
@@ -67,9 +70,10 @@ def prepare(argv: list[str]) -> Plan:
     cfg, data = prepare_data(cfg.replace(save_dir=save_dir.uri))
     run_dir = save_dir.join(run_name)
     source, init_from = None, None
-    if (latest := recover_run(run_dir)) is not None:
+    recovery = plan_recovery(run_dir)  # decided now, written only once the whole command has been checked
+    if recovery.state is not None:
         print(f"Run {run_name} has checkpoints: continuing it from its latest one.")
-        source = latest
+        source = recovery.state
     elif cfg.resume_from_checkpoint:
         source = resolve_checkpoint(cfg.resume_from_checkpoint)
         if source is None:
@@ -83,7 +87,7 @@ def prepare(argv: list[str]) -> Plan:
     if init_from is not None:
         lineage = fork_lineage(source, summary)
     return Plan(cfg=cfg, run_name=run_name, save_dir=save_dir, init_from=init_from, summary=summary,
-                lineage=lineage)
+                lineage=lineage, recovery=recovery)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,8 +139,19 @@ def train(argv: list[str]) -> int:
           + (f" (effective batch {cfg.batch_size * cfg.num_workers * cfg.grad_accum_steps}, kept with fewer workers "
              "by accumulating more)" if cfg.elastic else ""), flush=True)
 
+    try:
+        return fit(plan, argv)
+    except USER_ERRORS as e:  # storage failing once training has started is no mistake in the command: exit 1
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+
+
+def fit(plan: Plan, argv: list[str]) -> int:
+    """Train the checked plan; the exit code."""
     import ray.train
 
+    cfg, run_dir = plan.cfg, plan.run_dir
+    plan.recovery.apply()  # Ray must restore the checkpoint the summary above was printed from
     stop_request = new_stop_request()
     trainer = make_trainer(cfg, run_name=plan.run_name, storage=plan.save_dir, init_from=plan.init_from,
                            lineage=plan.lineage, stop_request=stop_request)
@@ -167,8 +182,9 @@ def train(argv: list[str]) -> int:
     best_path = best.uri
     print("\n✅ Training finished.")
     if metrics:
-        print(f"  Epoch {metrics.get('epoch')}, global step {metrics.get('global_step')}, "
-              f"best val loss {metrics.get('best_val_loss', float('nan')):.6f}")
+        best_loss = metrics.get("best_val_loss")
+        shown = f"{best_loss:.6f}" if best_loss is not None and best_loss < UNVALIDATED_LOSS else "none (not finite)"
+        print(f"  Epoch {metrics.get('epoch')}, global step {metrics.get('global_step')}, best val loss {shown}")
     print(f"  Checkpoints: {run_dir}")
     print(f"  Best model:  {best_path}")
     print(f"  Resume this run after an interruption (the same command): {command}")
@@ -187,7 +203,10 @@ def print_divergence(plan: Plan, argv: list[str], divergence: dict[str, int]) ->
           f"--max-skipped-steps {cfg.max_skipped_steps}) had a non-finite loss or gradients and were skipped. "
           f"Lower the learning rate (--lr {cfg.lr:g}).", file=sys.stderr)
     good = last_good_checkpoint(plan.run_dir, first)
-    start = good.uri if good is not None else plan.init_from  # else the run's own start: its fork point, or none
+    # Else where the run started: the checkpoint it was forked from (recorded in its lineage once it continues
+    # from its own checkpoints), or nothing.
+    base = (plan.summary.lineage or {}).get("base_checkpoint") if plan.summary is not None else None
+    start = good.uri if good is not None else plan.init_from or base
     args = without_flags(argv, ("--lr", "--resume-from-checkpoint", "--run-name"))
     args += [*(["--resume-from-checkpoint", start] if start else []), "--lr", f"{cfg.lr / 2:g}"]
     where = f"the last checkpoint with a finite validation loss ({good.uri})" if good is not None else (

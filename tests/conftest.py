@@ -111,8 +111,8 @@ def _stop_cluster(temp_dir: str, gcs_address: str) -> None:
     `ray stop` would stop every cluster on the machine, including the other test workers' ones."""
     import psutil
 
-    roots = [p for p in psutil.process_iter(["cmdline"])
-             if any(temp_dir in arg or gcs_address in arg for arg in p.info["cmdline"] or [])]
+    roots = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+             and any(temp_dir in arg or gcs_address in arg for arg in p.info["cmdline"] or [])]
     procs = set(roots)
     for root in roots:
         try:

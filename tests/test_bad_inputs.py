@@ -187,3 +187,32 @@ def test_debug_shows_the_traceback_with_the_same_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback (most recent call last)" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --data file not found")
+
+
+def test_a_run_with_no_whole_checkpoint_left_stops_with_one_line_and_changes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The same command again, when every checkpoint of its run is damaged: exit 2, the run named, nothing
+    changed (not Ray's record of the run either)."""
+    from raytrain_app.checkpoint import save_checkpoint_dir
+    from raytrain_app.config import parse_config
+    from tests.test_checkpoint import flip_a_byte, ray_run
+
+    argv = [*TINY_MODEL, "--data", str(write_dataset(tmp_path / "good.pkl")), "--save-dir", str(tmp_path / "runs")]
+    run_dir = tmp_path / "runs" / parse_config(argv)[0].default_run_name()
+    ray_run(run_dir, [4, 8])
+    for step in (4, 8):
+        save_checkpoint_dir(str(run_dir / f"checkpoint_step={step:06d}"), {
+            **load_state_of(checkpoint(tmp_path / "base.pt")), "global_step": step, "val_loss": 0.5})
+        flip_a_byte(run_dir / f"checkpoint_step={step:06d}" / "state.pt")
+    before = tree(tmp_path)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == (f"error: run {run_dir} has no whole checkpoint left (checkpoint_step=000004, "
+                           "checkpoint_step=000008 checked); nothing was changed. Start it anew under another "
+                           "--run-name, or restore the folder from a backup.")
+    assert f"checkpoint {run_dir / 'checkpoint_step=000008'} is not whole: state.pt does not match" in out
+    assert tree(tmp_path) == before
+
+
+def load_state_of(path: Path) -> dict:
+    return torch.load(path, weights_only=True)

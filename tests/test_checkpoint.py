@@ -19,6 +19,7 @@ from raytrain_app.checkpoint import (
     checkpoint_problem,
     last_good_checkpoint,
     load_state,
+    plan_recovery,
     recover_run,
     resolve_checkpoint,
     save_checkpoint_dir,
@@ -203,19 +204,63 @@ def test_the_best_checkpoint_of_a_run_folder_skips_a_broken_one(tmp_path: Path) 
     assert resolve_checkpoint(str(tmp_path / "run")).path.endswith("checkpoint_step=000008/state.pt")
 
 
-def test_a_cut_off_ray_record_is_rebuilt_from_the_whole_checkpoints(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    """Ray writes its record in place: a kill during that write leaves it cut off, which Ray refuses to start."""
-    snapshot_file = ray_run(tmp_path / "run", [4, 8, 12])
-    cut_off(snapshot_file)
-    cut_off(tmp_path / "run" / "checkpoint_step=000012" / "state.pt")  # and the newest folder was never finished
-    chosen = recover_run(str(tmp_path / "run"))
-    assert chosen.path.endswith("checkpoint_step=000008/state.pt")
-    assert "is cut off or damaged: rebuilt it from the run's 2 whole checkpoint(s)" in capsys.readouterr().out
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
-    snapshot = _CheckpointManagerState.model_validate(json.loads(snapshot_file.read_text()))
-    assert [r.checkpoint_dir_name for r in snapshot.checkpoint_results] == [
-        "checkpoint_step=000004", "checkpoint_step=000008"]
-    assert snapshot.latest_checkpoint_result.metrics["global_step"] == 8
+def ray_checkpoint_manager(run_dir: Path, keep: int):  # noqa: ANN201
+    """Ray Train's own checkpoint manager, loading the run folder's record exactly as a restarted run does."""
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    config = CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min")
+    return CheckpointManager(checkpoint_config=config,
+                             storage_context=StorageContext(storage_path=str(run_dir.parent),
+                                                            experiment_dir_name=run_dir.name))
+
+
+@pytest.mark.parametrize("damage", [cut_off, flip_a_byte, Path.unlink])
+def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: Path, damage, capsys) -> None:  # noqa: ANN001
+    """Ray writes its record in place: a kill during that write leaves it cut off (or, before the first one,
+    missing), and Ray then refuses to start, or starts over. The rebuilt record loads in Ray's own checkpoint
+    manager, names the newest whole checkpoint, and keeps Ray's order (worst loss first), so the checkpoint Ray
+    deletes next is the worst, never the best."""
+    import asyncio
+
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.training_report import _TrainingReport
+
+    run = tmp_path / "run"
+    losses = {4: 0.4, 8: 0.6, 12: 0.5, 16: 0.7}  # not in step order
+    for step, loss in losses.items():
+        save_checkpoint_dir(str(run / f"checkpoint_step={step:06d}"), {**state(step, loss), "eval_val_loss": loss})
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    damage(run / "checkpoint_manager_snapshot.json")
+    cut_off(run / "checkpoint_step=000016" / "state.pt")  # and the newest folder was never finished
+    recovery = plan_recovery(str(run))
+    assert recovery.state.path.endswith("checkpoint_step=000012/state.pt")
+    assert "rebuilding it from the run's 3 whole checkpoint(s)" in capsys.readouterr().out
+    recovery.apply()
+
+    manager = ray_checkpoint_manager(run, keep=1)
+    assert manager.latest_checkpoint_result.metrics["global_step"] == 12
+    assert [r.metrics["global_step"] for r in manager._checkpoint_results] == [8, 12, 4]  # worst first
+    save_checkpoint_dir(str(run / "checkpoint_step=000020"), {**state(20, 0.45), "eval_val_loss": 0.45})
+    new = Checkpoint(path=str(run / "checkpoint_step=000020"))
+
+    async def register() -> None:
+        manager.register_checkpoint(_TrainingReport(checkpoint=new, metrics={"val_loss": 0.45}, validation=False))
+
+    asyncio.run(register())
+    assert {p.name for p in run.glob("checkpoint_step=*")} == {
+        "checkpoint_step=000004", "checkpoint_step=000016", "checkpoint_step=000020"}  # 16: never recorded
+
+
+def test_a_damaged_manifest_or_meta_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint_step=000005"
+    save_checkpoint_dir(str(folder), state(5, 0.5))
+    (folder / "manifest.json").write_text(json.dumps({"files": {"state.pt": {"sizf": 1}}}))
+    assert checkpoint_problem(str(folder)) == "its manifest.json is damaged"
+    flip_a_byte(folder / "manifest.json")
+    flip_a_byte(folder / "meta.json")
+    assert "no manifest.json" in checkpoint_problem(str(folder))
 
 
 def test_the_last_good_checkpoint_is_the_newest_validated_with_a_finite_loss(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -55,12 +56,20 @@ def restores(log_path: Path) -> list[str]:
     return re.findall(r"Workers loaded (\S+):", log_path.read_text())
 
 
-def kill_a_train_worker(rng: random.Random) -> int:
-    workers = sorted(cluster_processes("RayTrainWorker"), key=lambda p: p.pid)
+def kill_a_train_worker(rng: random.Random, spare: set[int] = frozenset()) -> set[int]:
+    """SIGKILL one of the run's Ray Train workers (not one in `spare`: a worker group already replaced, whose
+    processes may still be exiting); returns the pids of the group it was in."""
+    workers = sorted((p for p in cluster_processes("RayTrainWorker") if p.pid not in spare), key=lambda p: p.pid)
     assert workers, "no Ray Train worker is running"
-    victim = rng.choice(workers)
-    victim.send_signal(signal.SIGKILL)
-    return victim.pid
+    rng.choice(workers).send_signal(signal.SIGKILL)
+    return {p.pid for p in workers}
+
+
+def registered_step(run_dir: Path) -> int:
+    """The step of the run's latest registered checkpoint, read again if caught while Ray rewrites its record."""
+    while (step := latest_checkpoint_step(run_dir)) is None:
+        time.sleep(0.01)
+    return step
 
 
 def test_workers_killed_three_times_at_random_moments_and_the_run_ends_bit_exact(
@@ -75,7 +84,7 @@ def test_workers_killed_three_times_at_random_moments_and_the_run_ends_bit_exact
     run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
     log_path = tmp_path / "train.log"
     proc, log = start_process(args, ray_address, log_path=log_path)
-    killed_after = []
+    killed_after, replaced = [], set()
     try:
         for kill, window in enumerate([(3, 12), (18, 27), (30, 39)]):
             target = rng.randint(*window)
@@ -83,8 +92,8 @@ def test_workers_killed_three_times_at_random_moments_and_the_run_ends_bit_exact
                      and (latest_checkpoint_step(run_dir) or 0) >= target,
                      f"a checkpoint at step {target} after {kill} restart(s)", proc, log_path)
             time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the steps after it
-            killed_after.append(latest_checkpoint_step(run_dir))
-            kill_a_train_worker(rng)
+            killed_after.append(registered_step(run_dir))
+            replaced |= kill_a_train_worker(rng, spare=replaced)
         output = finish_process(proc, log, timeout=240)
     finally:
         if proc.poll() is None:
@@ -100,8 +109,9 @@ def test_workers_killed_three_times_at_random_moments_and_the_run_ends_bit_exact
 def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
         tmp_path: Path, dataset: Path, ray_address: str) -> None:
     """A model big enough that copying a checkpoint into the run folder takes a while; the worker is SIGKILLed as
-    soon as a new checkpoint folder appears. That folder is never taken for whole: the restart loads the previous
-    checkpoint, --resume-from-checkpoint refuses the cut-off folder, and the run then finishes normally."""
+    soon as a new checkpoint folder's state.pt is seen half copied. That folder is never taken for whole: the
+    restart loads the previous checkpoint, --resume-from-checkpoint refuses the cut-off folder, and the run then
+    finishes normally."""
     args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "1", "--epochs", "1",
             "--batch-size", "16", "--eval-every", "3", "--hidden-dim", "256", "--num-layers", "4",
             "--num-heads", "4"]
@@ -109,26 +119,37 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_on
     log_path = tmp_path / "train.log"
     proc, log = start_process(args, ray_address, log_path=log_path)
 
-    def folder_being_written() -> Path | None:
+    def partly_copied() -> Path | None:
+        """A checkpoint folder newer than the registered one whose state.pt is at most half there."""
         registered = latest_checkpoint_step(run_dir) or 0
         if registered < 6:
             return None
-        newer = [p for p in run_dir.glob("checkpoint_step=*") if int(p.name.split("=")[1]) > registered]
-        return newer[0] if newer else None
+        try:
+            whole_size = (ckpt(run_dir, registered) / "state.pt").stat().st_size
+            for folder in run_dir.glob("checkpoint_step=*"):
+                state = folder / "state.pt"
+                if int(folder.name.split("=")[1]) > registered and 0 < state.stat().st_size < whole_size / 2:
+                    return folder
+        except FileNotFoundError:  # a folder Ray is deleting, a state.pt not created yet: look again
+            pass
+        return None
 
     try:
-        torn = wait_for(folder_being_written, "a checkpoint folder being written", proc, log_path)
+        torn = wait_for(partly_copied, "a checkpoint folder caught half copied", proc, log_path)
         kill_a_train_worker(random.Random(0))
-        previous = latest_checkpoint_step(run_dir)
-        problem = checkpoint_problem(str(torn))
-        refused = run_main(["--resume-from-checkpoint", str(torn), "--data", str(dataset),
+        # Kept as the kill left it: the restarted workers write this step's folder again later.
+        shutil.copytree(torn, tmp_path / torn.name)
+        previous = registered_step(run_dir)
+        problem = checkpoint_problem(str(tmp_path / torn.name))
+        refused = run_main(["--resume-from-checkpoint", str(tmp_path / torn.name), "--data", str(dataset),
                             "--save-dir", str(tmp_path / "fork")], timeout=120)
         output = finish_process(proc, log, timeout=240)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert problem is not None, f"{torn} was whole when the worker died: the kill came too late"
-    assert refused.returncode == 2 and f"checkpoint --resume-from-checkpoint {torn} is not whole" in refused.stderr
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"checkpoint --resume-from-checkpoint {tmp_path / torn.name} is not whole" in refused.stderr
     assert not (tmp_path / "fork").exists()
     assert proc.returncode == 0, output
     assert restores(log_path) == [str(ckpt(run_dir, previous))], output

@@ -277,6 +277,9 @@ def test_too_many_skipped_steps_in_a_row_stop_training_without_saving() -> None:
     resumed = build(cfg)
     resumed.load_state_dict(saved[3])
     assert resumed.fit(data, lambda *a: None) is False and resumed.diverged.last_step == 4
+    forked = build(cfg.replace(lr=1e-3))  # a fork with a sane rate starts a streak of its own
+    forked.load_state_dict(saved[3], fork=True)
+    assert (int(forked.skip_streak), int(forked.skipped_steps)) == (0, 2)
     assert config(max_skipped_steps=0).max_skipped_steps == 0  # 0: never stop
 
 

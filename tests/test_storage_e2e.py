@@ -179,3 +179,27 @@ def test_pickle_dataset_read_from_s3(dataset: Path, s3_endpoint: str) -> None:
     local, remote = load_dataset(str(dataset)), open_dataset(uri)
     assert remote.uri.startswith("s3://pickles/tiny.pkl?endpoint_override=127.0.0.1:")
     assert torch.equal(local.train.x, remote.train.x) and torch.equal(local.val.y, remote.val.y)
+
+
+def test_a_checkpoint_on_s3_is_verified_and_a_cut_off_one_refused(tmp_path: Path, s3_endpoint: str) -> None:
+    from raytrain_app.checkpoint import (
+        CheckpointError,
+        checkpoint_problem,
+        publish_file,
+        resolve_checkpoint,
+        save_checkpoint_dir,
+    )
+
+    bucket = make_bucket(s3_endpoint, "verify")
+    local = tmp_path / "checkpoint_step=000005"
+    save_checkpoint_dir(str(local), {"epoch": 1, "global_step": 5, "val_loss": 0.5, "config": {},
+                                     "model_state_dict": {"w": torch.ones(1000)}})
+    remote = parse_location(s3_uri(bucket, "run/checkpoint_step=000005", s3_endpoint))
+    for name in ("state.pt", "meta.json", "manifest.json"):
+        publish_file(str(local / name), remote.join(name))
+    assert checkpoint_problem(remote) is None
+    assert resolve_checkpoint(remote.uri).uri == remote.join("state.pt").uri
+    remote.join("state.pt").write_bytes((local / "state.pt").read_bytes()[:100])
+    assert "state.pt is 100 bytes, its manifest says" in checkpoint_problem(remote)
+    with pytest.raises(CheckpointError, match="is not whole: state.pt is 100 bytes"):
+        resolve_checkpoint(remote.uri)
