@@ -21,7 +21,6 @@ from raytrain_app.checkpoint import load_state
 from raytrain_app.config import parse_config
 
 from .conftest import (
-    RAY_BIN,
     TINY_MODEL,
     base_env,
     finish_process,
@@ -57,20 +56,21 @@ def cluster_env() -> dict[str, str]:
 @pytest.fixture
 def two_nodes():  # noqa: ANN201
     """A head and a second node with one CPU each (tests/two_node_cluster.py), so two 1-CPU workers land one
-    per node. Yields (address, the second node's id, remove the second node)."""
+    per node. Yields (address, the second node's id, a function that drains or removes the second node)."""
     temp_dir = tempfile.mkdtemp(prefix="rt2-", dir="/tmp")  # short: Ray's socket paths have a length limit
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("two_node_cluster.py")), temp_dir],
                             env=cluster_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
 
-    def remove_second_node() -> None:
-        proc.stdin.write("remove\n")
+    def second_node(command: str) -> None:
+        """`drain` it (a preemption notice) or `remove` it (lost)."""
+        proc.stdin.write(f"{command}\n")
         proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "removed"
+        assert proc.stdout.readline().strip() == {"drain": "drained", "remove": "removed"}[command]
 
     try:
         address, second_node_id = proc.stdout.readline().split()
-        yield address, second_node_id, remove_second_node
+        yield address, second_node_id, second_node
     finally:
         proc.stdin.close()
         try:
@@ -83,7 +83,7 @@ def two_nodes():  # noqa: ANN201
 
 def test_losing_a_node_shrinks_the_run_which_resumes_from_its_latest_checkpoint_and_finishes(
         tmp_path: Path, dataset: Path, two_nodes) -> None:  # noqa: ANN001
-    address, second_node_id, remove_second_node = two_nodes
+    address, second_node_id, second_node = two_nodes
     args = ["--data", str(dataset), "--save-dir", str(tmp_path), "--num-workers", "1-2", "--batch-size", str(BATCH),
             "--epochs", str(EPOCHS), "--eval-every", "32", *TINY_MODEL]
     run_dir = tmp_path / parse_config(args)[0].default_run_name()
@@ -96,11 +96,7 @@ def test_losing_a_node_shrinks_the_run_which_resumes_from_its_latest_checkpoint_
             time.sleep(0.05)
         # The cloud announces the reclaim (Ray drains the node for preemption): the workers checkpoint the step
         # they are at and keep training.
-        drain = subprocess.run([str(RAY_BIN), "drain-node", "--address", address, "--node-id", second_node_id,
-                                "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
-                                "--deadline-remaining-seconds", "60"], env=cluster_env(), capture_output=True,
-                               text=True, timeout=60)
-        assert drain.returncode == 0, drain.stdout + drain.stderr
+        second_node("drain")
         # Ray places the two workers on the two nodes in either order: the lost one runs rank 0 or rank 1.
         notice = re.compile(rf"Preemption notice for node\(s\) {second_node_id} \(ranks \[[01]\]\): checkpointing "
                             r"global step (\d+)")
@@ -111,7 +107,7 @@ def test_losing_a_node_shrinks_the_run_which_resumes_from_its_latest_checkpoint_
         while (killed_at := latest_checkpoint_step(run_dir) or 0) < saved_on_notice:  # registered by Ray
             assert proc.poll() is None and time.monotonic() < deadline, "the notice's checkpoint was not registered"
             time.sleep(0.05)
-        remove_second_node()
+        second_node("remove")
     finally:
         output = finish_process(proc, log, timeout=300)
     assert proc.returncode == 0, output

@@ -4,6 +4,7 @@ each run ends bit-identical to an uninterrupted one, or says exactly how to cont
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -167,9 +168,10 @@ def test_a_damaged_latest_checkpoint_falls_back_and_the_run_ends_bit_exact(
     args = train_args(dataset, tmp_path / "runs", 1)
     run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
     run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
-    latest = latest_checkpoint_step(run_dir)
-    kept = sorted(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*"))
-    fallback = max(step for step in kept if step < latest)
+    latest = registered_step(run_dir)
+    record = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    recorded = [int(r["checkpoint_dir_name"].split("=")[1]) for r in record["checkpoint_results"]]
+    fallback = max(step for step in recorded if step < latest)  # Ray's newest other record of the run
     flip_a_byte(ckpt(run_dir, latest) / "state.pt")
 
     resumed = run_main(args, ray_address)

@@ -123,16 +123,20 @@ def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, parquet_dat
     assert_same_training_state(reference, ckpt(run_dir, LAST_STEP) / "state.pt")
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, ray_address: str) -> Path:
-    """A finished 2-epoch, 2-worker run to fork from (module-scoped: several tests read it, none writes it)."""
-    save_dir = tmp_path_factory.mktemp("base")
-    args = train_args(dataset, save_dir, 2)
-    args[args.index("--epochs") + 1] = "2"
-    args[args.index("--keep-checkpoints") + 1] = "100"  # keep every checkpoint: tests fork from several
-    result = run_main(args, ray_address)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return save_dir / run_name_of(result.stdout)
+@pytest.fixture(scope="session")
+def base_run(shared_tmp: Path, dataset: Path, ray_address: str) -> Path:
+    """A finished 2-epoch, 2-worker run to fork from (trained once per test session, whichever pytest worker
+    needs it first: several tests read it, none writes it)."""
+
+    def train(save_dir: Path) -> str:
+        args = train_args(dataset, save_dir, 2)
+        args[args.index("--epochs") + 1] = "2"
+        args[args.index("--keep-checkpoints") + 1] = "100"  # keep every checkpoint: tests fork from several
+        result = run_main(args, ray_address)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return str(save_dir / run_name_of(result.stdout))
+
+    return Path(computed_once(shared_tmp, "base-run", train))
 
 
 def snapshot_tree(root: Path) -> dict[str, tuple[int, int]]:

@@ -2,8 +2,12 @@
 
 Ray's test utilities (`ray.cluster_utils.Cluster`) start a head and a second node, each with one CPU, all on
 127.0.0.1 (the `ray start` CLI refuses a second node in loopback-only mode). The process prints the cluster's
-address and the second node's id, then follows commands on stdin: `remove` SIGKILLs every process of the
-second node (a lost spot instance) and prints `removed`; end of input shuts the cluster down.
+address and the second node's id, then follows commands on stdin:
+  drain   drains the second node for preemption, as a cloud's spot reclaim notice does (the GCS call that
+          `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` makes, without starting a CLI process: under
+          load that start took seconds, and the run could finish before the node was lost), prints `drained`;
+  remove  SIGKILLs every process of the second node (a lost spot instance), prints `removed`;
+end of input shuts the cluster down.
 """
 
 from __future__ import annotations
@@ -23,7 +27,17 @@ def main() -> None:
     print(cluster.address, second.node_id, flush=True)
     try:
         for line in sys.stdin:
-            if line.strip() == "remove":
+            if line.strip() == "drain":
+                import time
+
+                from ray._raylet import GcsClient
+                from ray.core.generated import autoscaler_pb2
+
+                accepted, why = GcsClient(address=cluster.gcs_address).drain_node(
+                    second.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                    "spot reclaim", time.time_ns() // 1_000_000 + 60_000)
+                print("drained" if accepted else f"refused {why}", flush=True)
+            elif line.strip() == "remove":
                 cluster.remove_node(second, allow_graceful=False)
                 print("removed", flush=True)
     finally:
