@@ -41,6 +41,7 @@ from raytrain_app.preflight import (
     python_for_commands,
     start_position,
 )
+from raytrain_app.progress import ProgressDisplay
 from raytrain_app.storage import Location, check_bucket, parse_location
 
 
@@ -118,8 +119,6 @@ def train(argv: list[str]) -> int:
     plan = prepare(argv)
     cfg, summary, run_dir = plan.cfg, plan.summary, plan.run_dir
 
-    if cfg.use_wandb:
-        print("⚠️  --use-wandb: wandb logging is not part of this version yet; metrics are printed on the console.")
     if summary is not None:
         print_resume_summary(summary, uses_scaler=cfg.use_amp and cfg.amp_dtype == "fp16",
                              reset_optimizer=cfg.reset_optimizer and plan.init_from is not None)
@@ -157,7 +156,11 @@ def fit(plan: Plan, argv: list[str]) -> int:
                            lineage=plan.lineage, stop_request=stop_request)
     command = shlex.join([python_for_commands(), "-m", "raytrain_app.main", *argv])
     try:
-        result, stopped_by = fit_until_stopped(trainer, stop_request)
+        display = ProgressDisplay(stop_request, cfg.progress_every)
+        try:
+            result, stopped_by = fit_until_stopped(trainer, stop_request, on_tick=display)
+        finally:
+            display.close()
     except ray.train.TrainingFailedError as e:
         print(f"error: training failed after {cfg.max_failures} restart(s): {str(e).strip().splitlines()[0]}",
               file=sys.stderr)

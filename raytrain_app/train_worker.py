@@ -27,7 +27,9 @@ from raytrain_app.config import TrainConfig
 from raytrain_app.data import open_dataset
 from raytrain_app.graceful_stop import Interrupts
 from raytrain_app.loop import UNVALIDATED_LOSS, LoadReport, Trainer, seed_everything
+from raytrain_app.metrics import RunMetrics, wandb_run_id
 from raytrain_app.model import SequenceTransformer
+from raytrain_app.progress import ProgressSender
 from raytrain_app.storage import parse_location
 
 
@@ -83,13 +85,33 @@ def train_func(loop_config: dict[str, Any]) -> None:
     train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # DDP when world size > 1
     trainer = Trainer(cfg, model, train_model, device)
     trainer.lineage = loop_config.get("lineage")  # a fork's; the run's own checkpoint restores its own
+    state_restored = False
     if state is not None:
         report = trainer.load_state_dict(state, fork=fork, fork_keeps_best=loop_config.get("fork_keeps_best", True))
         del state
+        state_restored = True
         if rank == 0:
             _print_load_report(str(source), report, trainer, log_prefix)
 
     save_dir = parse_location(cfg.save_dir)  # canonical: the driver's endpoint is written into the URI
+    # Only a run's own driver listens to its workers (stop requests, divergence, progress); Tune has its own.
+    control = loop_config.get("stop_request")
+    recorder = None
+    if rank == 0:
+        recorder = RunMetrics(
+            cfg, parse_location(loop_config["run_dir"]), start_step=trainer.global_step,
+            restored_step=trainer.global_step if state_restored and not fork else None,
+            attempt=loop_config.get("attempt", ""), fork_of=trainer.lineage if fork else None,
+            num_params=sum(p.numel() for p in model.parameters()), device=device,
+            wandb_group=loop_config.get("wandb_group"))
+    sender = ProgressSender(control, cfg.epochs, trainer.global_step) if rank == 0 and control else None
+    trainer.wandb_run_id = wandb_run_id(loop_config["run_dir"]) if cfg.use_wandb else None
+
+    def on_step() -> None:
+        if recorder is not None:
+            recorder.on_step(trainer.global_step, trainer.ema, trainer.optimizer.param_groups[0]["lr"])
+        if sender is not None:
+            sender(trainer)
 
     def on_checkpoint(metrics: dict[str, float], state: dict[str, Any] | None, is_best: bool) -> None:
         if rank == 0:
@@ -120,17 +142,27 @@ def train_func(loop_config: dict[str, Any]) -> None:
             )
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
+        # After the checkpoint is persisted: the rows up to its step are written once it can be resumed from.
+        recorder.commit({
+            "step": metrics["global_step"], "epoch": metrics["epoch"],
+            "val_loss": metrics["val_loss"] if validated and metrics["val_loss_finite"] else None,
+            "best_val_loss": metrics["best_val_loss"] if metrics["best_val_loss"] < UNVALIDATED_LOSS else None,
+            "validated": validated, "skipped_steps": metrics["skipped_steps"],
+            **recorder.speed(metrics["global_step"], trainer.data_wait_s, trainer.world_size, trainer.grad_accum)})
 
-    # Only a run's own driver can ask its workers to stop (a sweep's trials are stopped by Tune).
-    stop_request = loop_config.get("stop_request")
+    stop_request = control
 
     def on_notice(info: Any) -> None:
         if rank == 0:  # the step just taken is checkpointed next, unless a validation already did
             print(f"{log_prefix}Preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
                   f"{info.preempted_ranks}): checkpointing global step {trainer.global_step}", flush=True)
 
-    completed = trainer.fit(data, on_checkpoint,
-                            Interrupts(stop_request, on_notice) if stop_request is not None else None)
+    try:
+        completed = trainer.fit(data, on_checkpoint,
+                                Interrupts(stop_request, on_notice) if stop_request is not None else None, on_step)
+    finally:
+        if recorder is not None:
+            recorder.close()
     if trainer.diverged is not None:
         _report_divergence(trainer, stop_request, log_prefix, rank)
     elif not completed and rank == 0:

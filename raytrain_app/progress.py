@@ -1,0 +1,94 @@
+"""The driver's progress display: a live bar on a terminal, plain periodic lines otherwise (`ray job logs`, CI).
+
+Rank 0 sends its progress (epoch, step, EMA loss, best validation loss, throughput) to the run's control actor
+about once a second, off the training step; the driver reads it from there. A Ray Train callback would only see
+the reports made at checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, TextIO
+
+PUSH_INTERVAL_S = 1.0  # how often rank 0 sends its progress
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(p: dict[str, Any]) -> str:
+    """`p`: rank 0's progress (see `ProgressSender`)."""
+    best = p.get("best_val_loss")
+    done = p["step"] - p["start_step"]
+    remaining = p["total_steps"] - p["step"]
+    eta = remaining * p["step_time_s"] if p.get("step_time_s") else None
+    return (f"progress: epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['total_steps']} "
+            f"({100 * p['step'] / max(1, p['total_steps']):.0f}%) train_ema_loss {p['train_ema_loss']:.4f} "
+            f"best_val_loss {'-' if best is None else f'{best:.4f}'} samples/s {p.get('samples_per_s') or 0:.1f} "
+            f"ETA {format_eta(eta) if done > 0 else '?'}")
+
+
+class ProgressDisplay:
+    """Called from the driver's main thread while it waits for training (`on_tick`)."""
+
+    def __init__(self, control: Any, every_s: float, out: TextIO = sys.stdout) -> None:
+        self.control, self.every_s, self.out = control, every_s, out
+        self.live = out.isatty()
+        self.last_read, self.last_line, self.seen = 0.0, 0.0, None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.last_read < PUSH_INTERVAL_S:
+            return
+        self.last_read = now
+        import ray
+
+        try:
+            progress = ray.get(self.control.progress.remote(), timeout=PUSH_INTERVAL_S)
+        except Exception:  # noqa: BLE001 - a busy or restarting cluster: the next tick asks again
+            return
+        if progress is None or progress == self.seen:
+            return
+        self.seen = progress
+        if self.live:
+            self.out.write("\r" + progress_line(progress)[:200].ljust(120))
+            self.out.flush()
+        elif now - self.last_line >= self.every_s:
+            self.last_line = now
+            print(progress_line(progress), file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.live and self.seen is not None:
+            self.out.write("\n")
+            self.out.flush()
+
+
+class ProgressSender:
+    """Rank 0's side: at most one small message a second to the control actor, fire and forget."""
+
+    def __init__(self, control: Any, epochs: int, start_step: int) -> None:
+        self.control, self.epochs, self.start_step = control, epochs, start_step
+        self.last = (time.perf_counter(), start_step)
+
+    def __call__(self, trainer: Any) -> None:
+        now = time.perf_counter()
+        last_time, last_step = self.last
+        if now - last_time < PUSH_INTERVAL_S:
+            return
+        self.last = (now, trainer.global_step)
+        step_time = (now - last_time) / max(1, trainer.global_step - last_step)
+        samples = trainer.cfg.batch_size * trainer.grad_accum * trainer.world_size
+        best = trainer.best_val_loss
+        self.control.report_progress.remote({
+            "epoch": trainer.epoch + (trainer.batch_index > 0), "epochs": self.epochs, "step": trainer.global_step,
+            "total_steps": trainer.schedule.total_steps, "start_step": self.start_step,
+            "train_ema_loss": float(trainer.ema),  # one host read a second
+            "best_val_loss": best if math.isfinite(best) else None,
+            "samples_per_s": samples / step_time, "step_time_s": step_time,
+        })

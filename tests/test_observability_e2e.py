@@ -1,0 +1,126 @@
+"""Following a run: wandb (offline) through a kill and a re-run, a fork's own wandb run, the console's progress
+lines, metrics.jsonl and the run report, on the session's Ray cluster."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from raytrain_app.checkpoint import load_state
+from raytrain_app.config import parse_config
+from raytrain_app.metrics import read_rows, wandb_run_id
+from raytrain_app.storage import parse_location
+from tests.conftest import REPO_ROOT, base_env, run_main, run_until_checkpoint
+from tests.test_resume_e2e import EPOCHS, LAST_STEP, MID_EPOCH_2, ckpt, train_args
+
+pytestmark = pytest.mark.e2e
+
+PROGRESS = re.compile(r"progress: epoch \d+/3 step (\d+)/48 \(\d+%\) train_ema_loss \d+\.\d{4} best_val_loss \S+ "
+                      r"samples/s \d+\.\d ETA \S+")
+
+
+def wandb_records(path: str) -> Iterator[object]:
+    """The records of a wandb run file (.wandb: W&B's LevelDB-style log of protobuf records, 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = Path(path).read_bytes()
+    assert raw[:4] == b":W&B", path
+    pos, pending = 7, b""
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", raw[pos + 4:pos + 7])
+        pending += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def offline_runs(wandb_dir: Path) -> list[dict]:
+    """Each offline run file in creation order: its run id, logged steps and config."""
+    runs = []
+    for path in sorted(glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "run-*.wandb")),
+                       key=lambda p: Path(p).stat().st_mtime_ns):
+        run = {"id": None, "steps": [], "config": {}}
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run["id"] = record.run.run_id
+                run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+            elif kind == "config":
+                run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+            elif kind == "history":
+                run["steps"].append(record.history.step.num)
+        runs.append(run)
+    return runs
+
+
+def test_a_killed_and_rerun_run_is_one_wandb_run_one_metrics_file_and_one_report(
+        tmp_path: Path, dataset: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-files"))  # the driver forwards WANDB_* to the workers
+    (tmp_path / "wandb-files").mkdir()
+    args = train_args(dataset, tmp_path / "runs", 1, "--use-wandb", "--wandb-mode", "offline",
+                      "--progress-every", "1")
+    run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
+    killed = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
+    resumed = run_main(args, ray_address)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed_step = int(re.search(r"Resuming from global step (\d+)", resumed.stdout).group(1))
+
+    # wandb: both attempts wrote to the same run, and the steps they logged are each logged once, in order.
+    runs = offline_runs(tmp_path / "wandb-files")
+    assert len(runs) == 2 and {r["id"] for r in runs} == {wandb_run_id(str(run_dir))}
+    steps = [s for r in runs for s in r["steps"]]
+    assert steps == sorted(set(steps)) and (steps[0], steps[-1]) == (1, LAST_STEP)
+    assert runs[1]["steps"][0] > resumed_step  # the re-run retrained steps the first attempt had logged: not again
+    assert load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))["wandb_run_id"] == wandb_run_id(str(run_dir))
+
+    # metrics.jsonl: every step once, the resume with its step and cause.
+    rows = read_rows(parse_location(str(run_dir / "metrics.jsonl")))
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, LAST_STEP + 1))
+    events = [(r["event"], r["step"], r["cause"]) for r in rows if r["kind"] == "event"]
+    assert events[0][:2] == ("start", 0) and events[1][:2] == ("resume", resumed_step)
+    assert events[1][2].startswith("re-run") and len(events) == 2
+    final = [r for r in rows if r["kind"] == "checkpoint"][-1]
+    assert final["step"] == LAST_STEP and final["epoch"] == EPOCHS and final["samples_per_s"] > 0
+    assert 0 <= final["data_wait_fraction"] <= 1 and final["tokens_per_s"] == pytest.approx(final["samples_per_s"] * 8)
+
+    # The console, not a terminal here: periodic progress lines with every field, in both attempts.
+    for output in (killed, resumed.stdout):
+        assert len(PROGRESS.findall(output)) >= 2, output
+
+    # The report: the summary and loss.png with the resume marked.
+    report = subprocess.run([sys.executable, "-m", "raytrain_app.report", str(run_dir)], env=base_env(),
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert report.returncode == 0, report.stderr
+    assert f"Steps: {LAST_STEP} (epoch {EPOCHS} completed), " in report.stdout
+    assert "Resumes: 1\n" in report.stdout
+    assert f"  at global step {resumed_step}: re-run (a new driver" in report.stdout
+    assert re.search(r"Best validation loss: \d\.\d{6} at global step \d+", report.stdout)
+    png = (run_dir / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert f"Plot: {run_dir / 'loss.png'}" in report.stdout
+
+    # A fork is a wandb run of its own that says where it came from.
+    fork = run_main(["--data", str(dataset), "--save-dir", str(tmp_path / "forks"), "--num-workers", "1",
+                     "--batch-size", "16", "--epochs", str(EPOCHS + 1), "--eval-every", "100", "--lr", "2e-4",
+                     "--resume-from-checkpoint", str(ckpt(run_dir, LAST_STEP)), "--use-wandb",
+                     "--wandb-mode", "offline"], ray_address)
+    assert fork.returncode == 0, fork.stdout + fork.stderr
+    forked = [r for r in offline_runs(tmp_path / "wandb-files") if r["id"] not in {runs[0]["id"]}]
+    assert len(forked) == 1 and forked[0]["steps"][0] > LAST_STEP
+    source = forked[0]["config"]["forked_from"]
+    source = source.get("value", source)  # wandb keeps a config value under "value"
+    assert source == {"checkpoint": str(ckpt(run_dir, LAST_STEP) / "state.pt"), "global_step": LAST_STEP}
