@@ -103,7 +103,7 @@ def s3_uri(bucket_uri: str, key: str, endpoint: str) -> str:
     return f"{bucket_uri}/{key}?endpoint_override={endpoint}"
 
 
-_CLUSTER: dict[str, str] = {}  # the session cluster's job API URL and temp dir, set with the cluster
+_CLUSTER: dict[str, str] = {}  # the session cluster's job API URL, set with the cluster
 
 
 def _stop_cluster(temp_dir: str, gcs_address: str) -> None:
@@ -142,7 +142,7 @@ def ray_address() -> str:
     address = f"127.0.0.1:{port}"
     try:
         subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-        _CLUSTER.update(job_api=f"http://127.0.0.1:{dashboard_port}", temp_dir=temp_dir)
+        _CLUSTER.update(job_api=f"http://127.0.0.1:{dashboard_port}")
         yield address
     finally:
         _stop_cluster(temp_dir, address)
@@ -153,24 +153,6 @@ def ray_address() -> str:
 def job_api(ray_address: str) -> str:
     """The session cluster's job API (the dashboard's HTTP address), as `ray job submit --address` takes it."""
     return _CLUSTER["job_api"]
-
-
-def cluster_processes(name_part: str) -> list[Any]:
-    """Processes of the session cluster (descendants of its raylet) whose title contains `name_part`, such as
-    "RayTrainWorker": the other pytest workers' clusters are left alone."""
-    import psutil
-
-    temp_dir = _CLUSTER["temp_dir"]
-    found = []
-    for raylet in psutil.process_iter(["name", "cmdline"]):
-        if raylet.info["name"] == "raylet" and any(temp_dir in a for a in raylet.info["cmdline"] or []):
-            for child in raylet.children(recursive=True):
-                try:
-                    if name_part in child.name() or name_part in " ".join(child.cmdline()):
-                        found.append(child)
-                except psutil.NoSuchProcess:
-                    pass
-    return found
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ import pytest
 from raytrain_app.checkpoint import checkpoint_problem, load_state
 from raytrain_app.config import parse_config
 from tests.conftest import (
-    cluster_processes,
     finish_process,
     latest_checkpoint_step,
     run_main,
@@ -57,13 +56,18 @@ def restores(log_path: Path) -> list[str]:
     return re.findall(r"Workers loaded (\S+):", log_path.read_text())
 
 
-def kill_a_train_worker(rng: random.Random, spare: set[int] = frozenset()) -> set[int]:
-    """SIGKILL one of the run's Ray Train workers (not one in `spare`: a worker group already replaced, whose
-    processes may still be exiting); returns the pids of the group it was in."""
-    workers = sorted((p for p in cluster_processes("RayTrainWorker") if p.pid not in spare), key=lambda p: p.pid)
-    assert workers, "no Ray Train worker is running"
-    rng.choice(workers).send_signal(signal.SIGKILL)
-    return {p.pid for p in workers}
+def train_workers(log_path: Path) -> dict[int, int]:
+    """rank -> pid of the run's current Ray Train workers, from the group Ray Train last said it started (other
+    RayTrainWorker processes on the cluster may be a finished run's, still exiting)."""
+    ranks: dict[int, int] = {}
+    for pid, rank in re.findall(r"- \(ip=[\d.]+, pid=(\d+)\) world_rank=(\d+)", log_path.read_text()):
+        ranks[int(rank)] = int(pid)
+    assert ranks, "Ray Train has not started a worker group yet"
+    return ranks
+
+
+def kill_a_train_worker(log_path: Path, rank: int) -> None:
+    os.kill(train_workers(log_path)[rank], signal.SIGKILL)
 
 
 def registered_step(run_dir: Path) -> int:
@@ -85,7 +89,7 @@ def test_workers_killed_three_times_at_random_moments_and_the_run_ends_bit_exact
     run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
     log_path = tmp_path / "train.log"
     proc, log = start_process(args, ray_address, log_path=log_path)
-    killed_after, replaced = [], set()
+    killed_after = []
     try:
         for kill, window in enumerate([(3, 12), (18, 27), (30, 39)]):
             target = rng.randint(*window)
@@ -94,7 +98,7 @@ def test_workers_killed_three_times_at_random_moments_and_the_run_ends_bit_exact
                      f"a checkpoint at step {target} after {kill} restart(s)", proc, log_path)
             time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the steps after it
             killed_after.append(registered_step(run_dir))
-            replaced |= kill_a_train_worker(rng, spare=replaced)
+            kill_a_train_worker(log_path, rank=rng.choice(sorted(train_workers(log_path))))
         output = finish_process(proc, log, timeout=240)
     finally:
         if proc.poll() is None:
@@ -137,7 +141,7 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_on
 
     try:
         torn = wait_for(partly_copied, "a checkpoint folder caught half copied", proc, log_path)
-        kill_a_train_worker(random.Random(0))
+        kill_a_train_worker(log_path, rank=0)  # rank 0 copies the checkpoint into the run folder
         # Kept as the kill left it: the restarted workers write this step's folder again later.
         shutil.copytree(torn, tmp_path / torn.name)
         previous = registered_step(run_dir)
