@@ -3,8 +3,8 @@
 Rank 0 records every optimizer step's training metrics and writes them, with the checkpoint's validation and
 speed figures, when a checkpoint is saved. A step is written once however the run is interrupted and resumed:
 rows of steps already in the file are not written again (a resumed run retrains them to the same values), and
-wandb gets exactly the rows the file gets, after it, so a kill between the two leaves a gap in wandb, never a
-duplicate. The wandb run id follows from the run folder, so every attempt of a run continues the same wandb run.
+wandb gets exactly the rows the file gets, after it: a process killed in between, or within wandb's flush
+interval (1 s) after it, leaves a gap in wandb, never a duplicate. The wandb run id follows from the run folder, so every attempt of a run continues the same wandb run.
 
 metrics.jsonl rows (one JSON object per line):
   {"kind": "event", "event": "start" | "resume", "step", "cause", "attempt", "time", ...}
@@ -29,6 +29,7 @@ from raytrain_app.config import TrainConfig
 from raytrain_app.storage import Location
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_FLUSH_INTERVAL_S = 1.0
 DATA_ROW_KINDS = ("train", "checkpoint")
 
 # Dense bf16/fp16 tensor-core peak per GPU (vendor datasheets), by a part of the device name.
@@ -182,7 +183,10 @@ def open_wandb(cfg: TrainConfig, run_dir: Location, group: str | None, fork_of: 
                                  "global_step": fork_of.get("base_global_step")}
     return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, id=wandb_run_id(run_dir.uri),
                       name=run_dir.name, resume="allow", group=group, config=config, mode=wandb_mode(cfg),
-                      dir=directory, settings=wandb.Settings(silent=True, console="off"))
+                      dir=directory, settings=wandb.Settings(
+                          silent=True, console="off",
+                          # wandb buffers its run file for 15 s: a process killed meanwhile would lose all of it.
+                          x_transaction_log_flush_interval=WANDB_FLUSH_INTERVAL_S))
 
 
 WANDB_KEYS = {"val_loss": "val/loss", "best_val_loss": "val/best_loss", "skipped_steps": "train/skipped_steps",
