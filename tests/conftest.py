@@ -272,18 +272,3 @@ def run_until_checkpoint(args: list[str], ray_address: str, run_dir: Path | str,
     finally:
         output = finish_process(proc, log, timeout=30)
     return output
-
-
-# The modules of long end-to-end tests, longest first. The suite runs on two pytest-xdist workers that take tests
-# in collection order and steal from each other's queue; starting with the longest leaves short tests for the end,
-# so neither worker waits alone for one last long test.
-LONG_MODULES = ("test_faults_e2e", "test_tune_e2e", "test_jobs_e2e", "test_resume_e2e", "test_storage_e2e",
-                "test_elastic_e2e", "test_benchmarks")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        return LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES)
-
-    items.sort(key=rank)  # stable: each module keeps its own order
