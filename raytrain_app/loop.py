@@ -172,34 +172,34 @@ class Divergence:
 
 class _LazyHostValue:
     """A device scalar copied to the host without waiting: `read()` gives the newest copy the device has
-    finished (on CPU, the value just pushed), with the step it belongs to. On CUDA it may lag a step or two."""
+    finished (on CPU, the value just pushed). On CUDA it may lag a step or two."""
 
     def __init__(self, device: torch.device) -> None:
         self.asynchronous = device.type == "cuda"
         self.host = torch.zeros((), dtype=torch.int64, pin_memory=self.asynchronous)
         self.new_event: Any = torch.cuda.Event if self.asynchronous else None
         self.event: Any = None
-        self.step, self.pending_step, self.value = 0, 0, None
+        self.value: int | None = None
 
-    def push(self, value: torch.Tensor, step: int) -> None:
+    def push(self, value: torch.Tensor) -> None:
         if not self.asynchronous:
-            self.value, self.step = int(value), step
+            self.value = int(value)
             return
         if self.event is not None and not self.event.query():
             return  # the previous copy is still in flight: keep it
         self._collect()
         self.host.copy_(value, non_blocking=True)
-        self.event, self.pending_step = self.new_event(), step
+        self.event = self.new_event()
         self.event.record()
 
     def _collect(self) -> None:
         if self.event is not None and self.event.query():
-            self.value, self.step, self.event = int(self.host), self.pending_step, None
+            self.value, self.event = int(self.host), None
 
-    def read(self) -> tuple[int | None, int]:
+    def read(self) -> int | None:
         if self.asynchronous:
             self._collect()
-        return self.value, self.step
+        return self.value
 
 
 class Trainer:
@@ -369,7 +369,7 @@ class Trainer:
         self.global_step += 1
         self.skipped_steps += bad
         self.skip_streak = (self.skip_streak + 1) * bad
-        self._streak_reader.push(self.skip_streak, self.global_step)
+        self._streak_reader.push(self.skip_streak)
         ema = torch.where(self.ema_started, EMA_DECAY * self.ema + (1 - EMA_DECAY) * step_loss, step_loss)
         self.ema = torch.where(bad, self.ema, ema)  # a skipped step's loss is not part of the curve
         self.ema_started = self.ema_started | ~bad
@@ -422,7 +422,7 @@ class Trainer:
         """(the interrupt code, whether the run diverged) as every rank will act on them: the largest any rank
         saw. The skip streak is read without waiting for the device, so ranks may see it at different steps."""
         code = interrupt() if interrupt is not None else CONTINUE
-        streak, _ = self._streak_reader.read()
+        streak = self._streak_reader.read()
         diverged = bool(self.cfg.max_skipped_steps) and (streak or 0) >= self.cfg.max_skipped_steps
         if self.world_size > 1:
             t = torch.tensor([code, int(diverged)], dtype=torch.int32)

@@ -140,6 +140,11 @@ def ray_address() -> str:
            "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
            "--disable-usage-stats"]
     address = f"127.0.0.1:{port}"
+    # Every process of the cluster, Ray's own actors included, inherits this: Ray Train's placement-group cleaner
+    # finds its cluster's state API by RAY_ADDRESS or, without it, by picking "the latest" of the clusters running
+    # on the machine, which with one cluster per pytest worker is often the other one. It then takes a live run's
+    # controller for dead and removes the run's placement group.
+    env["RAY_ADDRESS"] = address
     try:
         subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
         _CLUSTER.update(job_api=f"http://127.0.0.1:{dashboard_port}")

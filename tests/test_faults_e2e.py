@@ -172,7 +172,15 @@ def test_a_damaged_latest_checkpoint_falls_back_and_the_run_ends_bit_exact(
     args = train_args(dataset, tmp_path / "runs", 1)
     run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
     run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
+    # Ray ends the killed driver's run a moment later (longer on a loaded machine) and may register one more
+    # checkpoint meanwhile: damage the one its record names once that has stopped moving.
     latest = registered_step(run_dir)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        if (now := registered_step(run_dir)) == latest:
+            break
+        latest = now
     record = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     recorded = [int(r["checkpoint_dir_name"].split("=")[1]) for r in record["checkpoint_results"]]
     fallback = max(step for step in recorded if step < latest)  # Ray's newest other record of the run

@@ -24,6 +24,7 @@ from .conftest import (
     REPO_ROOT,
     TINY_MODEL,
     base_env,
+    computed_once,
     finish_process,
     latest_checkpoint_step,
     run_jobs,
@@ -76,13 +77,16 @@ def job_status(job_api: str, submission_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, dataset: Path, ray_address: str) -> Path:
-    """The final state.pt of the same command run without interruption."""
-    save_dir = tmp_path_factory.mktemp("jobs-uninterrupted")
-    args = train_args(dataset, save_dir)
-    result = run_main(args, ray_address)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return ckpt(save_dir / parse_config(args)[0].default_run_name(), LAST_STEP) / "state.pt"
+def reference(shared_tmp: Path, dataset: Path, ray_address: str) -> Path:
+    """The final state.pt of the same command run without interruption (trained once per test session)."""
+
+    def train(save_dir: Path) -> str:
+        args = train_args(dataset, save_dir)
+        result = run_main(args, ray_address)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return str(ckpt(save_dir / parse_config(args)[0].default_run_name(), LAST_STEP) / "state.pt")
+
+    return Path(computed_once(shared_tmp, "jobs-uninterrupted", train))
 
 
 def test_ray_job_stop_saves_the_current_step_and_the_resubmitted_job_ends_bit_exact(

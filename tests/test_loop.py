@@ -299,14 +299,14 @@ def test_the_skip_streak_reaches_the_host_without_waiting_for_the_device() -> No
 
     reader = _LazyHostValue(torch.device("cpu"))
     reader.asynchronous, reader.new_event = True, Event
-    assert reader.read() == (None, 0)
-    reader.push(torch.tensor(1), step=10)
-    assert reader.read() == (None, 0)  # the copy has not finished
-    reader.push(torch.tensor(2), step=11)  # still in flight: skipped
+    assert reader.read() is None
+    reader.push(torch.tensor(1))
+    assert reader.read() is None  # the copy has not finished
+    reader.push(torch.tensor(2))  # still in flight: skipped
     Event.done = True
-    assert reader.read() == (1, 10)
-    reader.push(torch.tensor(3), step=12)
-    assert reader.read() == (3, 12)
+    assert reader.read() == 1
+    reader.push(torch.tensor(3))
+    assert reader.read() == 3
     Event.done = False
-    reader.push(torch.tensor(4), step=13)
-    assert reader.read() == (3, 12)  # lags until the device catches up
+    reader.push(torch.tensor(4))
+    assert reader.read() == 3  # lags until the device catches up

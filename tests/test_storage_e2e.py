@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -47,7 +48,10 @@ def s3_run(dataset: Path, ray_address: str, s3_endpoint: str, uninterrupted) -> 
     is the session's uninterrupted local run of the same command (--save-dir and --keep-checkpoints do not change
     what is trained)."""
     bucket = make_bucket(s3_endpoint, "runs")
-    save_dir = s3_uri(bucket, "experiments", s3_endpoint)
+    # Its own prefix each time: pytest sets a module's fixtures up again when a worker runs its tests with
+    # another module's in between (xdist work stealing), and a second set-up must not find the first one's run.
+    prefix = f"experiments-{secrets.token_hex(3)}"
+    save_dir = s3_uri(bucket, prefix, s3_endpoint)
     args = train_args(dataset, Path("/unused"), 2)
     args[args.index("--save-dir") + 1] = save_dir
     args[args.index("--keep-checkpoints") + 1] = "100"
@@ -59,13 +63,14 @@ def s3_run(dataset: Path, ray_address: str, s3_endpoint: str, uninterrupted) -> 
     resumed = run_main(args, ray_address)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return {"save_dir": save_dir, "run_name": run_name, "run_dir": run_dir, "reference": uninterrupted(2),
+            "prefix": prefix,
             "resumed": resumed.stdout, "endpoint": s3_endpoint}
 
 
 def test_s3_run_killed_and_rerun_resumes_from_s3_bit_exact(s3_run: dict) -> None:
     out = s3_run["resumed"]
     assert f"Run {s3_run['run_name']} has checkpoints: continuing it from its latest one." in out
-    assert "Loading checkpoint from: s3://runs/experiments/" in out
+    assert f"Loading checkpoint from: s3://runs/{s3_run['prefix']}/" in out
     resumed_step = int(re.search(r"Resuming from global step (\d+)", out).group(1))
     assert resumed_step in MID_EPOCH_2
     final = parse_location(s3_run["run_dir"]).join(f"checkpoint_step={LAST_STEP:06d}", "state.pt")
@@ -91,7 +96,7 @@ def test_fine_tune_from_s3_locations(tmp_path: Path, dataset: Path, ray_address:
     result = run_main(args, ray_address)
     assert result.returncode == 0, result.stdout + result.stderr
     assert run_name_of(result.stdout) != s3_run["run_name"]
-    assert "Loading checkpoint from: s3://runs/experiments/" in result.stdout
+    assert f"Loading checkpoint from: s3://runs/{s3_run['prefix']}/" in result.stdout
     run_dir = tmp_path / run_name_of(result.stdout)
     steps = sorted(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*"))
     final = load_state(str(run_dir / f"checkpoint_step={steps[-1]:06d}" / "state.pt"))

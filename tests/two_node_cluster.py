@@ -13,6 +13,7 @@ end of input shuts the cluster down.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on loopback; read when ray is imported
@@ -20,9 +21,19 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on loopback;
 from ray.cluster_utils import Cluster  # noqa: E402
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     temp_dir = sys.argv[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp_dir})
+    port = _free_port()
+    # Inherited by every process of the cluster: Ray's own actors find their cluster by it (see conftest).
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp_dir,
+                                                                "gcs_server_port": port})
     second = cluster.add_node(num_cpus=1, temp_dir=temp_dir)
     print(cluster.address, second.node_id, flush=True)
     try:
