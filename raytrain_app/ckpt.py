@@ -27,7 +27,7 @@ from raytrain_app.checkpoint import (
     publish_file,
     resolve_checkpoint,
 )
-from raytrain_app.config import EXIT_USER_ERROR
+from raytrain_app.config import EXIT_USER_ERROR, as_flags
 from raytrain_app.storage import Location, StorageError, parse_location
 
 
@@ -61,13 +61,16 @@ def show(where: str) -> list[str]:
     state = load_state(state_file, mmap=True)
     params = sum(t.numel() for t in state["model_state_dict"].values())
     config = state.get("config") or {}
+    batches = (state.get("data_position") or {}).get("batch_index", 0)  # a mid-epoch checkpoint's place
     lines = [f"Checkpoint: {where}" + (f" ({state_file.uri})" if state_file.uri != where else ""),
-             f"Epoch: {state.get('epoch')} complete, global step {state.get('global_step')}",
+             f"Epoch: {state.get('epoch')} complete"
+             + (f", {batches} batches into epoch {state.get('epoch') + 1}" if batches else "")
+             + f"; global step {state.get('global_step')}",
              f"Validation loss at this checkpoint: {_loss(state.get('eval_val_loss'))}; best so far: "
              f"{_loss(state.get('val_loss'))}; train EMA loss: {_loss(state.get('train_ema_loss'))}",
              f"Model: {params:,} parameters; state file {_size(state_file.info().size)}"
              + ("; optimizer state" if state.get("optimizer_state_dict") else "; no optimizer state"),
-             "Settings: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if v is not None),
+             f"Settings: {as_flags(config)}",
              f"Manifest: {manifest_status(state_file)}"]
     lineage = state.get("lineage")
     if not lineage:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -227,6 +228,22 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def as_flags(values: dict[str, Any], names: tuple[str, ...] | None = None) -> str:
+    """Settings as the command-line flags that give them (`--use-amp`, `--no-compile`, `--lr 0.001`); `names`
+    picks and orders them (default: every CLI setting in `values`)."""
+    cli = {f.name for f in cli_fields()}
+    parts: list[str] = []
+    for name in names or tuple(values):
+        value = values.get(name)
+        if name not in cli or value is None:
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{'' if value else 'no-'}{_flag(name)}")
+        else:
+            parts += [f"--{_flag(name)}", str(value)]
+    return shlex.join(parts)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

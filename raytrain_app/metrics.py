@@ -4,7 +4,8 @@ Rank 0 records every optimizer step's training metrics and writes them, with the
 speed figures, when a checkpoint is saved. A step is written once however the run is interrupted and resumed:
 rows of steps already in the file are not written again (a resumed run retrains them to the same values), and
 wandb gets exactly the rows the file gets, after it: a process killed in between, or within wandb's flush
-interval (1 s) after it, leaves a gap in wandb, never a duplicate. The wandb run id follows from the run folder, so every attempt of a run continues the same wandb run.
+interval (1 s) after it, leaves a gap in wandb, never a duplicate. The wandb run id follows from the run folder,
+so every attempt of a run continues the same wandb run.
 
 metrics.jsonl rows (one JSON object per line):
   {"kind": "event", "event": "start" | "resume", "step", "cause", "attempt", "time", ...}
@@ -104,25 +105,33 @@ class RunMetrics:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len  # per worker and micro-batch
         self.flops_per_token = flops_per_token(cfg, num_params)
         self.peak = peak_flops(device)
-        self.window = (time.perf_counter(), start_step, 0.0)  # (time, step, data wait) at the window's start
+        # Time between consecutive optimizer steps, since the last checkpoint; the interval that holds a
+        # validation and a checkpoint is left out, so the figures are the training loop's own speed.
+        self.last_step_at: tuple[float, float] | None = None  # (time, data wait so far) at the previous step
+        self.timed_steps, self.step_s, self.wait_s = 0, 0.0, 0.0
         self.wandb = open_wandb(cfg, run_dir, wandb_group, fork_of) if cfg.use_wandb else None
 
-    def on_step(self, step: int, ema: torch.Tensor, lr: float) -> None:
+    def on_step(self, step: int, ema: torch.Tensor, lr: float, data_wait_s: float = 0.0) -> None:
+        """After optimizer step `step`; `data_wait_s`: the loop's total time waiting for data so far."""
         self.steps.append((step, ema.detach().clone(), lr))  # no host sync: read at the next checkpoint
-
-    def speed(self, step: int, data_wait_s: float, world_size: int, accumulation: int) -> dict[str, Any]:
-        """Throughput since the previous call (host time: on CUDA the queue of work makes a window's edges a
-        little soft, which averages out over a window of many steps)."""
-        start, start_step, start_wait = self.window
         now = time.perf_counter()
-        self.window = (now, step, data_wait_s)
-        steps, elapsed = step - start_step, now - start
-        if steps <= 0 or elapsed <= 0:
+        if self.last_step_at is not None:
+            last, last_wait = self.last_step_at
+            self.timed_steps += 1
+            self.step_s += now - last
+            self.wait_s += data_wait_s - last_wait
+        self.last_step_at = (now, data_wait_s)
+
+    def speed(self, world_size: int, accumulation: int) -> dict[str, Any]:
+        """Throughput of the steps since the previous checkpoint (host time: on CUDA the queue of launched work
+        makes each step's edges soft, which averages out over many steps)."""
+        if self.timed_steps == 0 or self.step_s <= 0:
             return {}
-        samples_per_s = steps * self.cfg.batch_size * accumulation * world_size / elapsed
+        step_time = self.step_s / self.timed_steps
+        samples_per_s = self.cfg.batch_size * accumulation * world_size / step_time
         tokens_per_s = samples_per_s * self.cfg.seq_len
-        out = {"samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s, "step_time_s": elapsed / steps,
-               "data_wait_fraction": min(1.0, (data_wait_s - start_wait) / elapsed)}
+        out = {"samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+               "data_wait_fraction": min(1.0, max(0.0, self.wait_s / self.step_s))}
         if self.peak:
             out["mfu"] = tokens_per_s / world_size * self.flops_per_token / self.peak
         if self.device.type == "cuda":
@@ -130,7 +139,10 @@ class RunMetrics:
         return out
 
     def commit(self, checkpoint_row: dict[str, Any]) -> None:
-        """Write the pending rows and this checkpoint's row: the file first, then wandb."""
+        """Write the pending rows and this checkpoint's row: the file first, then wandb. Called before the
+        checkpoint is reported: a process killed in between has written steps its re-run will retrain, which
+        it then does not write again; the other order would lose them."""
+        self.last_step_at, self.timed_steps, self.step_s, self.wait_s = None, 0, 0.0, 0.0
         if self.steps:
             emas = torch.stack([e for _, e, _ in self.steps]).tolist()  # one device sync per checkpoint
             self.pending += [{"kind": "train", "step": s, "train_ema_loss": e, "lr": lr}

@@ -12,7 +12,12 @@ import sys
 import time
 from typing import Any, TextIO
 
-PUSH_INTERVAL_S = 1.0  # how often rank 0 sends its progress
+PUSH_INTERVAL_S = 1.0  # how often rank 0 sends its progress (more often when --progress-every asks for it)
+MIN_PUSH_INTERVAL_S = 0.1
+
+
+def push_interval(progress_every: float) -> float:
+    return max(MIN_PUSH_INTERVAL_S, min(PUSH_INTERVAL_S, progress_every))
 
 
 def format_eta(seconds: float | None) -> str:
@@ -39,18 +44,19 @@ class ProgressDisplay:
 
     def __init__(self, control: Any, every_s: float, out: TextIO = sys.stdout) -> None:
         self.control, self.every_s, self.out = control, every_s, out
+        self.interval = push_interval(every_s)
         self.live = out.isatty()
         self.last_read, self.last_line, self.seen = 0.0, 0.0, None
 
     def __call__(self) -> None:
         now = time.monotonic()
-        if now - self.last_read < PUSH_INTERVAL_S:
+        if now - self.last_read < self.interval:
             return
         self.last_read = now
         import ray
 
         try:
-            progress = ray.get(self.control.progress.remote(), timeout=PUSH_INTERVAL_S)
+            progress = ray.get(self.control.progress.remote(), timeout=self.interval)
         except Exception:  # noqa: BLE001 - a busy or restarting cluster: the next tick asks again
             return
         if progress is None or progress == self.seen:
@@ -72,14 +78,15 @@ class ProgressDisplay:
 class ProgressSender:
     """Rank 0's side: at most one small message a second to the control actor, fire and forget."""
 
-    def __init__(self, control: Any, epochs: int, start_step: int) -> None:
+    def __init__(self, control: Any, epochs: int, start_step: int, progress_every: float) -> None:
         self.control, self.epochs, self.start_step = control, epochs, start_step
+        self.interval = push_interval(progress_every)
         self.last = (time.perf_counter(), start_step)
 
     def __call__(self, trainer: Any) -> None:
         now = time.perf_counter()
         last_time, last_step = self.last
-        if now - last_time < PUSH_INTERVAL_S:
+        if now - last_time < self.interval:
             return
         self.last = (now, trainer.global_step)
         step_time = (now - last_time) / max(1, trainer.global_step - last_step)

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from raytrain_app.config import EXIT_USER_ERROR
+from raytrain_app.config import EXIT_USER_ERROR, as_flags
 from raytrain_app.metrics import METRICS_FILE, read_rows
 from raytrain_app.storage import Location, StorageError, check_bucket, parse_location
 
@@ -31,8 +31,7 @@ def summary(run: Location, rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"Run: {run.uri}"]
     if start is not None:
         config = start.get("config") or {}
-        lines.append("Settings: " + " ".join(f"--{k.replace('_', '-')} {config[k]}" for k in SHOWN_SETTINGS
-                                            if k in config))
+        lines.append(f"Settings: {as_flags(config, SHOWN_SETTINGS)}")
         fork = start.get("fork_of")
         lines.append(f"Started: {_when(start)} at global step {start['step']}, "
                      + (f"forked from {fork.get('base_checkpoint')} (global step {fork.get('base_global_step')})"
@@ -62,7 +61,7 @@ def _when(event: dict[str, Any]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("time", 0)))
 
 
-def plot(rows: list[dict[str, Any]]) -> bytes:
+def plot(rows: list[dict[str, Any]], title: str) -> bytes:
     """loss.png: training EMA loss and validation loss against the global step; a dashed line per resume."""
     import matplotlib
 
@@ -81,6 +80,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     for i, event in enumerate(r for r in rows if r.get("kind") == "event" and r.get("event") == "resume"):
         ax.axvline(event["step"], color="grey", linestyle="--", linewidth=1,
                    label="resumed here" if i == 0 else None)
+    ax.set_title(title)
     ax.set_xlabel("global step")
     ax.set_ylabel("loss")
     ax.legend()
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         out = parse_location(args.out, flag="--out") if args.out else run.join(PLOT_FILE)
         for line in summary(run, rows):
             print(line)
-        publish_bytes(plot(rows), out)
+        publish_bytes(plot(rows, run.name), out)
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

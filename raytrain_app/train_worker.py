@@ -104,12 +104,15 @@ def train_func(loop_config: dict[str, Any]) -> None:
             attempt=loop_config.get("attempt", ""), fork_of=trainer.lineage if fork else None,
             num_params=sum(p.numel() for p in model.parameters()), device=device,
             wandb_group=loop_config.get("wandb_group"))
-    sender = ProgressSender(control, cfg.epochs, trainer.global_step) if rank == 0 and control else None
+    sender = None
+    if rank == 0 and control is not None:
+        sender = ProgressSender(control, cfg.epochs, trainer.global_step, cfg.progress_every)
     trainer.wandb_run_id = wandb_run_id(loop_config["run_dir"]) if cfg.use_wandb else None
 
     def on_step() -> None:
         if recorder is not None:
-            recorder.on_step(trainer.global_step, trainer.ema, trainer.optimizer.param_groups[0]["lr"])
+            recorder.on_step(trainer.global_step, trainer.ema, trainer.optimizer.param_groups[0]["lr"],
+                             trainer.data_wait_s)
         if sender is not None:
             sender(trainer)
 
@@ -130,6 +133,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if state is None:  # ranks > 0: the report is a barrier, so every rank reports the same number of times
             ray.train.report(metrics)
             return
+        # The metrics up to this step first (see RunMetrics.commit for why before the checkpoint).
+        recorder.commit({
+            "step": metrics["global_step"], "epoch": metrics["epoch"],
+            "val_loss": metrics["val_loss"] if validated and metrics["val_loss_finite"] else None,
+            "best_val_loss": metrics["best_val_loss"] if metrics["best_val_loss"] < UNVALIDATED_LOSS else None,
+            "validated": validated, "skipped_steps": metrics["skipped_steps"],
+            **recorder.speed(trainer.world_size, trainer.grad_accum)})
         local_dir = tempfile.mkdtemp(prefix="raytrain-ckpt-")
         try:
             save_checkpoint_dir(local_dir, state)
@@ -142,13 +152,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
             )
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
-        # After the checkpoint is persisted: the rows up to its step are written once it can be resumed from.
-        recorder.commit({
-            "step": metrics["global_step"], "epoch": metrics["epoch"],
-            "val_loss": metrics["val_loss"] if validated and metrics["val_loss_finite"] else None,
-            "best_val_loss": metrics["best_val_loss"] if metrics["best_val_loss"] < UNVALIDATED_LOSS else None,
-            "validated": validated, "skipped_steps": metrics["skipped_steps"],
-            **recorder.speed(metrics["global_step"], trainer.data_wait_s, trainer.world_size, trainer.grad_accum)})
 
     stop_request = control
 

@@ -56,7 +56,7 @@ def test_show_prints_what_a_checkpoint_holds(run: Path, which: str, capsys: pyte
              "run folder": run, "best_model.pt": run.parent / "best_model.pt"}[which]
     assert main(["show", str(where)]) == 0
     out = capsys.readouterr().out
-    assert "Epoch: 1 complete, global step 12" in out
+    assert "Epoch: 1 complete; global step 12" in out
     assert "Validation loss at this checkpoint: 0.800000; best so far: 0.750000" in out
     assert "--hidden-dim 16 --num-layers 2 --num-heads 2" in out and "optimizer state" in out
     assert "Lineage: from s3://b/base/state.pt at global step 8 (SHA-256 abababababab...)" in out

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from raytrain_app.config import TrainConfig
@@ -29,7 +31,7 @@ def test_a_step_is_written_once_however_the_run_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run-x"
     first = recorder(run, restored=None, attempt="driver-1")
     train(first, range(1, 6))
-    first.commit({"step": 5, "epoch": 0, "val_loss": 0.9, **first.speed(5, 0.01, 1, 1)})
+    first.commit({"step": 5, "epoch": 0, "val_loss": 0.9, **first.speed(1, 1)})
     train(first, range(6, 8))  # trained, then the process died before the next checkpoint
 
     # Ray restored the checkpoint at step 3 (the one at 5 had not been registered): steps 4-5 are retrained.
@@ -49,11 +51,29 @@ def test_a_step_is_written_once_however_the_run_resumes(tmp_path: Path) -> None:
     assert read_rows(parse_location(str(run / "metrics.jsonl")))[-1]["cause"].startswith("worker restart")
 
 
-def test_speed_figures_and_a_line_cut_off_by_a_kill(tmp_path: Path) -> None:
+def test_speed_is_the_training_steps_own_and_leaves_out_validation_and_checkpoints(tmp_path: Path) -> None:
     rec = recorder(tmp_path / "run", restored=None, attempt="a")
-    speed = rec.speed(10, data_wait_s=0.0, world_size=2, accumulation=2)
-    assert speed["samples_per_s"] > 0 and speed["tokens_per_s"] == speed["samples_per_s"] * CFG.seq_len
-    assert 0 <= speed["data_wait_fraction"] <= 1 and "mfu" not in speed  # no known peak on a CPU
+    assert rec.speed(world_size=2, accumulation=2) == {}  # no step timed yet
+
+    def steps(first: int, last: int) -> None:
+        for step in range(first, last + 1):
+            time.sleep(0.02)
+            rec.on_step(step, torch.tensor(1.0), 1e-3, data_wait_s=0.01 * step)  # 10 ms of each step waited
+
+    steps(1, 6)
+    speed = rec.speed(world_size=2, accumulation=2)
+    assert 0.02 <= speed["step_time_s"] < 0.25  # generous: a loaded machine sleeps longer
+    assert speed["samples_per_s"] == pytest.approx(CFG.batch_size * 2 * 2 / speed["step_time_s"])
+    assert speed["tokens_per_s"] == pytest.approx(speed["samples_per_s"] * CFG.seq_len)
+    assert 0 < speed["data_wait_fraction"] <= 0.5 and "mfu" not in speed  # no known peak on a CPU
+    rec.commit({"step": 6, "epoch": 0, "val_loss": 0.5, **speed})
+    time.sleep(1.0)  # validation and the checkpoint's save: not a training step
+    steps(7, 9)
+    assert rec.speed(world_size=2, accumulation=2)["step_time_s"] < 0.25  # with the pause: 0.35
+
+
+def test_a_line_cut_off_by_a_kill_and_a_non_finite_value(tmp_path: Path) -> None:
+    rec = recorder(tmp_path / "run", restored=None, attempt="a")
     rec.commit({"step": 10, "epoch": 0, "val_loss": float("nan")})
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 11, "train_')  # the process died mid-line

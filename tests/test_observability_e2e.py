@@ -3,13 +3,12 @@ lines, metrics.jsonl and the run report, on the session's Ray cluster."""
 
 from __future__ import annotations
 
-import glob
-import json
+import os
 import re
-import struct
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
@@ -18,63 +17,54 @@ from raytrain_app.checkpoint import load_state
 from raytrain_app.config import parse_config
 from raytrain_app.metrics import read_rows, wandb_run_id
 from raytrain_app.storage import parse_location
-from tests.conftest import REPO_ROOT, base_env, run_main, run_until_checkpoint
-from tests.test_resume_e2e import EPOCHS, LAST_STEP, MID_EPOCH_2, ckpt, train_args
+from tests.conftest import REPO_ROOT, base_env, finish_process, run_main, start_process, write_dataset
+from tests.test_resume_e2e import ckpt, train_args
+from tests.wandb_files import offline_runs
 
 pytestmark = pytest.mark.e2e
 
-PROGRESS = re.compile(r"progress: epoch \d+/3 step (\d+)/48 \(\d+%\) train_ema_loss \d+\.\d{4} best_val_loss \S+ "
+# 8192 sequences in batches of 16: 512 steps an epoch, about 5 s of training here in all, long enough for the
+# first attempt to be killed well before its end.
+EPOCHS, STEPS_PER_EPOCH = 3, 512
+LAST_STEP = EPOCHS * STEPS_PER_EPOCH
+
+PROGRESS = re.compile(r"progress: epoch \d+/3 step (\d+)/1536 \(\d+%\) train_ema_loss \d+\.\d{4} best_val_loss \S+ "
                       r"samples/s \d+\.\d ETA \S+")
 
 
-def wandb_records(path: str) -> Iterator[object]:
-    """The records of a wandb run file (.wandb: W&B's LevelDB-style log of protobuf records, 32 KiB blocks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw = Path(path).read_bytes()
-    assert raw[:4] == b":W&B", path
-    pos, pending = 7, b""
-    while pos + 7 <= len(raw):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = struct.unpack("<HB", raw[pos + 4:pos + 7])
-        pending += raw[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a whole record, or the last piece of one
-            record = pb.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            yield record
-
-
-def offline_runs(wandb_dir: Path) -> list[dict]:
-    """Each offline run file in creation order: its run id, logged steps and config."""
-    runs = []
-    for path in sorted(glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "run-*.wandb")),
-                       key=lambda p: Path(p).stat().st_mtime_ns):
-        run = {"id": None, "steps": [], "config": {}}
-        for record in wandb_records(path):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                run["id"] = record.run.run_id
-                run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
-            elif kind == "config":
-                run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
-            elif kind == "history":
-                run["steps"].append(record.history.step.num)
-        runs.append(run)
-    return runs
+def logged_steps(wandb_dir: Path) -> list[int]:
+    try:
+        return [s for run in offline_runs(wandb_dir) for s in run["steps"]]
+    except Exception:  # noqa: BLE001 - a file caught mid-write: ask again
+        return []
 
 
 def test_a_killed_and_rerun_run_is_one_wandb_run_one_metrics_file_and_one_report(
-        tmp_path: Path, dataset: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-files"))  # the driver forwards WANDB_* to the workers
-    (tmp_path / "wandb-files").mkdir()
-    args = train_args(dataset, tmp_path / "runs", 1, "--use-wandb", "--wandb-mode", "offline",
-                      "--progress-every", "1")
+        tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = write_dataset(tmp_path / "longer.pkl", num_train=8192)
+    wandb_dir = tmp_path / "wandb-files"
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))  # the driver forwards WANDB_* to the workers
+    args = train_args(dataset, tmp_path / "runs", 1, "--epochs", str(EPOCHS), "--eval-every", "128", "--use-wandb",
+                      "--wandb-mode", "offline", "--progress-every", "0.5")
     run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
-    killed = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
+
+    # Killed (the whole driver session, SIGKILL) once wandb's file holds logged steps and the console has shown
+    # progress twice, at whatever point of a step or a checkpoint the run is then.
+    log_path = tmp_path / "first.log"
+    proc, log = start_process(args, ray_address, log_path=log_path)
+    deadline = time.monotonic() + 240
+    try:
+        while not (len(PROGRESS.findall(log_path.read_text())) >= 2 and logged_steps(wandb_dir)):
+            assert proc.poll() is None, f"training ended before it was killed:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        killed = finish_process(proc, log, timeout=30)
+    killed_after = max(logged_steps(wandb_dir))
+    assert killed_after < LAST_STEP - STEPS_PER_EPOCH, "the kill came too late to test a resume"
+
     resumed = run_main(args, ray_address)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     resumed_step = int(re.search(r"Resuming from global step (\d+)", resumed.stdout).group(1))
