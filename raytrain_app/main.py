@@ -41,7 +41,7 @@ from raytrain_app.preflight import (
     python_for_commands,
     start_position,
 )
-from raytrain_app.progress import ProgressDisplay
+from raytrain_app.progress import ProgressDisplay, read_from
 from raytrain_app.storage import Location, check_bucket, parse_location
 
 
@@ -156,7 +156,7 @@ def fit(plan: Plan, argv: list[str]) -> int:
                            lineage=plan.lineage, stop_request=stop_request)
     command = shlex.join([python_for_commands(), "-m", "raytrain_app.main", *argv])
     try:
-        display = ProgressDisplay(stop_request, cfg.progress_every)
+        display = ProgressDisplay(read_from(stop_request), cfg.progress_every)
         try:
             result, stopped_by = fit_until_stopped(trainer, stop_request, on_tick=display)
         finally:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -109,7 +110,12 @@ class RunMetrics:
         # validation and a checkpoint is left out, so the figures are the training loop's own speed.
         self.last_step_at: tuple[float, float] | None = None  # (time, data wait so far) at the previous step
         self.timed_steps, self.step_s, self.wait_s = 0, 0.0, 0.0
-        self.wandb = open_wandb(cfg, run_dir, wandb_group, fork_of) if cfg.use_wandb else None
+        self.wandb = None
+        if cfg.use_wandb:
+            try:
+                self.wandb = open_wandb(cfg, run_dir, wandb_group, fork_of)
+            except Exception as e:  # noqa: BLE001 - logging must not cost the training run
+                _wandb_failed("could not start", e)
 
     def on_step(self, step: int, ema: torch.Tensor, lr: float, data_wait_s: float = 0.0) -> None:
         """After optimizer step `step`; `data_wait_s`: the loop's total time waiting for data so far."""
@@ -163,11 +169,24 @@ class RunMetrics:
         self.text += lines
         self.high_water = max(self.high_water, high_water(new))
         if self.wandb is not None:
-            log_to_wandb(self.wandb, new)
+            try:
+                log_to_wandb(self.wandb, new)
+            except Exception as e:  # noqa: BLE001
+                _wandb_failed("stopped logging", e)
+                self.wandb = None
 
     def close(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001
+                _wandb_failed("could not finish", e)
+
+
+def _wandb_failed(what: str, error: Exception) -> None:
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    print(f"⚠️  wandb {what} ({type(error).__name__}: {first_line}); training goes on, and every metric is still "
+          f"written to {METRICS_FILE}", flush=True)
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +207,8 @@ def open_wandb(cfg: TrainConfig, run_dir: Location, group: str | None, fork_of: 
     WANDB_DIR, else the run's local save folder, else the system's temporary folder."""
     import wandb
 
-    directory = os.environ.get("WANDB_DIR") or (os.path.dirname(run_dir.path) if run_dir.is_local else None)
+    directory = os.environ.get("WANDB_DIR") or (os.path.dirname(run_dir.path) if run_dir.is_local
+                                                 else tempfile.gettempdir())
     config = {**cfg.to_dict(), "run_dir": run_dir.uri}
     if fork_of:
         config["forked_from"] = {"checkpoint": fork_of.get("base_checkpoint"),

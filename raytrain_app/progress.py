@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 PUSH_INTERVAL_S = 1.0  # how often rank 0 sends its progress (more often when --progress-every asks for it)
@@ -39,31 +40,33 @@ def progress_line(p: dict[str, Any]) -> str:
             f"ETA {format_eta(eta) if done > 0 else '?'}")
 
 
-class ProgressDisplay:
-    """Called from the driver's main thread while it waits for training (`on_tick`)."""
+def bar(p: dict[str, Any], width: int = 24) -> str:
+    filled = round(width * min(1.0, p["step"] / max(1, p["total_steps"])))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
 
-    def __init__(self, control: Any, every_s: float, out: TextIO = sys.stdout) -> None:
-        self.control, self.every_s, self.out = control, every_s, out
+
+class ProgressDisplay:
+    """Called from the driver's main thread while it waits for training (`on_tick`). `read` returns rank 0's
+    latest progress, or None (nothing yet, or the cluster did not answer in time)."""
+
+    def __init__(self, read: Callable[[float], dict[str, Any] | None], every_s: float,
+                 out: TextIO = sys.stdout) -> None:
+        self.read, self.every_s, self.out = read, every_s, out
         self.interval = push_interval(every_s)
         self.live = out.isatty()
-        self.last_read, self.last_line, self.seen = 0.0, 0.0, None
+        self.last_read, self.last_line, self.seen = -math.inf, -math.inf, None
 
     def __call__(self) -> None:
         now = time.monotonic()
         if now - self.last_read < self.interval:
             return
         self.last_read = now
-        import ray
-
-        try:
-            progress = ray.get(self.control.progress.remote(), timeout=self.interval)
-        except Exception:  # noqa: BLE001 - a busy or restarting cluster: the next tick asks again
-            return
+        progress = self.read(self.interval)
         if progress is None or progress == self.seen:
             return
         self.seen = progress
-        if self.live:
-            self.out.write("\r" + progress_line(progress)[:200].ljust(120))
+        if self.live:  # one line redrawn in place
+            self.out.write("\r\x1b[2K" + bar(progress) + " " + progress_line(progress).removeprefix("progress: "))
             self.out.flush()
         elif now - self.last_line >= self.every_s:
             self.last_line = now
@@ -73,6 +76,20 @@ class ProgressDisplay:
         if self.live and self.seen is not None:
             self.out.write("\n")
             self.out.flush()
+
+
+def read_from(control: Any) -> Callable[[float], dict[str, Any] | None]:
+    """The reader of a run's control actor (see graceful_stop.StopRequest)."""
+
+    def read(timeout: float) -> dict[str, Any] | None:
+        import ray
+
+        try:
+            return ray.get(control.progress.remote(), timeout=timeout)
+        except Exception:  # noqa: BLE001 - a busy or restarting cluster: the next tick asks again
+            return None
+
+    return read
 
 
 class ProgressSender:

@@ -82,6 +82,31 @@ def test_a_line_cut_off_by_a_kill_and_a_non_finite_value(tmp_path: Path) -> None
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])["step"] == 10
 
 
-def test_mfu_counts_six_flops_per_parameter_and_attention() -> None:
+def test_mfu_counts_six_flops_per_parameter_and_attention(tmp_path: Path) -> None:
     assert flops_per_token(CFG, 1000) == 6 * 1000 + 12 * 2 * 16 * 8
+    rec = recorder(tmp_path / "run", restored=None, attempt="a")
+    rec.peak = 1e9  # as a GPU with a known peak would set it
+    for step in range(1, 4):
+        time.sleep(0.01)
+        rec.on_step(step, torch.tensor(1.0), 1e-3)
+    speed = rec.speed(world_size=2, accumulation=1)
+    assert speed["mfu"] == pytest.approx(speed["tokens_per_s"] / 2 * flops_per_token(CFG, 1000) / 1e9)
     assert wandb_run_id("s3://b/runs/run-x") == wandb_run_id("s3://b/runs/run-x") != wandb_run_id("/runs/run-x")
+
+
+def test_a_wandb_that_cannot_start_costs_the_run_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    # Online with no API key anywhere: wandb.init itself refuses (a real failure, not a stand-in).
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # and nothing listening, should it try
+    cfg = TrainConfig(**{**CFG.to_dict(), "use_wandb": True, "wandb_mode": "online"})
+    rec = RunMetrics(cfg, parse_location(str(tmp_path / "run")), start_step=0, restored_step=None, attempt="a",
+                     fork_of=None, num_params=1000, device=torch.device("cpu"))
+    assert rec.wandb is None
+    assert "⚠️  wandb could not start (" in capsys.readouterr().out
+    train(rec, range(1, 4))
+    rec.commit({"step": 3, "epoch": 0})
+    rec.close()
+    assert [r["step"] for r in read_rows(parse_location(str(tmp_path / "run" / "metrics.jsonl")))][1:] == [1, 2, 3, 3]
