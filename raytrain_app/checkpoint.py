@@ -29,7 +29,7 @@ state.pt keys (the first eight are the ones users' tools already know):
                         base_global_step, base_epoch, base_sha256 (of the base state file), base_lineage
                         (the base's own lineage), and for sweep trials sweep_name and trial_id
   skipped_steps         optimizer steps skipped for non-finite gradients; skip_streak: of them in a row now
-  wandb_run_id          the run's wandb run (with --use-wandb), else None
+  wandb_run_id          the run's wandb run id (chosen at the run's start, used with --use-wandb)
   format_version        2 (1: written before manifests; such folders are loaded without one)
 """
 

@@ -44,12 +44,13 @@ def manifest_status(state_file: Location) -> str:
     return f"NOT WHOLE: {problem}" if problem else "whole (every file matches manifest.json)"
 
 
-def _size(num_bytes: int) -> str:
+def _size(num_bytes: float) -> str:
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if num_bytes < 1000 or unit == "TB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+            break
         num_bytes /= 1000
-    return ""
+    return f"{num_bytes:.0f} B" if unit == "B" else f"{num_bytes:.1f} {unit}"
 
 
 def _loss(value: Any) -> str:

@@ -170,20 +170,20 @@ class Divergence:
     last_step: int
 
 
-class _LazyHostValue:
+class LazyHostValue:
     """A device scalar copied to the host without waiting: `read()` gives the newest copy the device has
     finished (on CPU, the value just pushed). On CUDA it may lag a step or two."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.int64) -> None:
         self.asynchronous = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.int64, pin_memory=self.asynchronous)
+        self.host = torch.zeros((), dtype=dtype, pin_memory=self.asynchronous)
         self.new_event: Any = torch.cuda.Event if self.asynchronous else None
         self.event: Any = None
-        self.value: int | None = None
+        self.value: int | float | None = None
 
     def push(self, value: torch.Tensor) -> None:
         if not self.asynchronous:
-            self.value = int(value)
+            self.value = value.item()
             return
         if self.event is not None and not self.event.query():
             return  # the previous copy is still in flight: keep it
@@ -194,9 +194,9 @@ class _LazyHostValue:
 
     def _collect(self) -> None:
         if self.event is not None and self.event.query():
-            self.value, self.event = int(self.host), None
+            self.value, self.event = self.host.item(), None
 
-    def read(self) -> int | None:
+    def read(self) -> int | float | None:
         if self.asynchronous:
             self._collect()
         return self.value
@@ -234,13 +234,13 @@ class Trainer:
         # Steps skipped for a non-finite loss or gradients: in all, and in a row now. Device tensors, no syncs.
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.skip_streak = torch.zeros((), dtype=torch.int64, device=device)
-        self._streak_reader = _LazyHostValue(device)
+        self._streak_reader = LazyHostValue(device)
         self.diverged: Divergence | None = None
         self.data_wait_s = 0.0  # host time spent waiting for the next micro-batch (for the metrics)
         # Where this run's weights came from (a fork's base checkpoint, a sweep trial's ids); saved with every
         # checkpoint, set by the caller for a fork and restored from the run's own checkpoints.
         self.lineage: dict[str, Any] | None = None
-        self.wandb_run_id: str | None = None  # this run's wandb run (--use-wandb), recorded in its checkpoints
+        self.wandb_run_id: str | None = None  # this run's wandb run id, kept in its checkpoints
 
     # --- state ---------------------------------------------------------------------------------------------
     def state_dict(self, eval_val_loss: float | None = None) -> dict[str, Any] | None:
@@ -300,6 +300,7 @@ class Trainer:
             self.schedule.start_step = int((state.get("scheduler_state_dict") or {}).get("start_step", 0))
         if not fork:
             self.lineage = state.get("lineage")
+            self.wandb_run_id = state.get("wandb_run_id")  # a fork is a wandb run of its own
         self.schedule.set_step(self.global_step)  # the schedule's position is the global step, by definition
         best = state.get("val_loss") if fork_keeps_best or not fork else None
         self.best_val_loss = math.inf if best is None else float(best)

@@ -31,6 +31,7 @@ from raytrain_app.config import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_USER_E
 from raytrain_app.driver import connect_ray, make_trainer
 from raytrain_app.graceful_stop import fit_until_stopped, new_stop_request
 from raytrain_app.loop import UNVALIDATED_LOSS
+from raytrain_app.metrics import prepare_wandb
 from raytrain_app.preflight import (
     USER_ERRORS,
     UserError,
@@ -127,6 +128,7 @@ def train(argv: list[str]) -> int:
         print(f"Nothing to train: the checkpoint has completed {done_epochs} epochs and --epochs is {cfg.epochs} "
               "(a total). Pass a larger --epochs to train more.")
         return 0
+    plan.cfg = prepare_wandb(cfg, run_dir)  # the workers' wandb mode, decided here
     connect_ray(num_cpus=max(4, cfg.num_workers))
     check_cluster_fits(cfg)
     print("🚀 Starting training...")

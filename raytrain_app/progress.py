@@ -13,6 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+import torch
+
+from raytrain_app.loop import LazyHostValue
+
 PUSH_INTERVAL_S = 1.0  # how often rank 0 sends its progress (more often when --progress-every asks for it)
 MIN_PUSH_INTERVAL_S = 0.1
 
@@ -28,6 +32,10 @@ def format_eta(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def progress_line(p: dict[str, Any]) -> str:
     """`p`: rank 0's progress (see `ProgressSender`)."""
     best = p.get("best_val_loss")
@@ -35,8 +43,8 @@ def progress_line(p: dict[str, Any]) -> str:
     remaining = p["total_steps"] - p["step"]
     eta = remaining * p["step_time_s"] if p.get("step_time_s") else None
     return (f"progress: epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['total_steps']} "
-            f"({100 * p['step'] / max(1, p['total_steps']):.0f}%) train_ema_loss {p['train_ema_loss']:.4f} "
-            f"best_val_loss {'-' if best is None else f'{best:.4f}'} samples/s {p.get('samples_per_s') or 0:.1f} "
+            f"({100 * p['step'] / max(1, p['total_steps']):.0f}%) train_ema_loss {_loss(p['train_ema_loss'])} "
+            f"best_val_loss {_loss(best)} samples/s {p.get('samples_per_s') or 0:.1f} "
             f"ETA {format_eta(eta) if done > 0 else '?'}")
 
 
@@ -95,13 +103,16 @@ def read_from(control: Any) -> Callable[[float], dict[str, Any] | None]:
 class ProgressSender:
     """Rank 0's side: at most one small message a second to the control actor, fire and forget."""
 
-    def __init__(self, control: Any, epochs: int, start_step: int, progress_every: float) -> None:
+    def __init__(self, control: Any, epochs: int, start_step: int, progress_every: float,
+                 device: torch.device) -> None:
         self.control, self.epochs, self.start_step = control, epochs, start_step
         self.interval = push_interval(progress_every)
+        self.ema = LazyHostValue(device, torch.float32)  # the EMA loss, copied without waiting for the device
         self.last = (time.perf_counter(), start_step)
 
     def __call__(self, trainer: Any) -> None:
         now = time.perf_counter()
+        self.ema.push(trainer.ema)  # each step: a copy already in flight is left alone (see LazyHostValue)
         last_time, last_step = self.last
         if now - last_time < self.interval:
             return
@@ -112,7 +123,7 @@ class ProgressSender:
         self.control.report_progress.remote({
             "epoch": trainer.epoch + (trainer.batch_index > 0), "epochs": self.epochs, "step": trainer.global_step,
             "total_steps": trainer.schedule.total_steps, "start_step": self.start_step,
-            "train_ema_loss": float(trainer.ema),  # one host read a second
+            "train_ema_loss": self.ema.read(),  # the newest copy the device has finished: None at first
             "best_val_loss": best if math.isfinite(best) else None,
             "samples_per_s": samples / step_time, "step_time_s": step_time,
         })

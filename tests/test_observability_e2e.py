@@ -15,7 +15,7 @@ import pytest
 
 from raytrain_app.checkpoint import load_state
 from raytrain_app.config import parse_config
-from raytrain_app.metrics import read_rows, wandb_run_id
+from raytrain_app.metrics import read_rows
 from raytrain_app.storage import parse_location
 from tests.conftest import REPO_ROOT, base_env, finish_process, run_main, start_process, write_dataset
 from tests.test_resume_e2e import ckpt, train_args
@@ -71,15 +71,16 @@ def test_a_killed_and_rerun_run_is_one_wandb_run_one_metrics_file_and_one_report
 
     # wandb: both attempts wrote to the same run, and the steps they logged are each logged once, in order.
     runs = offline_runs(tmp_path / "wandb-files")
-    assert len(runs) == 2 and {r["id"] for r in runs} == {wandb_run_id(str(run_dir))}
+    run_id = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))["wandb_run_id"]  # kept in the checkpoints
+    assert len(runs) == 2 and {r["id"] for r in runs} == {run_id}
     steps = [s for r in runs for s in r["steps"]]
     assert steps == sorted(set(steps)) and (steps[0], steps[-1]) == (1, LAST_STEP)
-    assert runs[1]["steps"][0] > resumed_step  # the re-run retrained steps the first attempt had logged: not again
-    assert load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))["wandb_run_id"] == wandb_run_id(str(run_dir))
+    assert runs[1]["steps"][0] > max(resumed_step, killed_after)  # retrained steps wandb had are not logged again
 
     # metrics.jsonl: every step once, the resume with its step and cause.
     rows = read_rows(parse_location(str(run_dir / "metrics.jsonl")))
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, LAST_STEP + 1))
+    assert {r["wandb_run_id"] for r in rows if r["kind"] == "event"} == {run_id}
     events = [(r["event"], r["step"], r["cause"]) for r in rows if r["kind"] == "event"]
     assert events[0][:2] == ("start", 0) and events[1][:2] == ("resume", resumed_step)
     assert events[1][2].startswith("re-run") and len(events) == 2
