@@ -28,6 +28,8 @@ state.pt keys (the first eight are the ones users' tools already know):
                         (--resume-from-checkpoint, a sweep trial): base_checkpoint (its location),
                         base_global_step, base_epoch, base_sha256 (of the base state file), base_lineage
                         (the base's own lineage), and for sweep trials sweep_name and trial_id
+  skipped_steps         optimizer steps skipped for non-finite gradients; skip_streak: of them in a row now
+  wandb_run_id          the run's wandb run id (chosen at the run's start, used with --use-wandb)
   format_version        2 (1: written before manifests; such folders are loaded without one)
 """
 
@@ -485,7 +487,8 @@ def is_run_dir(location: Location) -> bool:
     )
 
 
-def _parent(location: Location) -> Location:
+def parent_location(location: Location) -> Location:
+    """The folder holding `location`, on the same storage."""
     parent = posixpath.dirname(location.path.rstrip("/"))
     if location.is_local:
         return Location(location.fs, parent, parent)
@@ -493,11 +496,12 @@ def _parent(location: Location) -> Location:
     return Location(location.fs, parent, posixpath.dirname(base.rstrip("/")) + (f"?{query}" if query else ""))
 
 
-def resolve_checkpoint(location: str, flag: str = "--resume-from-checkpoint") -> Location | None:
+def resolve_checkpoint(location: str, flag: str = "--resume-from-checkpoint", verify: bool = True) -> Location | None:
     """Turn what a user passed to --resume-from-checkpoint into the Location of a state file.
 
     Accepts a .pt file, a checkpoint directory (state.pt inside) or a run directory (its best checkpoint), as a
     local path or a URI. Returns None when nothing exists there, so the caller can warn and start fresh.
+    `verify=False` takes a checkpoint folder that is not whole too (to inspect it).
     """
     where = parse_location(location, flag=flag)
     check_bucket(where)
@@ -505,12 +509,13 @@ def resolve_checkpoint(location: str, flag: str = "--resume-from-checkpoint") ->
     if info.type == pafs.FileType.NotFound:
         return None
     if info.type == pafs.FileType.File:
-        folder = _parent(where)
-        if where.name == STATE_FILE and folder.join(MANIFEST_FILE).is_file():  # a checkpoint folder's state file
+        folder = parent_location(where)
+        if verify and where.name == STATE_FILE and folder.join(MANIFEST_FILE).is_file():  # a folder's state file
             verify_checkpoint_dir(folder, label=f"{flag} {location}")
         return where
     if where.join(STATE_FILE).is_file() or where.join(MANIFEST_FILE).is_file():
-        verify_checkpoint_dir(where, label=f"{flag} {location}")
+        if verify:
+            verify_checkpoint_dir(where, label=f"{flag} {location}")
         return where.join(STATE_FILE)
     if is_run_dir(where):
         best = best_run_checkpoint(where)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -121,7 +122,18 @@ class TrainConfig:
     )
     keep_checkpoints: int = _opt(3, "Checkpoints kept per run: the N best by validation loss, plus always the latest.",
                                  identity=False)
-    use_wandb: bool = _opt(False, "Log to Weights & Biases.", identity=False)
+    use_wandb: bool = _opt(
+        False, "Log to Weights & Biases: rank 0 logs the config and every metric at step = global step; a resumed "
+        "run continues its wandb run.", identity=False)
+    wandb_project: str = _opt("raytrain", "wandb project.", identity=False, added_later=True)
+    wandb_entity: str | None = _opt(None, "wandb entity (team or user; default: the API key's).", identity=False,
+                                    added_later=True)
+    wandb_mode: str | None = _opt(
+        None, "wandb mode: online, offline or disabled (default: online when an API key is configured, else "
+        "offline).", identity=False, added_later=True, choices=("online", "offline", "disabled"))
+    progress_every: float = _opt(
+        10.0, "Seconds between progress lines on the console when it is not a terminal (a terminal gets a live "
+        "bar).", identity=False, added_later=True)
     debug: bool = _opt(False, "Show the full traceback with an error message.", identity=False, added_later=True)
 
     def __post_init__(self) -> None:
@@ -133,7 +145,8 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "warmup_steps", "grad_clip", "aug_noise_std", "max_failures", "max_skipped_steps"):
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "aug_noise_std", "max_failures", "max_skipped_steps",
+                     "progress_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -145,6 +158,8 @@ class TrainConfig:
                 f"--num-heads {self.num_heads} must divide --hidden-dim {self.hidden_dim}; pick e.g. "
                 f"--num-heads {_largest_divisor(self.hidden_dim, self.num_heads)}"
             )
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise ConfigError(f"--wandb-mode must be online, offline or disabled, got {self.wandb_mode!r}")
         if self.amp_dtype not in ("bf16", "fp16"):
             raise ConfigError(f"--amp-dtype must be bf16 or fp16, got {self.amp_dtype!r}")
 
@@ -213,6 +228,22 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def as_flags(values: dict[str, Any], names: tuple[str, ...] | None = None) -> str:
+    """Settings as the command-line flags that give them (`--use-amp`, `--no-compile`, `--lr 0.001`); `names`
+    picks and orders them (default: every CLI setting in `values`)."""
+    cli = {f.name for f in cli_fields()}
+    parts: list[str] = []
+    for name in names or tuple(values):
+        value = values.get(name)
+        if name not in cli or value is None:
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{'' if value else 'no-'}{_flag(name)}")
+        else:
+            parts += [f"--{_flag(name)}", str(value)]
+    return shlex.join(parts)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

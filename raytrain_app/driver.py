@@ -9,11 +9,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import tempfile
 from typing import Any
 
 from raytrain_app.config import TrainConfig
 from raytrain_app.storage import FORWARDED_ENV_VARS, Location
+
+# This driver process's id in the run's metrics: a restore under the same id is a worker restart, under another
+# a re-run of the command.
+ATTEMPT = secrets.token_hex(6)
 
 # Ray Train's controller polls workers this often; each ray.train.report waits about one poll. Ray's default
 # is 2 s; we only report at validations, so polling faster costs little and keeps checkpoints cheap.
@@ -34,8 +39,9 @@ def connect_ray(num_cpus: int) -> None:
     if ray.is_initialized():
         return
     env_vars = {
-        # Endpoints and credentials the driver resolved storage with reach every worker.
+        # Endpoints and credentials the driver resolved storage with reach every worker, and wandb's settings.
         **{name: os.environ[name] for name in FORWARDED_ENV_VARS if name in os.environ},
+        **{name: value for name, value in os.environ.items() if name.startswith("WANDB_")},
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
                                                             DEFAULT_POLL_INTERVAL_S),
         # Ray Train tees workers' print() into its logger, which doubles every line on the console.
@@ -97,7 +103,8 @@ def how_many_fit(need: dict[str, float], capacity: dict[str, float]) -> int:
 
 def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_from: str | None,
                  lineage: dict[str, Any] | None, callbacks: list[Any] | None = None,
-                 fork_keeps_best: bool = True, log_prefix: str = "", stop_request: Any = None) -> Any:
+                 fork_keeps_best: bool = True, log_prefix: str = "", stop_request: Any = None,
+                 wandb_group: str | None = None) -> Any:
     """The TorchTrainer of one run: `<storage>/<run_name>/`, restarted from its latest checkpoint on worker
     failure, continued from it when created again with the same name (a retry, a re-run).
 
@@ -112,7 +119,8 @@ def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_fro
         train_func,
         train_loop_config={"config": cfg.to_dict(), "init_from": init_from, "lineage": lineage,
                            "fork_keeps_best": fork_keeps_best, "log_prefix": log_prefix,
-                           "stop_request": stop_request},
+                           "stop_request": stop_request, "run_dir": storage.join(run_name).uri,
+                           "attempt": ATTEMPT, "wandb_group": wandb_group},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=run_name,

@@ -58,13 +58,22 @@ def new_stop_request() -> Any:
         def divergence(self) -> dict[str, int] | None:
             return self.diverged
 
+        # And rank 0's progress (about once a second), for the driver's console.
+        def report_progress(self, progress: dict[str, Any]) -> None:
+            self.latest_progress = progress
+
+        def progress(self) -> dict[str, Any] | None:
+            return getattr(self, "latest_progress", None)
+
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return StopRequest.options(scheduling_strategy=here).remote()
 
 
-def fit_until_stopped(trainer: Any, stop_request: Any) -> tuple[Any, int | None]:
+def fit_until_stopped(trainer: Any, stop_request: Any,
+                      on_tick: Callable[[], None] | None = None) -> tuple[Any, int | None]:
     """`trainer.fit()`, with SIGINT and SIGTERM turned into a graceful stop. Returns (result, the signal that
-    stopped it or None). Exceptions from fit() are raised here."""
+    stopped it or None). Exceptions from fit() are raised here. `on_tick` is called about every 0.2 s (the
+    progress display)."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -92,6 +101,8 @@ def fit_until_stopped(trainer: Any, stop_request: Any) -> tuple[Any, int | None]
     try:
         while thread.is_alive():
             thread.join(0.2)  # short waits keep the main thread free to take signals
+            if on_tick is not None and thread.is_alive():
+                on_tick()
             if received and not forwarded:
                 # Not from the handler: a Ray call there could re-enter one the main thread is making.
                 stop_request.request.remote(signal.Signals(received[0]).name)

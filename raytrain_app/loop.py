@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -169,20 +170,20 @@ class Divergence:
     last_step: int
 
 
-class _LazyHostValue:
+class LazyHostValue:
     """A device scalar copied to the host without waiting: `read()` gives the newest copy the device has
     finished (on CPU, the value just pushed). On CUDA it may lag a step or two."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.int64) -> None:
         self.asynchronous = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.int64, pin_memory=self.asynchronous)
+        self.host = torch.zeros((), dtype=dtype, pin_memory=self.asynchronous)
         self.new_event: Any = torch.cuda.Event if self.asynchronous else None
         self.event: Any = None
-        self.value: int | None = None
+        self.value: int | float | None = None
 
     def push(self, value: torch.Tensor) -> None:
         if not self.asynchronous:
-            self.value = int(value)
+            self.value = value.item()
             return
         if self.event is not None and not self.event.query():
             return  # the previous copy is still in flight: keep it
@@ -193,9 +194,9 @@ class _LazyHostValue:
 
     def _collect(self) -> None:
         if self.event is not None and self.event.query():
-            self.value, self.event = int(self.host), None
+            self.value, self.event = self.host.item(), None
 
-    def read(self) -> int | None:
+    def read(self) -> int | float | None:
         if self.asynchronous:
             self._collect()
         return self.value
@@ -233,11 +234,13 @@ class Trainer:
         # Steps skipped for a non-finite loss or gradients: in all, and in a row now. Device tensors, no syncs.
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.skip_streak = torch.zeros((), dtype=torch.int64, device=device)
-        self._streak_reader = _LazyHostValue(device)
+        self._streak_reader = LazyHostValue(device)
         self.diverged: Divergence | None = None
+        self.data_wait_s = 0.0  # host time spent waiting for the next micro-batch (for the metrics)
         # Where this run's weights came from (a fork's base checkpoint, a sweep trial's ids); saved with every
         # checkpoint, set by the caller for a fork and restored from the run's own checkpoints.
         self.lineage: dict[str, Any] | None = None
+        self.wandb_run_id: str | None = None  # this run's wandb run id, kept in its checkpoints
 
     # --- state ---------------------------------------------------------------------------------------------
     def state_dict(self, eval_val_loss: float | None = None) -> dict[str, Any] | None:
@@ -264,6 +267,7 @@ class Trainer:
             "eval_val_loss": eval_val_loss,
             "lineage": self.lineage,
             "skipped_steps": int(self.skipped_steps), "skip_streak": int(self.skip_streak),
+            "wandb_run_id": self.wandb_run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, fork: bool = False, fork_keeps_best: bool = True) -> LoadReport:
@@ -296,6 +300,7 @@ class Trainer:
             self.schedule.start_step = int((state.get("scheduler_state_dict") or {}).get("start_step", 0))
         if not fork:
             self.lineage = state.get("lineage")
+            self.wandb_run_id = state.get("wandb_run_id")  # a fork is a wandb run of its own
         self.schedule.set_step(self.global_step)  # the schedule's position is the global step, by definition
         best = state.get("val_loss") if fork_keeps_best or not fork else None
         self.best_val_loss = math.inf if best is None else float(best)
@@ -452,9 +457,23 @@ class Trainer:
             return self.steps_per_epoch(data)
         return _steps_per_epoch(data, self.cfg.batch_size, self.cfg.num_workers, self.cfg.grad_accum_steps)
 
-    def fit(self, data: Dataset, on_checkpoint: CheckpointFn, interrupt: InterruptFn | None = None) -> bool:
+    def _timed(self, batches: Any) -> Any:
+        """`batches`, adding the time spent waiting for each to `data_wait_s`."""
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.data_wait_s += time.perf_counter() - start
+            yield item
+
+    def fit(self, data: Dataset, on_checkpoint: CheckpointFn, interrupt: InterruptFn | None = None,
+            on_step: Callable[[], None] | None = None) -> bool:
         """Train until `cfg.epochs` epochs are complete, validating and checkpointing every `eval_every` optimizer
-        steps and at the end of every epoch. `interrupt` is polled at every optimizer step (see SAVE, STOP).
+        steps and at the end of every epoch. `interrupt` is polled at every optimizer step (see SAVE, STOP);
+        `on_step` is called after every optimizer step (progress and metrics; it must not synchronise the device).
         Returns True when every epoch is done, False when an interrupt stopped training (after saving)."""
         cfg = self.cfg
         n_batches = batches_per_epoch(data.train.num_rows, cfg.batch_size, self.world_size)
@@ -466,7 +485,7 @@ class Trainer:
             batches = shard_batches(data.train, seed=cfg.seed, epoch=self.epoch, rank=self.rank,
                                     world_size=self.world_size, batch_size=cfg.batch_size,
                                     start_batch=self.batch_index)
-            for b, x, y in batches:
+            for b, x, y in self._timed(batches):
                 x = augment(x, cfg.aug_noise_std, seed=cfg.seed, epoch=self.epoch, rank=self.rank, batch_index=b)
                 micro.append((x, y))
                 if (b + 1) % self.grad_accum and b != n_batches - 1:
@@ -474,6 +493,8 @@ class Trainer:
                 self.train_step(micro)
                 micro = []
                 self.batch_index = b + 1
+                if on_step is not None:
+                    on_step()
                 if self.batch_index < n_batches:  # the epoch's last step is followed by its validation below
                     if self.global_step % cfg.eval_every == 0:
                         self._validate(data, on_checkpoint)  # mid-epoch checkpoint

@@ -31,6 +31,7 @@ from raytrain_app.config import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_USER_E
 from raytrain_app.driver import connect_ray, make_trainer
 from raytrain_app.graceful_stop import fit_until_stopped, new_stop_request
 from raytrain_app.loop import UNVALIDATED_LOSS
+from raytrain_app.metrics import prepare_wandb
 from raytrain_app.preflight import (
     USER_ERRORS,
     UserError,
@@ -41,6 +42,7 @@ from raytrain_app.preflight import (
     python_for_commands,
     start_position,
 )
+from raytrain_app.progress import ProgressDisplay, read_from
 from raytrain_app.storage import Location, check_bucket, parse_location
 
 
@@ -118,8 +120,6 @@ def train(argv: list[str]) -> int:
     plan = prepare(argv)
     cfg, summary, run_dir = plan.cfg, plan.summary, plan.run_dir
 
-    if cfg.use_wandb:
-        print("⚠️  --use-wandb: wandb logging is not part of this version yet; metrics are printed on the console.")
     if summary is not None:
         print_resume_summary(summary, uses_scaler=cfg.use_amp and cfg.amp_dtype == "fp16",
                              reset_optimizer=cfg.reset_optimizer and plan.init_from is not None)
@@ -128,6 +128,7 @@ def train(argv: list[str]) -> int:
         print(f"Nothing to train: the checkpoint has completed {done_epochs} epochs and --epochs is {cfg.epochs} "
               "(a total). Pass a larger --epochs to train more.")
         return 0
+    plan.cfg = prepare_wandb(cfg, run_dir)  # the workers' wandb mode, decided here
     connect_ray(num_cpus=max(4, cfg.num_workers))
     check_cluster_fits(cfg)
     print("🚀 Starting training...")
@@ -157,7 +158,11 @@ def fit(plan: Plan, argv: list[str]) -> int:
                            lineage=plan.lineage, stop_request=stop_request)
     command = shlex.join([python_for_commands(), "-m", "raytrain_app.main", *argv])
     try:
-        result, stopped_by = fit_until_stopped(trainer, stop_request)
+        display = ProgressDisplay(read_from(stop_request), cfg.progress_every)
+        try:
+            result, stopped_by = fit_until_stopped(trainer, stop_request, on_tick=display)
+        finally:
+            display.close()
     except ray.train.TrainingFailedError as e:
         print(f"error: training failed after {cfg.max_failures} restart(s): {str(e).strip().splitlines()[0]}",
               file=sys.stderr)

@@ -110,7 +110,7 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     lineage = {**spec["lineage"], "sweep_name": spec["sweep_name"], "trial_id": trial_id}
     trainer = make_trainer(cfg, run_name=run_name, storage=trial_dir, init_from=spec["base"], lineage=lineage,
                            callbacks=[report_callback(base_step)], fork_keeps_best=False,
-                           log_prefix=f"[trial {trial_id} lr {cfg.lr:.3g}] ")
+                           log_prefix=f"[trial {trial_id} lr {cfg.lr:.3g}] ", wandb_group=spec["sweep_name"])
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:

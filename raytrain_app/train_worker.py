@@ -27,7 +27,9 @@ from raytrain_app.config import TrainConfig
 from raytrain_app.data import open_dataset
 from raytrain_app.graceful_stop import Interrupts
 from raytrain_app.loop import UNVALIDATED_LOSS, LoadReport, Trainer, seed_everything
+from raytrain_app.metrics import RunMetrics
 from raytrain_app.model import SequenceTransformer
+from raytrain_app.progress import ProgressSender
 from raytrain_app.storage import parse_location
 
 
@@ -83,13 +85,36 @@ def train_func(loop_config: dict[str, Any]) -> None:
     train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # DDP when world size > 1
     trainer = Trainer(cfg, model, train_model, device)
     trainer.lineage = loop_config.get("lineage")  # a fork's; the run's own checkpoint restores its own
+    state_restored = False
     if state is not None:
         report = trainer.load_state_dict(state, fork=fork, fork_keeps_best=loop_config.get("fork_keeps_best", True))
         del state
+        state_restored = True
         if rank == 0:
             _print_load_report(str(source), report, trainer, log_prefix)
 
     save_dir = parse_location(cfg.save_dir)  # canonical: the driver's endpoint is written into the URI
+    # Only a run's own driver listens to its workers (stop requests, divergence, progress); Tune has its own.
+    control = loop_config.get("stop_request")
+    recorder = None
+    if rank == 0:
+        recorder = RunMetrics(
+            cfg, parse_location(loop_config["run_dir"]), start_step=trainer.global_step,
+            restored_step=trainer.global_step if state_restored and not fork else None,
+            attempt=loop_config.get("attempt", ""), fork_of=trainer.lineage if fork else None,
+            num_params=sum(p.numel() for p in model.parameters()), device=device,
+            wandb_group=loop_config.get("wandb_group"), wandb_run_id=trainer.wandb_run_id)
+        trainer.wandb_run_id = recorder.wandb_run_id  # kept in every checkpoint from now on
+    sender = None
+    if rank == 0 and control is not None:
+        sender = ProgressSender(control, cfg.epochs, trainer.global_step, cfg.progress_every, device)
+
+    def on_step() -> None:
+        if recorder is not None:
+            recorder.on_step(trainer.global_step, trainer.ema, trainer.optimizer.param_groups[0]["lr"],
+                             trainer.data_wait_s)
+        if sender is not None:
+            sender(trainer)
 
     def on_checkpoint(metrics: dict[str, float], state: dict[str, Any] | None, is_best: bool) -> None:
         if rank == 0:
@@ -108,6 +133,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if state is None:  # ranks > 0: the report is a barrier, so every rank reports the same number of times
             ray.train.report(metrics)
             return
+        # The metrics up to this step first (see RunMetrics.commit for why before the checkpoint).
+        recorder.commit({
+            "step": metrics["global_step"], "epoch": metrics["epoch"],
+            "val_loss": metrics["val_loss"] if validated and metrics["val_loss_finite"] else None,
+            "best_val_loss": metrics["best_val_loss"] if metrics["best_val_loss"] < UNVALIDATED_LOSS else None,
+            "train_ema_loss": metrics["train_ema_loss"], "validated": validated,
+            "skipped_steps": metrics["skipped_steps"],
+            **recorder.speed(trainer.world_size, trainer.grad_accum)})
         local_dir = tempfile.mkdtemp(prefix="raytrain-ckpt-")
         try:
             save_checkpoint_dir(local_dir, state)
@@ -121,18 +154,26 @@ def train_func(loop_config: dict[str, Any]) -> None:
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
 
-    # Only a run's own driver can ask its workers to stop (a sweep's trials are stopped by Tune).
-    stop_request = loop_config.get("stop_request")
-
     def on_notice(info: Any) -> None:
         if rank == 0:  # the step just taken is checkpointed next, unless a validation already did
             print(f"{log_prefix}Preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
                   f"{info.preempted_ranks}): checkpointing global step {trainer.global_step}", flush=True)
 
-    completed = trainer.fit(data, on_checkpoint,
-                            Interrupts(stop_request, on_notice) if stop_request is not None else None)
+    failed = True
+    try:
+        completed = trainer.fit(data, on_checkpoint,
+                                Interrupts(control, on_notice) if control is not None else None, on_step)
+        if trainer.diverged is not None and recorder is not None:  # the steps that led there, and why it ended
+            d = trainer.diverged
+            recorder.commit(None, events=[{"event": "diverged", "step": d.last_step, "first_step": d.first_step,
+                                           "cause": f"steps {d.first_step}-{d.last_step} had a non-finite loss "
+                                                    f"or gradients"}])
+        failed = trainer.diverged is not None
+    finally:
+        if recorder is not None:
+            recorder.close(failed=failed)
     if trainer.diverged is not None:
-        _report_divergence(trainer, stop_request, log_prefix, rank)
+        _report_divergence(trainer, control, log_prefix, rank)
     elif not completed and rank == 0:
         print(f"{log_prefix}Stopped on request at epoch {trainer.epoch}, global step {trainer.global_step}, "
               f"batch {trainer.batch_index}: checkpoint saved.", flush=True)

@@ -40,6 +40,7 @@ from raytrain_app.config import (
 )
 from raytrain_app.driver import cluster_capacity, connect_ray, how_many_fit, run_resources
 from raytrain_app.loop import resume_batch_index
+from raytrain_app.metrics import prepare_wandb
 from raytrain_app.order import batches_per_epoch
 from raytrain_app.preflight import (
     USER_ERRORS,
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         print_plan(plan)
+        plan.cfg = prepare_wandb(plan.cfg, plan.sweep_dir)  # every trial's wandb mode, decided here
         # A private local instance gets every core, and at least the logical CPUs for one trial.
         connect_ray(num_cpus=max(4, os.cpu_count() or 1, plan.cfg.num_workers + 1))
         max_concurrent = fit_concurrency(plan)

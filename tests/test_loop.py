@@ -286,7 +286,7 @@ def test_too_many_skipped_steps_in_a_row_stop_training_without_saving() -> None:
 def test_the_skip_streak_reaches_the_host_without_waiting_for_the_device() -> None:
     """The CUDA path's logic on CPU, with an event whose completion the test decides: a value is read only once
     its copy has finished, and a copy in flight is not replaced (so a value is never read half-copied)."""
-    from raytrain_app.loop import _LazyHostValue
+    from raytrain_app.loop import LazyHostValue
 
     class Event:
         done = False
@@ -297,7 +297,7 @@ def test_the_skip_streak_reaches_the_host_without_waiting_for_the_device() -> No
         def query(self) -> bool:
             return Event.done
 
-    reader = _LazyHostValue(torch.device("cpu"))
+    reader = LazyHostValue(torch.device("cpu"))
     reader.asynchronous, reader.new_event = True, Event
     assert reader.read() is None
     reader.push(torch.tensor(1))

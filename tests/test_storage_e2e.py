@@ -79,6 +79,23 @@ def test_s3_run_killed_and_rerun_resumes_from_s3_bit_exact(s3_run: dict) -> None
     assert parse_location(s3_run["save_dir"]).join("best_model.pt").is_file()
 
 
+def test_s3_runs_metrics_hold_each_step_once_and_its_report_marks_the_resume(
+        s3_run: dict, capsys: pytest.CaptureFixture) -> None:
+    from raytrain_app.metrics import read_rows
+    from raytrain_app.report import main as report
+
+    run_dir = parse_location(s3_run["run_dir"])
+    rows = read_rows(run_dir.join("metrics.jsonl"))
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, LAST_STEP + 1))
+    resumed_step = int(re.search(r"Resuming from global step (\d+)", s3_run["resumed"]).group(1))
+    assert [(r["event"], r["step"]) for r in rows if r["kind"] == "event"] == [("start", 0), ("resume", resumed_step)]
+    assert report([s3_run["run_dir"]]) == 0
+    out = capsys.readouterr().out
+    assert f"Resumes: 1\n  at global step {resumed_step}: re-run" in out
+    assert f"Plot: {run_dir.join('loss.png').uri}" in out
+    assert run_dir.join("loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("source", ["checkpoint_folder", "best_model", "run_folder"])
 def test_fine_tune_from_s3_locations(tmp_path: Path, dataset: Path, ray_address: str, s3_run: dict,
                                      source: str) -> None:

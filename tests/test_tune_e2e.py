@@ -32,6 +32,7 @@ from tests.conftest import (
     s3_uri,
     start_process,
 )
+from tests.wandb_files import offline_runs
 
 pytestmark = pytest.mark.e2e
 
@@ -111,8 +112,10 @@ def trial_run_dirs(sweep_dir) -> dict[str, object]:  # noqa: ANN001
 
 
 def test_grid_sweep_on_s3_starts_every_trial_from_the_base(
-    base_checkpoint: Path, dataset: Path, ray_address: str, s3_endpoint: str
+    base_checkpoint: Path, dataset: Path, ray_address: str, s3_endpoint: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # forwarded to every trial's workers
     bucket = make_bucket(s3_endpoint, "sweeps")
     base_uri = s3_uri(bucket, "models/base.pt", s3_endpoint)
     parse_location(base_uri).write_bytes(base_checkpoint.read_bytes())
@@ -121,7 +124,8 @@ def test_grid_sweep_on_s3_starts_every_trial_from_the_base(
     args = ["--base-checkpoint", base_uri, "--data", str(dataset), "--save-dir", save_dir,
             "--lr-grid", ",".join(map(str, grid)), "--scheduler", "none", "--sweep-name", "grid",
             "--max-concurrent-trials", "8",
-            "--epochs", "2", "--eval-every", "1", "--keep-checkpoints", "10", *FIXED, "--warmup-steps", "0"]
+            "--epochs", "2", "--eval-every", "1", "--keep-checkpoints", "10", *FIXED, "--warmup-steps", "0",
+            "--use-wandb", "--wandb-mode", "offline"]
     result = run_tune(args, ray_address)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -155,6 +159,14 @@ def test_grid_sweep_on_s3_starts_every_trial_from_the_base(
         assert lineage["base_global_step"] == STEPS_PER_EPOCH and lineage["base_sha256"] == base_sha
         assert lineage["sweep_name"] == "grid" and lineage["trial_id"] == trial_id
     assert sorted(seen_lrs) == grid
+
+    # wandb: a run per trial, grouped under the sweep's name, each saying which checkpoint it started from.
+    wandb_runs = offline_runs(tmp_path)
+    assert len({r["id"] for r in wandb_runs}) == 3 and {r["group"] for r in wandb_runs} == {"grid"}
+    for run in wandb_runs:
+        source = run["config"]["forked_from"].get("value", run["config"]["forked_from"])
+        assert source == {"checkpoint": parse_location(base_uri).uri, "global_step": STEPS_PER_EPOCH}
+        assert run["steps"] == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
 
     rows = read_results(sweep_dir)
     assert sorted(float(r["lr"]) for r in rows) == grid

@@ -1,0 +1,141 @@
+"""Inspect and export checkpoints: anything `--resume-from-checkpoint` accepts (a .pt file, a checkpoint folder,
+a run folder meaning its best checkpoint; local paths or URIs).
+
+    python -m raytrain_app.ckpt show X
+    python -m raytrain_app.ckpt export X --format safetensors|pt OUT
+
+`show` prints the epoch, global step, validation losses, settings, size, lineage and whether the folder matches
+its manifest. `export` writes the model's weights alone, for inference: a safetensors file (with the settings
+that build the model in its metadata) or a .pt holding `model_state_dict` and `config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from typing import Any
+
+from raytrain_app.checkpoint import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_problem,
+    load_state,
+    parent_location,
+    publish_file,
+    resolve_checkpoint,
+)
+from raytrain_app.config import EXIT_USER_ERROR, as_flags
+from raytrain_app.storage import Location, StorageError, parse_location
+
+
+def _folder_of(state_file: Location) -> Location | None:
+    """The checkpoint folder a state file belongs to (None for a single .pt file)."""
+    return parent_location(state_file) if state_file.name == STATE_FILE else None
+
+
+def manifest_status(state_file: Location) -> str:
+    folder = _folder_of(state_file)
+    if folder is None or not folder.join(MANIFEST_FILE).is_file():
+        return "no manifest (a single .pt file, or a folder written before manifests)"
+    problem = checkpoint_problem(folder)
+    return f"NOT WHOLE: {problem}" if problem else "whole (every file matches manifest.json)"
+
+
+def _size(num_bytes: float) -> str:
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if num_bytes < 1000 or unit == "TB":
+            break
+        num_bytes /= 1000
+    return f"{num_bytes:.0f} B" if unit == "B" else f"{num_bytes:.1f} {unit}"
+
+
+def _loss(value: Any) -> str:
+    return "none" if value is None else f"{float(value):.6f}"
+
+
+def show(where: str) -> list[str]:
+    state_file = _resolve(where, verify=False)  # a damaged folder is shown with what is wrong with it
+    state = load_state(state_file, mmap=True)
+    params = sum(t.numel() for t in state["model_state_dict"].values())
+    config = state.get("config") or {}
+    batches = (state.get("data_position") or {}).get("batch_index", 0)  # a mid-epoch checkpoint's place
+    lines = [f"Checkpoint: {where}" + (f" ({state_file.uri})" if state_file.uri != where else ""),
+             f"Epoch: {state.get('epoch')} complete"
+             + (f", {batches} batches into epoch {state.get('epoch') + 1}" if batches else "")
+             + f"; global step {state.get('global_step')}",
+             f"Validation loss at this checkpoint: {_loss(state.get('eval_val_loss'))}; best so far: "
+             f"{_loss(state.get('val_loss'))}; train EMA loss: {_loss(state.get('train_ema_loss'))}",
+             f"Model: {params:,} parameters; state file {_size(state_file.info().size)}"
+             + ("; optimizer state" if state.get("optimizer_state_dict") else "; no optimizer state"),
+             f"Settings: {as_flags(config)}",
+             f"Manifest: {manifest_status(state_file)}"]
+    lineage = state.get("lineage")
+    if not lineage:
+        lines.append("Lineage: trained from scratch")
+    while lineage:
+        lines.append(f"Lineage: from {lineage.get('base_checkpoint')} at global step {lineage.get('base_global_step')}"
+                     f" (SHA-256 {str(lineage.get('base_sha256'))[:12]}...)"
+                     + (f", sweep {lineage['sweep_name']} trial {lineage.get('trial_id')}"
+                        if lineage.get("sweep_name") else ""))
+        lineage = lineage.get("base_lineage")
+    if state.get("wandb_run_id"):
+        lines.append(f"wandb run id: {state['wandb_run_id']}")
+    return lines
+
+
+def export(where: str, fmt: str, out: str) -> str:
+    """Write the weights of the checkpoint at `where` to `out` (local or URI); returns what was written."""
+    import torch
+
+    state = load_state(_resolve(where))
+    weights = {k: v.contiguous() for k, v in state["model_state_dict"].items()}
+    config = state.get("config") or {}
+    target = parse_location(out, flag="OUT")
+    with tempfile.TemporaryDirectory(prefix="raytrain-export-") as tmp:
+        path = f"{tmp}/weights"
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(weights, path, metadata={"config": json.dumps(config),
+                                               "global_step": str(state.get("global_step"))})
+        else:
+            torch.save({"model_state_dict": weights, "config": config}, path)
+        publish_file(path, target)
+    return target.uri
+
+
+def _resolve(where: str, verify: bool = True) -> Location:
+    found = resolve_checkpoint(where, flag="X", verify=verify)
+    if found is None:
+        raise CheckpointError(f"X {where}: nothing there")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raytrain_app.ckpt", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    show_parser = commands.add_parser("show", help="what a checkpoint holds")
+    show_parser.add_argument("x", metavar="X")
+    export_parser = commands.add_parser("export", help="the weights alone, for inference")
+    export_parser.add_argument("x", metavar="X")
+    export_parser.add_argument("--format", choices=("safetensors", "pt"), default="safetensors")
+    export_parser.add_argument("out", metavar="OUT")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "show":
+            print("\n".join(show(args.x)))
+        else:
+            print(f"Wrote the weights of {args.x} to {export(args.x, args.format, args.out)} ({args.format})")
+    except (CheckpointError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
