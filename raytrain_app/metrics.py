@@ -211,8 +211,13 @@ class RunMetrics:
 
     def close(self, failed: bool = False) -> None:
         if self.wandb is not None:
+            import wandb
+
             try:
                 self.wandb.finish(exit_code=1 if failed else 0)
+                # finish() returns before wandb's service has written the run's last records, and Ray ends a
+                # worker's process without running atexit hooks (where wandb waits for it): wait here.
+                wandb.teardown(exit_code=1 if failed else 0)
             except Exception as e:  # noqa: BLE001
                 _wandb_failed("could not finish", e)
 
