@@ -17,7 +17,15 @@ from raytrain_app.checkpoint import load_state
 from raytrain_app.config import parse_config
 from raytrain_app.metrics import read_rows
 from raytrain_app.storage import parse_location
-from tests.conftest import REPO_ROOT, base_env, finish_process, run_main, start_process, write_dataset
+from tests.conftest import (
+    REPO_ROOT,
+    base_env,
+    finish_process,
+    latest_checkpoint_step,
+    run_main,
+    start_process,
+    write_dataset,
+)
 from tests.test_resume_e2e import ckpt, train_args
 from tests.wandb_files import offline_runs
 
@@ -49,13 +57,15 @@ def test_a_killed_and_rerun_run_is_one_wandb_run_one_metrics_file_and_one_report
                       "--wandb-mode", "offline", "--progress-every", "0.5")
     run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
 
-    # Killed (the whole driver session, SIGKILL) once wandb's file holds logged steps and the console has shown
-    # progress twice, at whatever point of a step or a checkpoint the run is then.
+    # Killed (the whole driver session, SIGKILL) once Ray has registered a checkpoint, wandb's file holds logged
+    # steps and the console has shown progress twice, at whatever point of a step or a checkpoint the run is then.
+    # (Rows reach wandb just before their checkpoint is reported, so the file alone does not mean a checkpoint.)
     log_path = tmp_path / "first.log"
     proc, log = start_process(args, ray_address, log_path=log_path)
     deadline = time.monotonic() + 240
     try:
-        while not (len(PROGRESS.findall(log_path.read_text())) >= 2 and logged_steps(wandb_dir)):
+        while not (len(PROGRESS.findall(log_path.read_text())) >= 2 and logged_steps(wandb_dir)
+                   and latest_checkpoint_step(run_dir) is not None):
             assert proc.poll() is None, f"training ended before it was killed:\n{log_path.read_text()}"
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.05)
