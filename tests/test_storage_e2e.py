@@ -26,6 +26,7 @@ from tests.conftest import (
 )
 from tests.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared reference runs, a fixture
     EPOCHS,
+    KILL_MID_EPOCH_2,
     LAST_STEP,
     MID_EPOCH_2,
     STEPS_PER_EPOCH,
@@ -58,7 +59,7 @@ def s3_run(dataset: Path, ray_address: str, s3_endpoint: str, uninterrupted) -> 
     run_name = parse_config(args)[0].default_run_name()
     run_dir = parse_location(save_dir).join(run_name).uri
 
-    killed = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2)
+    killed = run_until_checkpoint(args, ray_address, run_dir, KILL_MID_EPOCH_2)
     assert run_name_of(killed) == run_name
     resumed = run_main(args, ray_address)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
