@@ -48,7 +48,7 @@ def test_checkpoint_stall_on_a_local_folder_and_s3(s3_endpoint: str) -> None:
 @pytest.mark.e2e
 def test_ray_overhead_runs_the_same_steps_both_ways(ray_address: str) -> None:
     figures = run_benchmark("ray_overhead.py", "--rows", "1024", "--epochs", "1", "--eval-every", "16",
-                            "--hidden-dim", "32", ray_address=ray_address)
+                            "--hidden-dim", "32", "--repeats", "1", ray_address=ray_address)
     assert figures["bare"]["steps"] == figures["ray_train_1_worker"]["steps"] == 32
     assert figures["steps_per_s_ratio_ray_vs_bare"] == pytest.approx(
         figures["ray_train_1_worker"]["steps_per_s"] / figures["bare"]["steps_per_s"])
