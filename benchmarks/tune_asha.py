@@ -6,7 +6,7 @@ rates: a few sensible ones and a few that diverge, which is what ASHA is for. Ea
 `python -m raytrain_app.tune` command; its wall time includes the start of a local Ray instance unless
 RAY_ADDRESS names a running cluster (the figures in the README were taken on one).
 
-    python benchmarks/tune_asha.py [--rows 4096] [--epochs 4] [--lrs 3e-4,1e-3,3e-3,1,3,10]
+    python benchmarks/tune_asha.py [--rows 1024] [--epochs 4] [--lrs 1e-3,3e-3,1,3,10]
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ def run(module: str, argv: list[str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=4, help="Each trial's total epochs (the base has 1).")
-    parser.add_argument("--lrs", default="3e-4,1e-3,3e-3,1,3,10")
-    parser.add_argument("--eval-every", type=int, default=16)
+    parser.add_argument("--lrs", default="1e-3,3e-3,1,3,10")
+    parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--max-concurrent-trials", type=int, default=2)
     args = parser.parse_args()
     from raytrain_app.data import make_synthetic, write_pickle_atomic
