@@ -122,6 +122,9 @@ class TrainConfig:
     )
     keep_checkpoints: int = _opt(3, "Checkpoints kept per run: the N best by validation loss, plus always the latest.",
                                  identity=False)
+    async_checkpoint: bool = _opt(
+        True, "Write checkpoints in the background: training waits only for a copy of the state in host memory "
+        "(--no-async-checkpoint: write them on the training path).", identity=False, added_later=True)
     use_wandb: bool = _opt(
         False, "Log to Weights & Biases: rank 0 logs the config and every metric at step = global step; a resumed "
         "run continues its wandb run.", identity=False)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from raytrain_app.async_checkpoint import CheckpointWriter
 from raytrain_app.checkpoint import FORMAT_VERSION
 from raytrain_app.config import TrainConfig
 from raytrain_app.data import Dataset, augment
@@ -241,6 +242,8 @@ class Trainer:
         # checkpoint, set by the caller for a fork and restored from the run's own checkpoints.
         self.lineage: dict[str, Any] | None = None
         self.wandb_run_id: str | None = None  # this run's wandb run id, kept in its checkpoints
+        # Checkpoints written in the background (set by the Ray adapter); None: `on_checkpoint` does it all.
+        self.checkpoints: CheckpointWriter | None = None
 
     # --- state ---------------------------------------------------------------------------------------------
     def state_dict(self, eval_val_loss: float | None = None) -> dict[str, Any] | None:
@@ -419,21 +422,25 @@ class Trainer:
         on_checkpoint(metrics, self.state_dict(eval_val_loss=val_loss if finite else None), is_best)
         self._saved_step = self.global_step
 
-    def _agreed_interrupt(self, interrupt: InterruptFn | None) -> tuple[int, bool]:
-        """(the interrupt code, whether the run diverged) as every rank will act on them: the largest any rank
-        saw. The skip streak is read without waiting for the device, so ranks may see it at different steps."""
+    def _agreed_interrupt(self, interrupt: InterruptFn | None) -> tuple[int, bool, bool]:
+        """(the interrupt code, whether the run diverged, whether rank 0 has written the checkpoint in flight) as
+        every rank will act on them: the largest any rank saw. The skip streak is read without waiting for the
+        device, so ranks may see it at different steps."""
         code = interrupt() if interrupt is not None else CONTINUE
         streak = self._streak_reader.read()
         diverged = bool(self.cfg.max_skipped_steps) and (streak or 0) >= self.cfg.max_skipped_steps
+        written = self.checkpoints is not None and self.checkpoints.ready()  # only rank 0 can say True
         if self.world_size > 1:
-            t = torch.tensor([code, int(diverged)], dtype=torch.int32)
+            t = torch.tensor([code, int(diverged), int(written)], dtype=torch.int32)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_group)
-            code, diverged = int(t[0]), bool(t[1])
-        return code, diverged
+            code, diverged, written = int(t[0]), bool(t[1]), bool(t[2])
+        return code, diverged, written
 
     def _interrupted(self, interrupt: InterruptFn | None, on_checkpoint: CheckpointFn) -> bool:
         """Act on an interrupt at an optimizer-step boundary; True when training must stop now."""
-        code, diverged = self._agreed_interrupt(interrupt)
+        code, diverged, written = self._agreed_interrupt(interrupt)
+        if written:  # every rank reports the checkpoint rank 0 has finished writing, at this same step
+            self.checkpoints.flush()
         if diverged:
             # Confirmed on the value now on the device (identical on every rank, as the gradients are): on CUDA
             # the lazy read may be older, and the run may have recovered since.
@@ -444,6 +451,8 @@ class Trainer:
                 return True
         if code >= SAVE and self._saved_step != self.global_step:
             self._checkpoint(on_checkpoint, val_loss=None)
+        if code >= SAVE and self.checkpoints is not None:
+            self.checkpoints.flush()  # a preemption notice or a stop: registered before going on
         return code == STOP
 
     def steps_per_epoch(self, data: Dataset) -> int:

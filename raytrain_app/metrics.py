@@ -134,6 +134,8 @@ class RunMetrics:
         # validation and a checkpoint is left out, so the figures are the training loop's own speed.
         self.last_step_at: tuple[float, float] | None = None  # (time, data wait so far) at the previous step
         self.timed_steps, self.step_s, self.wait_s = 0, 0.0, 0.0
+        self.first_step_time: float | None = None
+        self.first_step_written = False
         # Written now, so that an attempt that dies before its first checkpoint is on record too.
         self._write([{"kind": "event", **event, "attempt": attempt, "time": now, "wandb_run_id": self.wandb_run_id,
                       "wandb_through": self.wandb_high_water}])
@@ -147,6 +149,8 @@ class RunMetrics:
     def on_step(self, step: int, ema: torch.Tensor, lr: float, data_wait_s: float = 0.0) -> None:
         """After optimizer step `step`; `data_wait_s`: the loop's total time waiting for data so far."""
         self.steps.append((step, ema.detach().clone(), lr))  # no host sync: read at the next checkpoint
+        if self.first_step_time is None:  # this attempt's first step (benchmarks/recovery.py times restarts)
+            self.first_step_time = time.time()
         now = time.perf_counter()
         if self.last_step_at is not None:
             last, last_wait = self.last_step_at
@@ -184,6 +188,9 @@ class RunMetrics:
             self.steps = []
         if checkpoint_row is not None:
             rows.append({"kind": "checkpoint", **checkpoint_row})
+            if self.first_step_time is not None and not self.first_step_written:
+                rows[-1]["first_step_time"] = self.first_step_time  # the attempt's first checkpoint says when
+                self.first_step_written = True
         rows = [r for r in rows if int(r["step"]) > self.high_water]  # a preemption save right after a checkpoint
         self._write(rows + [{"kind": "event", "time": time.time(), **e} for e in events])
         self.high_water = max(self.high_water, high_water(rows))

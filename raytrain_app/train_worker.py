@@ -9,12 +9,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
 
+from raytrain_app.async_checkpoint import CheckpointWriter
 from raytrain_app.checkpoint import (
     STATE_FILE,
     checkpoint_dir_name,
@@ -130,29 +132,44 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 + (f" skipped_steps {metrics['skipped_steps']}" if metrics["skipped_steps"] else ""),
                 flush=True,
             )
-        if state is None:  # ranks > 0: the report is a barrier, so every rank reports the same number of times
-            ray.train.report(metrics)
-            return
-        # The metrics up to this step first (see RunMetrics.commit for why before the checkpoint).
-        recorder.commit({
-            "step": metrics["global_step"], "epoch": metrics["epoch"],
-            "val_loss": metrics["val_loss"] if validated and metrics["val_loss_finite"] else None,
-            "best_val_loss": metrics["best_val_loss"] if metrics["best_val_loss"] < UNVALIDATED_LOSS else None,
-            "train_ema_loss": metrics["train_ema_loss"], "validated": validated,
-            "skipped_steps": metrics["skipped_steps"],
-            **recorder.speed(trainer.world_size, trainer.grad_accum)})
+        if state is not None:
+            # The metrics up to this step first (see RunMetrics.commit for why before the checkpoint).
+            recorder.commit({
+                "step": metrics["global_step"], "epoch": metrics["epoch"],
+                "val_loss": metrics["val_loss"] if validated and metrics["val_loss_finite"] else None,
+                "best_val_loss": metrics["best_val_loss"] if metrics["best_val_loss"] < UNVALIDATED_LOSS else None,
+                "train_ema_loss": metrics["train_ema_loss"], "validated": validated,
+                "skipped_steps": metrics["skipped_steps"],
+                **recorder.speed(trainer.world_size, trainer.grad_accum),
+                # Checkpoints so far: the training thread's time blocked by them, and their writes' time.
+                "checkpoint_blocked_total_s": writer.blocked_s, "checkpoint_write_total_s": writer.write_s})
+        writer.submit(metrics, state, is_best, checkpoint_dir_name(metrics["global_step"]))
+
+    def write(snapshot: dict[str, Any], is_best: bool, dir_name: str) -> Any:
+        """Rank 0, in the background: the checkpoint folder (state, meta, manifest) and best_model.pt."""
         local_dir = tempfile.mkdtemp(prefix="raytrain-ckpt-")
         try:
-            save_checkpoint_dir(local_dir, state)
+            save_checkpoint_dir(local_dir, snapshot)
             if is_best:  # the state file just written, copied: serialising a large model once is enough
                 write_best_model(save_dir, os.path.join(local_dir, STATE_FILE))
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(local_dir),
-                checkpoint_dir_name=checkpoint_dir_name(metrics["global_step"]),
-            )
-        finally:
+        except BaseException:
             shutil.rmtree(local_dir, ignore_errors=True)
+            raise
+        return ray.train.Checkpoint.from_directory(local_dir)
+
+    def report(metrics: dict[str, Any], checkpoint: Any, dir_name: str) -> None:
+        """Every rank, at the same step (the report is a barrier). Ray copies rank 0's folder to the run's storage
+        (in its own background thread unless --no-async-checkpoint), registers the checkpoint once it is there,
+        then deletes the folder."""
+        if checkpoint is None:
+            ray.train.report(metrics, checkpoint_dir_name=dir_name)
+        else:
+            mode = ray.train.CheckpointUploadMode.ASYNC if cfg.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name,
+                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+
+    writer = CheckpointWriter(write, report, rank=rank, asynchronous=cfg.async_checkpoint)
+    trainer.checkpoints = writer
 
     def on_notice(info: Any) -> None:
         if rank == 0:  # the step just taken is checkpointed next, unless a validation already did
@@ -160,14 +177,21 @@ def train_func(loop_config: dict[str, Any]) -> None:
                   f"{info.preempted_ranks}): checkpointing global step {trainer.global_step}", flush=True)
 
     failed = True
+    first_step, started = trainer.global_step, time.perf_counter()
     try:
         completed = trainer.fit(data, on_checkpoint,
                                 Interrupts(control, on_notice) if control is not None else None, on_step)
+        writer.flush()  # the last checkpoint is registered before the workers end
         if trainer.diverged is not None and recorder is not None:  # the steps that led there, and why it ended
             d = trainer.diverged
             recorder.commit(None, events=[{"event": "diverged", "step": d.last_step, "first_step": d.first_step,
                                            "cause": f"steps {d.first_step}-{d.last_step} had a non-finite loss "
                                                     f"or gradients"}])
+        elif recorder is not None:  # this attempt's training loop, checkpoints included (benchmarks/ray_overhead.py)
+            recorder.commit(None, events=[{
+                "event": "finished" if completed else "stopped", "step": trainer.global_step,
+                "steps": trainer.global_step - first_step, "loop_s": time.perf_counter() - started,
+                "checkpoint_blocked_total_s": writer.blocked_s, "checkpoint_write_total_s": writer.write_s}])
         failed = trainer.diverged is not None
     finally:
         if recorder is not None:

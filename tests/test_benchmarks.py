@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT
+import pytest
+
+from raytrain_app.storage import parse_location
+from tests.conftest import REPO_ROOT, base_env, make_bucket, s3_uri
 
 
 def test_data_throughput_prints_ratios_as_json() -> None:
@@ -19,3 +22,62 @@ def test_data_throughput_prints_ratios_as_json() -> None:
         assert isinstance(figures[key], float), key
     assert all(run["samples_per_s"] > 0 and run["peak_rss_mb"] > 0 for run in figures["runs"].values())
     assert len(figures["runs"]) == 8  # 2 readers x 2 sizes x (with step, reader only)
+
+
+def run_benchmark(script: str, *args: str, ray_address: str | None = None, timeout: float = 600) -> dict:
+    env = base_env()
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *args], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_checkpoint_stall_on_a_local_folder_and_s3(s3_endpoint: str) -> None:
+    uri = s3_uri(make_bucket(s3_endpoint, "stall"), "bench", s3_endpoint)
+    figures = run_benchmark("checkpoint_stall.py", "--hidden-dim", "64", "--num-layers", "2", "--num-heads", "4",
+                            "--seq-len", "16", "--checkpoints", "2", "--steps-between", "3", "--s3-uri", uri)
+    for storage in ("local", "s3"):
+        f = figures[storage]
+        assert f["state_mb"] > 0 and f["sync_torch_save_s"] > 0 and f["background_write_per_checkpoint_s"] > 0
+        assert f["blocked_vs_sync_save_ratio"] == pytest.approx(f["blocked_per_checkpoint_s"] / f["sync_torch_save_s"])
+    assert parse_location(uri).join("checkpoint-1", "manifest.json").is_file()  # written to the bucket, whole
+
+
+@pytest.mark.e2e
+def test_ray_overhead_runs_the_same_steps_both_ways(ray_address: str) -> None:
+    figures = run_benchmark("ray_overhead.py", "--rows", "1024", "--epochs", "1", "--eval-every", "16",
+                            "--hidden-dim", "32", "--repeats", "1", ray_address=ray_address)
+    assert figures["bare"]["steps"] == figures["ray_train_1_worker"]["steps"] == 32
+    assert figures["steps_per_s_ratio_ray_vs_bare"] == pytest.approx(
+        figures["ray_train_1_worker"]["steps_per_s"] / figures["bare"]["steps_per_s"])
+
+
+@pytest.mark.e2e
+def test_tune_asha_stops_the_diverging_trial_and_times_both_sweeps(ray_address: str) -> None:
+    # One trial at a time, the sensible one first: ASHA never stops the first trial to reach a rung.
+    figures = run_benchmark("tune_asha.py", "--rows", "512", "--epochs", "3", "--lrs", "1e-3,3", "--eval-every", "4",
+                            "--max-concurrent-trials", "1", ray_address=ray_address)
+    assert figures["statuses"]["none"] == ["finished", "finished"]
+    assert sorted(figures["statuses"]["asha"]) == ["finished", "stopped early"]
+    assert figures["wall_ratio_asha_vs_none"] == pytest.approx(figures["wall_s_asha"] / figures["wall_s_none"])
+
+
+@pytest.mark.e2e
+def test_recovery_kills_a_worker_of_both_runs_and_times_the_restart(ray_address: str) -> None:
+    figures = run_benchmark("recovery.py", "--rows", "2048", "--eval-every", "10", "--kill-after-step", "20",
+                            "--kill-delay", "0.3", ray_address=ray_address)
+    ours, minimal = figures["service"], figures["minimal_ray_train_loop"]
+    assert ours["cause"].startswith("worker restart") and ours["restored_step"] >= 20
+    assert minimal["restored_step"] >= 20 and minimal["steps_lost"] >= 0
+    assert ours["kill_to_first_step_s"] > 0 and minimal["kill_to_first_step_s"] > 0
+
+
+def test_gpu_throughput_runs_the_training_step_without_ray_on_cpu() -> None:
+    figures = run_benchmark("gpu_throughput.py", "--hidden-dim", "32", "--num-layers", "1", "--num-heads", "2",
+                            "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                            "--variants", "bf16,fp16+compile")
+    assert figures["bf16"]["tokens_per_s"] > 0 and figures["fp16+compile"]["tokens_per_s"] > 0
+    assert figures["bf16"]["mfu"] is None  # no known peak on a CPU
+    assert figures["checkpoint"]["save_gb_per_s"] > 0 and figures["checkpoint"]["load_gb_per_s"] > 0

@@ -91,9 +91,12 @@ def test_a_killed_and_rerun_run_is_one_wandb_run_one_metrics_file_and_one_report
     rows = read_rows(parse_location(str(run_dir / "metrics.jsonl")))
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, LAST_STEP + 1))
     assert {r["wandb_run_id"] for r in rows if r["kind"] == "event"} == {run_id}
-    events = [(r["event"], r["step"], r["cause"]) for r in rows if r["kind"] == "event"]
+    events = [(r["event"], r["step"], r.get("cause")) for r in rows if r["kind"] == "event"]
     assert events[0][:2] == ("start", 0) and events[1][:2] == ("resume", resumed_step)
-    assert events[1][2].startswith("re-run") and len(events) == 2
+    assert events[1][2].startswith("re-run") and len(events) == 3
+    finished = [r for r in rows if r["kind"] == "event"][-1]
+    assert (finished["event"], finished["step"], finished["steps"]) == ("finished", LAST_STEP, LAST_STEP - resumed_step)
+    assert finished["loop_s"] > 0
     final = [r for r in rows if r["kind"] == "checkpoint"][-1]
     assert final["step"] == LAST_STEP and final["epoch"] == EPOCHS and final["samples_per_s"] > 0
     assert 0 <= final["data_wait_fraction"] <= 1 and final["tokens_per_s"] == pytest.approx(final["samples_per_s"] * 8)

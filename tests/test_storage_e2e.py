@@ -89,7 +89,8 @@ def test_s3_runs_metrics_hold_each_step_once_and_its_report_marks_the_resume(
     rows = read_rows(run_dir.join("metrics.jsonl"))
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, LAST_STEP + 1))
     resumed_step = int(re.search(r"Resuming from global step (\d+)", s3_run["resumed"]).group(1))
-    assert [(r["event"], r["step"]) for r in rows if r["kind"] == "event"] == [("start", 0), ("resume", resumed_step)]
+    assert [(r["event"], r["step"]) for r in rows if r["kind"] == "event"] == [
+        ("start", 0), ("resume", resumed_step), ("finished", LAST_STEP)]
     assert report([s3_run["run_dir"]]) == 0
     out = capsys.readouterr().out
     assert f"Resumes: 1\n  at global step {resumed_step}: re-run" in out

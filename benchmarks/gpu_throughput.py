@@ -1,0 +1,134 @@
+"""Tokens per second and MFU of the training step in bf16 and fp16 AMP, with and without torch.compile, for the
+large configuration on one GPU; and the checkpoint's save and load rates in GB/s. Prints one JSON object.
+
+It runs the project's own training step (`Trainer.train_step`: autocast, GradScaler for fp16, fused AdamW,
+gradient clipping) in this process, with no Ray: it needs torch and this repository, not a cluster. MFU counts
+6 FLOPs per parameter and token plus attention's (raytrain_app.metrics.flops_per_token) against the GPU's dense
+bf16 peak (raytrain_app.metrics.PEAK_FLOPS); it is left out on devices whose peak is not known (CPUs).
+
+    python benchmarks/gpu_throughput.py                     # the large configuration: hidden 2048, 24 layers
+    python benchmarks/gpu_throughput.py --hidden-dim 64 --num-layers 2 --seq-len 32 --batch-size 4 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from raytrain_app.async_checkpoint import CheckpointWriter  # noqa: E402
+from raytrain_app.checkpoint import load_state, save_checkpoint_dir  # noqa: E402
+from raytrain_app.config import TrainConfig  # noqa: E402
+from raytrain_app.loop import Trainer, seed_everything  # noqa: E402
+from raytrain_app.metrics import flops_per_token, peak_flops  # noqa: E402
+from raytrain_app.model import SequenceTransformer  # noqa: E402
+
+
+def config(args: argparse.Namespace, amp_dtype: str, compile_model: bool) -> TrainConfig:
+    return TrainConfig(hidden_dim=args.hidden_dim, num_layers=args.num_layers, num_heads=args.num_heads,
+                       feature_dim=args.feature_dim, seq_len=args.seq_len, num_classes=16, num_workers=1,
+                       batch_size=args.batch_size, dropout=0.0, use_amp=True, amp_dtype=amp_dtype,
+                       compile=compile_model, use_gpu=args.device == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def throughput(args: argparse.Namespace, amp_dtype: str, compile_model: bool) -> tuple[dict, Trainer]:
+    cfg = config(args, amp_dtype, compile_model)
+    device = torch.device(args.device)
+    seed_everything(0, 0)
+    model = SequenceTransformer(cfg).to(device)
+    trainer = Trainer(cfg, model, torch.compile(model) if compile_model else model, device)
+    batch = [(torch.randn(cfg.batch_size, cfg.seq_len, cfg.feature_dim, device=device),
+              torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device))]
+    for _ in range(args.warmup):  # compilation and allocator warm-up
+        trainer.train_step(batch)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step(batch)
+    sync(device)
+    elapsed = time.perf_counter() - started
+    params = sum(p.numel() for p in model.parameters())
+    tokens_per_s = args.steps * cfg.batch_size * cfg.seq_len / elapsed
+    peak = peak_flops(device)
+    out = {"params": params, "step_s": elapsed / args.steps, "tokens_per_s": tokens_per_s,
+           "mfu": tokens_per_s * flops_per_token(cfg, params) / peak if peak else None}
+    if device.type == "cuda":
+        out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out, trainer
+
+
+def checkpoint_rates(trainer: Trainer) -> dict:
+    """The full training state: copied to host memory (what the training loop waits for), written as a
+    checkpoint folder (serialised and hashed into its manifest), and read back."""
+    state = trainer.state_dict()
+    writer = CheckpointWriter(lambda *a: None, lambda *a: None, rank=0)
+    started = time.perf_counter()
+    snapshot = writer.snapshot(state)
+    snapshot_s = time.perf_counter() - started
+    folder = tempfile.mkdtemp(prefix="gpu-throughput-")
+    try:
+        started = time.perf_counter()
+        save_checkpoint_dir(folder, snapshot)
+        save_s = time.perf_counter() - started
+        size = (Path(folder) / "state.pt").stat().st_size
+        started = time.perf_counter()
+        load_state(str(Path(folder) / "state.pt"))
+        load_s = time.perf_counter() - started
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    gb = size / 1e9
+    return {"state_gb": gb, "copy_to_host_gb_per_s": gb / snapshot_s, "save_gb_per_s": gb / save_s,
+            "load_gb_per_s": gb / load_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden-dim", type=int, default=2048)
+    parser.add_argument("--num-layers", type=int, default=24)
+    parser.add_argument("--num-heads", type=int, default=16)
+    parser.add_argument("--feature-dim", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", default="bf16,fp16,bf16+compile,fp16+compile")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "ray_installed": _has_ray(), "target_mfu_bf16": 0.45}
+    for variant in args.variants.split(","):
+        amp_dtype, _, compiled = variant.partition("+")
+        results[variant], trainer = throughput(args, amp_dtype, compiled == "compile")
+        trainer = None  # one model and its optimizer in memory at a time
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _, trainer = throughput(argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0}), "bf16", False)
+    results["checkpoint"] = checkpoint_rates(trainer)
+    print(json.dumps(results, indent=1))
+
+
+def _has_ray() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Wall time of a learning-rate sweep with ASHA early stopping against the same sweep with none; the ratio.
+Prints one JSON object.
+
+Both sweeps start every trial from the same base checkpoint (trained here first) and try the same learning
+rates: a few sensible ones and a few that diverge, which is what ASHA is for. Each sweep is one
+`python -m raytrain_app.tune` command; its wall time includes the start of a local Ray instance unless
+RAY_ADDRESS names a running cluster (the figures in the README were taken on one).
+
+    python benchmarks/tune_asha.py [--rows 1024] [--epochs 4] [--lrs 1e-3,3e-3,1,3,10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def run(module: str, argv: list[str]) -> float:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=REPO_ROOT,
+                            env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, timeout=3600)
+    if result.returncode != 0:
+        raise SystemExit(f"{module} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=4, help="Each trial's total epochs (the base has 1).")
+    parser.add_argument("--lrs", default="1e-3,3e-3,1,3,10")
+    parser.add_argument("--eval-every", type=int, default=8)
+    parser.add_argument("--max-concurrent-trials", type=int, default=2)
+    args = parser.parse_args()
+    from raytrain_app.data import make_synthetic, write_pickle_atomic
+
+    with tempfile.TemporaryDirectory(prefix="tune-asha-") as tmp:
+        data = os.path.join(tmp, "data.pkl")
+        write_pickle_atomic(make_synthetic(num_train=args.rows, num_val=256, seq_len=16, feature_dim=8,
+                                           num_classes=4, per_step=False, seed=0), data)
+        model = ["--hidden-dim", "32", "--num-layers", "2", "--num-heads", "2", "--batch-size", "32"]
+        run("raytrain_app.main", ["--data", data, "--save-dir", os.path.join(tmp, "base"), "--epochs", "1",
+                                  "--num-workers", "1", *model])
+        base = os.path.join(tmp, "base", "best_model.pt")
+        walls = {}
+        for scheduler in ("asha", "none"):
+            walls[scheduler] = run("raytrain_app.tune", [
+                "--base-checkpoint", base, "--data", data, "--save-dir", os.path.join(tmp, scheduler),
+                "--lr-grid", args.lrs, "--scheduler", scheduler, "--epochs", str(args.epochs),
+                "--eval-every", str(args.eval_every), "--max-concurrent-trials", str(args.max_concurrent_trials),
+                "--num-workers", "1", *model])
+        statuses = {}
+        for scheduler in walls:
+            (sweep,) = [p for p in Path(tmp, scheduler).iterdir() if p.name.startswith("sweep-")]
+            rows = (sweep / "results.csv").read_text().splitlines()
+            header = rows[0].split(",")
+            statuses[scheduler] = [dict(zip(header, r.split(","), strict=False))["status"] for r in rows[1:]]
+    print(json.dumps({"trials": len(args.lrs.split(",")), "wall_s_asha": walls["asha"], "wall_s_none": walls["none"],
+                      "wall_ratio_asha_vs_none": walls["asha"] / walls["none"],
+                      "stopped_early_by_asha": statuses["asha"].count("stopped early"),
+                      "statuses": statuses}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Checkpoints written off the training path.
+
+At a checkpoint the loop blocks only while rank 0 copies the training state into host memory (on CUDA, pinned
+buffers filled by non-blocking copies, one synchronisation); a background thread then serialises it, hashes it
+into its manifest, writes best_model.pt and copies the folder to the run's storage. The checkpoint is reported
+to Ray, which registers it, only once all that is done: a process killed meanwhile leaves Ray's record at the
+previous checkpoint, which a restart resumes from exactly as before.
+
+`ray.train.report` is a barrier: every rank reports the same checkpoint at the same step. Rank 0 says when its
+write is done through the loop's per-step agreement (the same tiny all-reduce the interrupts use), and every
+rank reports at that step. At most one checkpoint is in flight: the next one, a preemption save, a stop and the
+end of training first wait for it, so host memory holds at most one copy of the state and the buffers of that
+copy are reused from one checkpoint to the next.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+WriteFn = Callable[[dict[str, Any], bool, str], Any]  # (state snapshot, is_best, dir name) -> what report takes
+ReportFn = Callable[[dict[str, Any], Any, str], None]  # (metrics, written checkpoint or None, dir name)
+
+
+@dataclass
+class _InFlight:
+    metrics: dict[str, Any]
+    dir_name: str
+    thread: threading.Thread | None = None  # rank 0's write
+    outcome: dict[str, Any] = field(default_factory=dict)  # "checkpoint" or "error", set by the thread
+
+
+class CheckpointWriter:
+    """One per worker. `write` runs on rank 0 (in a background thread unless `asynchronous` is False); `report`
+    runs on every rank, on the training thread, at the same step."""
+
+    def __init__(self, write: WriteFn, report: ReportFn, *, rank: int, asynchronous: bool = True) -> None:
+        self.write, self.report, self.rank, self.asynchronous = write, report, rank, asynchronous
+        self.in_flight: _InFlight | None = None
+        self._buffers: dict[tuple, torch.Tensor] = {}  # reused host copies, by position in the state
+        # What the benchmarks and metrics read: the training thread's time blocked by checkpoints, and the
+        # background writes' time (what a synchronous save would have blocked).
+        self.blocked_s = 0.0
+        self.write_s = 0.0
+        self.checkpoints = 0
+
+    # --- the training thread ---------------------------------------------------------------------------------
+    def submit(self, metrics: dict[str, Any], state: dict[str, Any] | None, is_best: bool, dir_name: str) -> None:
+        """Start checkpoint `dir_name` (`state`: rank 0's, None elsewhere). Every rank calls it at the same step."""
+        started = time.perf_counter()
+        self.flush()
+        job = _InFlight(metrics, dir_name)
+        if state is not None:
+            snapshot = self.snapshot(state)
+            job.thread = threading.Thread(target=self._write, args=(job, snapshot, is_best), daemon=True,
+                                          name=f"checkpoint-{dir_name}")
+            if self.asynchronous:
+                job.thread.start()
+            else:
+                job.thread.run()  # here and now: --no-async-checkpoint
+        self.in_flight = job
+        if not self.asynchronous:
+            self.flush()
+        self.blocked_s += time.perf_counter() - started
+        self.checkpoints += 1
+
+    def ready(self) -> bool:
+        """Rank 0: whether the checkpoint in flight is written (others: False; the loop takes rank 0's word)."""
+        job = self.in_flight
+        return job is not None and self.rank == 0 and (job.thread is None or not job.thread.is_alive())
+
+    def pending(self) -> bool:
+        return self.in_flight is not None
+
+    def flush(self) -> None:
+        """Wait for the checkpoint in flight (rank 0) and report it (every rank). A failed write is raised here:
+        Ray Train then restarts the workers from the last checkpoint it registered."""
+        job = self.in_flight
+        if job is None:
+            return
+        started = time.perf_counter()
+        if job.thread is not None and job.thread.ident is not None:
+            job.thread.join()
+        self.in_flight = None
+        if "error" in job.outcome:
+            raise job.outcome["error"]
+        self.report(job.metrics, job.outcome.get("checkpoint"), job.dir_name)
+        self.blocked_s += time.perf_counter() - started
+
+    # --- rank 0's copy and write -------------------------------------------------------------------------------
+    def snapshot(self, state: Any, path: tuple = ()) -> Any:
+        """`state` with every tensor copied to host memory (the live ones go on changing) and every container
+        new. On CUDA the copies are non-blocking into pinned buffers, then waited for once."""
+        copied = self._copy(state, path)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return copied
+
+    def _copy(self, value: Any, path: tuple) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach()
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
+                                     pin_memory=tensor.is_cuda)
+                self._buffers[path] = buffer
+            buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+            return buffer
+        if isinstance(value, dict):
+            return {k: self._copy(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            items = [self._copy(v, (*path, i)) for i, v in enumerate(value)]
+            return items if isinstance(value, list) else tuple(items)
+        return value  # numbers, strings, None: immutable
+
+    def _write(self, job: _InFlight, snapshot: dict[str, Any], is_best: bool) -> None:
+        started = time.perf_counter()
+        try:
+            job.outcome["checkpoint"] = self.write(snapshot, is_best, job.dir_name)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            job.outcome["error"] = e
+        finally:
+            self.write_s += time.perf_counter() - started

@@ -1,0 +1,163 @@
+"""The background checkpoint writer without Ray: what it writes is the state at the step it was asked for, one
+checkpoint at most is in flight, a failed write reaches the training thread, and the loop reports a written
+checkpoint at the next step boundary. The end-to-end tests (tests/test_faults_e2e.py) kill real workers during
+background writes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from raytrain_app.async_checkpoint import CheckpointWriter
+from raytrain_app.checkpoint import load_state, save_checkpoint_dir
+from raytrain_app.config import TrainConfig
+from raytrain_app.loop import Trainer, seed_everything
+from raytrain_app.model import SequenceTransformer
+from tests.test_loop import synthetic
+
+CFG = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, seq_len=8, num_classes=3, num_workers=1,
+                  dropout=0.0, batch_size=8, eval_every=2, epochs=1)
+
+
+def trainer() -> Trainer:
+    seed_everything(0, 0)
+    model = SequenceTransformer(CFG)
+    return Trainer(CFG, model, model, torch.device("cpu"))
+
+
+class Recorder:
+    """The two functions the Ray adapter gives the writer, writing real checkpoint folders."""
+
+    def __init__(self, tmp_path: Path, gate: threading.Event | None = None) -> None:
+        self.tmp_path, self.gate = tmp_path, gate
+        self.reports: list[tuple[int, str | None, str]] = []  # (global step, folder, dir name)
+
+    def write(self, snapshot: dict[str, Any], is_best: bool, dir_name: str) -> str:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        folder = self.tmp_path / dir_name
+        save_checkpoint_dir(str(folder), snapshot)
+        return str(folder)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any, dir_name: str) -> None:
+        self.reports.append((metrics["global_step"], checkpoint, dir_name))
+
+
+def test_what_is_written_is_the_state_when_it_was_asked_for(tmp_path: Path) -> None:
+    t = trainer()
+    x, y = torch.randn(8, 8, 4), torch.randint(0, 3, (8,))
+    t.train_step([(x, y)])
+    expected = {k: v.clone() for k, v in t.model.state_dict().items()}
+    gate = threading.Event()
+    recorder = Recorder(tmp_path, gate)
+    writer = CheckpointWriter(recorder.write, recorder.report, rank=0)
+    writer.submit({"global_step": 1}, t.state_dict(), False, "checkpoint_step=000001")
+    for _ in range(3):  # training goes on while the write waits
+        t.train_step([(x, y)])
+    assert not writer.ready() and writer.pending()
+    gate.set()
+    writer.flush()
+    written = load_state(str(tmp_path / "checkpoint_step=000001" / "state.pt"))
+    assert written["global_step"] == 1
+    assert all(torch.equal(written["model_state_dict"][k], v) for k, v in expected.items())
+    assert not all(torch.equal(t.model.state_dict()[k], v) for k, v in expected.items())  # it did train on
+    assert recorder.reports == [(1, str(tmp_path / "checkpoint_step=000001"), "checkpoint_step=000001")]
+
+
+def test_one_checkpoint_in_flight_and_buffers_reused(tmp_path: Path) -> None:
+    t = trainer()
+    recorder = Recorder(tmp_path)
+    writer = CheckpointWriter(recorder.write, recorder.report, rank=0)
+    writer.submit({"global_step": 1}, t.state_dict(), False, "a")
+    writer.submit({"global_step": 2}, t.state_dict(), False, "b")  # waits for "a" and reports it first
+    assert [r[0] for r in recorder.reports] == [1] and writer.pending()
+    writer.flush()
+    assert [r[2] for r in recorder.reports] == ["a", "b"] and not writer.pending()
+    buffers = dict(writer._buffers)
+    writer.submit({"global_step": 3}, t.state_dict(), False, "c")
+    writer.flush()
+    assert all(writer._buffers[k] is v for k, v in buffers.items())  # no new host memory per checkpoint
+    assert writer.checkpoints == 3 and writer.write_s > 0 and writer.blocked_s > 0
+
+
+def test_a_failed_write_is_raised_on_the_training_thread_and_nothing_is_reported(tmp_path: Path) -> None:
+    def fail(snapshot: dict, is_best: bool, dir_name: str) -> None:
+        raise OSError("No space left on device")
+
+    recorder = Recorder(tmp_path)
+    writer = CheckpointWriter(fail, recorder.report, rank=0)
+    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    with pytest.raises(OSError, match="No space left"):
+        writer.flush()
+    assert recorder.reports == [] and not writer.pending()
+
+
+def test_other_ranks_report_metrics_only_and_never_say_written(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path)
+    writer = CheckpointWriter(recorder.write, recorder.report, rank=1)
+    writer.submit({"global_step": 4}, None, False, "checkpoint_step=000004")
+    assert writer.pending() and not writer.ready()  # only rank 0's word counts in the loop's agreement
+    writer.flush()
+    assert recorder.reports == [(4, None, "checkpoint_step=000004")]
+
+
+def test_synchronous_mode_writes_and_reports_before_returning(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path)
+    writer = CheckpointWriter(recorder.write, recorder.report, rank=0, asynchronous=False)
+    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    assert [r[0] for r in recorder.reports] == [1] and not writer.pending()
+    assert not any(thread.name.startswith("checkpoint-") for thread in threading.enumerate())
+
+
+def test_the_loop_reports_a_written_checkpoint_at_a_step_boundary_and_ends_bit_exact(tmp_path: Path) -> None:
+    """A run whose checkpoints are written in the background ends with the same bits as one that writes them on
+    the training path, and each checkpoint is reported at a step at or after its own, in order."""
+    data = synthetic(num_train=64)
+    finals = {}
+    for asynchronous in (True, False):
+        t = trainer()
+        recorder = Recorder(tmp_path / str(asynchronous))
+        writer = CheckpointWriter(recorder.write, recorder.report, rank=0, asynchronous=asynchronous)
+        t.checkpoints = writer
+        steps_at_report: list[int] = []
+
+        def on_checkpoint(metrics: dict, state: dict | None, is_best: bool, w: CheckpointWriter = writer) -> None:
+            w.submit(metrics, state, is_best, f"checkpoint_step={metrics['global_step']:06d}")
+
+        original = recorder.report
+
+        def report(metrics: dict, checkpoint: Any, dir_name: str, t: Trainer = t, original: Any = original,
+                   steps_at_report: list[int] = steps_at_report) -> None:
+            steps_at_report.append(t.global_step)
+            original(metrics, checkpoint, dir_name)
+
+        writer.report = report
+        assert t.fit(data, on_checkpoint)
+        writer.flush()
+        assert [r[0] for r in recorder.reports] == [2, 4, 6, 8]  # every checkpoint, in order
+        assert all(at >= step for at, (step, _, _) in zip(steps_at_report, recorder.reports, strict=True))
+        finals[asynchronous] = load_state(str(tmp_path / str(asynchronous) / "checkpoint_step=000008" / "state.pt"))
+    for key in ("model_state_dict",):
+        assert all(torch.equal(finals[True][key][k], v) for k, v in finals[False][key].items())
+    moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(finals[True]["optimizer_state_dict"]["state"].values(),
+                                                              finals[False]["optimizer_state_dict"]["state"].values(),
+                                                              strict=True)]
+    assert all(torch.equal(a, b) for a, b in moments)
+
+
+def test_waiting_for_a_slow_write_is_counted_as_blocked(tmp_path: Path) -> None:
+    def slow(snapshot: dict, is_best: bool, dir_name: str) -> str:
+        time.sleep(0.3)
+        return dir_name
+
+    recorder = Recorder(tmp_path)
+    writer = CheckpointWriter(slow, recorder.report, rank=0)
+    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    assert writer.blocked_s < 0.2  # the write is in the background
+    writer.flush()
+    assert writer.blocked_s >= 0.25 and writer.write_s >= 0.3
