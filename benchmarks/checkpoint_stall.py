@@ -87,7 +87,7 @@ def measure(args: argparse.Namespace, storage: Location) -> dict:
         return time.perf_counter() - started
 
     plain_steps_s = steps(args.steps_between * args.checkpoints, None)
-    writer = CheckpointWriter(write, lambda metrics, checkpoint, dir_name: None, rank=0)
+    writer = CheckpointWriter(write, lambda metrics, checkpoint, dir_name, urgent: None, rank=0)
     steps_s = 0.0
     for i in range(args.checkpoints):
         writer.submit({"global_step": i}, trainer.state_dict(), False, f"checkpoint-{i}")

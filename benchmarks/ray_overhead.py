@@ -57,7 +57,7 @@ def bare(argv: list[str]) -> dict:
     def write(snapshot: dict, is_best: bool, dir_name: str) -> None:
         save_checkpoint_dir(os.path.join(folder, dir_name), snapshot)
 
-    writer = CheckpointWriter(write, lambda metrics, checkpoint, dir_name: None, rank=0)
+    writer = CheckpointWriter(write, lambda metrics, checkpoint, dir_name, urgent: None, rank=0)
     trainer.checkpoints = writer
     started = time.perf_counter()
     trainer.fit(data, lambda metrics, state, is_best: writer.submit(

@@ -15,6 +15,7 @@ copy are reused from one checkpoint to the next.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,9 @@ from typing import Any
 import torch
 
 WriteFn = Callable[[dict[str, Any], bool, str], Any]  # (state snapshot, is_best, dir name) -> what report takes
-ReportFn = Callable[[dict[str, Any], Any, str], None]  # (metrics, written checkpoint or None, dir name)
+# (metrics, written checkpoint or None, dir name, urgent: registered before returning, a preemption or stop save)
+ReportFn = Callable[[dict[str, Any], Any, str, bool], None]
+UPLOAD_WAIT_LIMIT_S = 3600.0
 
 
 @dataclass
@@ -39,8 +42,14 @@ class CheckpointWriter:
     """One per worker. `write` runs on rank 0 (in a background thread unless `asynchronous` is False); `report`
     runs on every rank, on the training thread, at the same step."""
 
-    def __init__(self, write: WriteFn, report: ReportFn, *, rank: int, asynchronous: bool = True) -> None:
+    def __init__(self, write: WriteFn, report: ReportFn, *, rank: int, asynchronous: bool = True,
+                 uploaded: Callable[[Any], bool] | None = None) -> None:
+        """`uploaded(checkpoint)`: whether a reported checkpoint's local files are gone (Ray uploads in the
+        background and then deletes them); the next write waits for it, so one checkpoint's files at most are on
+        this machine's disk or in its memory."""
         self.write, self.report, self.rank, self.asynchronous = write, report, rank, asynchronous
+        self.uploaded = uploaded
+        self.uploading: Any = None  # the last reported checkpoint, until `uploaded` says its files are gone
         self.in_flight: _InFlight | None = None
         self._buffers: dict[tuple, torch.Tensor] = {}  # reused host copies, by position in the state
         # What the benchmarks and metrics read: the training thread's time blocked by checkpoints, and the
@@ -52,8 +61,9 @@ class CheckpointWriter:
     # --- the training thread ---------------------------------------------------------------------------------
     def submit(self, metrics: dict[str, Any], state: dict[str, Any] | None, is_best: bool, dir_name: str) -> None:
         """Start checkpoint `dir_name` (`state`: rank 0's, None elsewhere). Every rank calls it at the same step."""
+        self.flush()  # the one in flight first (each wait is counted where it happens)
+        self._wait_for_upload()
         started = time.perf_counter()
-        self.flush()
         job = _InFlight(metrics, dir_name)
         if state is not None:
             snapshot = self.snapshot(state)
@@ -64,10 +74,10 @@ class CheckpointWriter:
             else:
                 job.thread.run()  # here and now: --no-async-checkpoint
         self.in_flight = job
-        if not self.asynchronous:
-            self.flush()
         self.blocked_s += time.perf_counter() - started
         self.checkpoints += 1
+        if not self.asynchronous:
+            self.flush()
 
     def ready(self) -> bool:
         """Rank 0: whether the checkpoint in flight is written (others: False; the loop takes rank 0's word)."""
@@ -77,9 +87,10 @@ class CheckpointWriter:
     def pending(self) -> bool:
         return self.in_flight is not None
 
-    def flush(self) -> None:
-        """Wait for the checkpoint in flight (rank 0) and report it (every rank). A failed write is raised here:
-        Ray Train then restarts the workers from the last checkpoint it registered."""
+    def flush(self, urgent: bool = False) -> None:
+        """Wait for the checkpoint in flight (rank 0) and report it (every rank). `urgent` (a preemption notice, a
+        stop): registered by Ray before this returns. A failed write is raised here: Ray Train then restarts the
+        workers from the last checkpoint it registered."""
         job = self.in_flight
         if job is None:
             return
@@ -89,7 +100,21 @@ class CheckpointWriter:
         self.in_flight = None
         if "error" in job.outcome:
             raise job.outcome["error"]
-        self.report(job.metrics, job.outcome.get("checkpoint"), job.dir_name)
+        checkpoint = job.outcome.get("checkpoint")
+        self.report(job.metrics, checkpoint, job.dir_name, urgent)
+        self.uploading = checkpoint
+        self.blocked_s += time.perf_counter() - started
+
+    def _wait_for_upload(self) -> None:
+        if self.uploading is None or self.uploaded is None:
+            return
+        started = time.perf_counter()
+        while not self.uploaded(self.uploading):
+            if time.perf_counter() - started > UPLOAD_WAIT_LIMIT_S:
+                raise RuntimeError(f"the checkpoint upload from {self.uploading} did not finish in "
+                                   f"{UPLOAD_WAIT_LIMIT_S:.0f} s")
+            time.sleep(0.005)
+        self.uploading = None
         self.blocked_s += time.perf_counter() - started
 
     # --- rank 0's copy and write -------------------------------------------------------------------------------
@@ -111,11 +136,18 @@ class CheckpointWriter:
                 self._buffers[path] = buffer
             buffer.copy_(tensor, non_blocking=tensor.is_cuda)
             return buffer
-        if isinstance(value, dict):
-            return {k: self._copy(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, dict):  # the same type: a module's state dict is an OrderedDict with _metadata
+            out = type(value)()
+            for k, v in value.items():
+                out[k] = self._copy(v, (*path, k))
+            if hasattr(value, "_metadata"):
+                out._metadata = copy.deepcopy(value._metadata)
+            return out
         if isinstance(value, (list, tuple)):
             items = [self._copy(v, (*path, i)) for i, v in enumerate(value)]
-            return items if isinstance(value, list) else tuple(items)
+            if isinstance(value, list):
+                return items
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # a namedtuple keeps its type
         return value  # numbers, strings, None: immutable
 
     def _write(self, job: _InFlight, snapshot: dict[str, Any], is_best: bool) -> None:

@@ -452,7 +452,7 @@ class Trainer:
         if code >= SAVE and self._saved_step != self.global_step:
             self._checkpoint(on_checkpoint, val_loss=None)
         if code >= SAVE and self.checkpoints is not None:
-            self.checkpoints.flush()  # a preemption notice or a stop: registered before going on
+            self.checkpoints.flush(urgent=True)  # a preemption notice or a stop: registered before going on
         return code == STOP
 
     def steps_per_epoch(self, data: Dataset) -> int:

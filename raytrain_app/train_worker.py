@@ -157,18 +157,21 @@ def train_func(loop_config: dict[str, Any]) -> None:
             raise
         return ray.train.Checkpoint.from_directory(local_dir)
 
-    def report(metrics: dict[str, Any], checkpoint: Any, dir_name: str) -> None:
+    def report(metrics: dict[str, Any], checkpoint: Any, dir_name: str, urgent: bool) -> None:
         """Every rank, at the same step (the report is a barrier). Ray copies rank 0's folder to the run's storage
-        (in its own background thread unless --no-async-checkpoint), registers the checkpoint once it is there,
-        then deletes the folder."""
+        (in its own background thread, unless --no-async-checkpoint or `urgent`: a preemption or stop save),
+        registers the checkpoint once it is there, then deletes the folder."""
         if checkpoint is None:
             ray.train.report(metrics, checkpoint_dir_name=dir_name)
         else:
-            mode = ray.train.CheckpointUploadMode.ASYNC if cfg.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
+            background = cfg.async_checkpoint and not urgent
+            mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name,
                              checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
 
-    writer = CheckpointWriter(write, report, rank=rank, asynchronous=cfg.async_checkpoint)
+    # The next checkpoint is written once Ray has uploaded and deleted the previous one's local folder.
+    writer = CheckpointWriter(write, report, rank=rank, asynchronous=cfg.async_checkpoint,
+                              uploaded=lambda checkpoint: not os.path.exists(checkpoint.path))
     trainer.checkpoints = writer
 
     def on_notice(info: Any) -> None:

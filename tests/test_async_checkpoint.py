@@ -33,18 +33,19 @@ def trainer() -> Trainer:
 class Recorder:
     """The two functions the Ray adapter gives the writer, writing real checkpoint folders."""
 
-    def __init__(self, tmp_path: Path, gate: threading.Event | None = None) -> None:
-        self.tmp_path, self.gate = tmp_path, gate
+    def __init__(self, tmp_path: Path, gate: threading.Event | None = None, delay_s: float = 0.0) -> None:
+        self.tmp_path, self.gate, self.delay_s = tmp_path, gate, delay_s
         self.reports: list[tuple[int, str | None, str]] = []  # (global step, folder, dir name)
 
     def write(self, snapshot: dict[str, Any], is_best: bool, dir_name: str) -> str:
         if self.gate is not None:
             assert self.gate.wait(10)
+        time.sleep(self.delay_s)  # a slower disk
         folder = self.tmp_path / dir_name
         save_checkpoint_dir(str(folder), snapshot)
         return str(folder)
 
-    def report(self, metrics: dict[str, Any], checkpoint: Any, dir_name: str) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: Any, dir_name: str, urgent: bool = False) -> None:
         self.reports.append((metrics["global_step"], checkpoint, dir_name))
 
 
@@ -119,9 +120,10 @@ def test_the_loop_reports_a_written_checkpoint_at_a_step_boundary_and_ends_bit_e
     the training path, and each checkpoint is reported at a step at or after its own, in order."""
     data = synthetic(num_train=64)
     finals = {}
+    late_reports = {}
     for asynchronous in (True, False):
         t = trainer()
-        recorder = Recorder(tmp_path / str(asynchronous))
+        recorder = Recorder(tmp_path / str(asynchronous), delay_s=0.05)
         writer = CheckpointWriter(recorder.write, recorder.report, rank=0, asynchronous=asynchronous)
         t.checkpoints = writer
         steps_at_report: list[int] = []
@@ -131,8 +133,8 @@ def test_the_loop_reports_a_written_checkpoint_at_a_step_boundary_and_ends_bit_e
 
         original = recorder.report
 
-        def report(metrics: dict, checkpoint: Any, dir_name: str, t: Trainer = t, original: Any = original,
-                   steps_at_report: list[int] = steps_at_report) -> None:
+        def report(metrics: dict, checkpoint: Any, dir_name: str, urgent: bool, t: Trainer = t,
+                   original: Any = original, steps_at_report: list[int] = steps_at_report) -> None:
             steps_at_report.append(t.global_step)
             original(metrics, checkpoint, dir_name)
 
@@ -141,7 +143,10 @@ def test_the_loop_reports_a_written_checkpoint_at_a_step_boundary_and_ends_bit_e
         writer.flush()
         assert [r[0] for r in recorder.reports] == [2, 4, 6, 8]  # every checkpoint, in order
         assert all(at >= step for at, (step, _, _) in zip(steps_at_report, recorder.reports, strict=True))
+        late_reports[asynchronous] = sum(at > step for at, (step, _, _) in zip(steps_at_report, recorder.reports,
+                                                                              strict=True))
         finals[asynchronous] = load_state(str(tmp_path / str(asynchronous) / "checkpoint_step=000008" / "state.pt"))
+    assert late_reports[True] > 0 and late_reports[False] == 0  # training went on while a write was running
     for key in ("model_state_dict",):
         assert all(torch.equal(finals[True][key][k], v) for k, v in finals[False][key].items())
     moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(finals[True]["optimizer_state_dict"]["state"].values(),
@@ -161,3 +166,32 @@ def test_waiting_for_a_slow_write_is_counted_as_blocked(tmp_path: Path) -> None:
     assert writer.blocked_s < 0.2  # the write is in the background
     writer.flush()
     assert writer.blocked_s >= 0.25 and writer.write_s >= 0.3
+
+
+def test_the_copy_keeps_the_state_dicts_types_and_metadata() -> None:
+    t = trainer()
+    live = t.state_dict()
+    copied = CheckpointWriter(lambda *a: None, lambda *a: None, rank=0).snapshot(live)
+    assert type(copied["model_state_dict"]) is type(live["model_state_dict"])  # an OrderedDict
+    assert copied["model_state_dict"]._metadata == live["model_state_dict"]._metadata  # module versions
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(copied["model_state_dict"].values(),
+                                                                 live["model_state_dict"].values(), strict=True))
+
+
+def test_the_next_write_waits_until_the_previous_upload_has_left_this_machine(tmp_path: Path) -> None:
+    recorder, gone = Recorder(tmp_path), threading.Event()
+    writer = CheckpointWriter(recorder.write, recorder.report, rank=0, uploaded=lambda checkpoint: gone.is_set())
+    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    writer.flush()  # reported: Ray uploads it in the background
+    threading.Timer(0.3, gone.set).start()
+    started = time.perf_counter()
+    writer.submit({"global_step": 2}, trainer().state_dict(), False, "b")
+    assert time.perf_counter() - started >= 0.25 and writer.blocked_s >= 0.25
+    writer.flush()
+
+
+def test_a_synchronous_write_is_counted_once_as_blocked(tmp_path: Path) -> None:
+    writer = CheckpointWriter(Recorder(tmp_path, delay_s=0.3).write, Recorder(tmp_path).report, rank=0,
+                              asynchronous=False)
+    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    assert 0.3 <= writer.blocked_s < 0.5 and writer.write_s >= 0.3
