@@ -1,8 +1,8 @@
 """Wall time of a learning-rate sweep with ASHA early stopping against the same sweep with none; the ratio.
 Prints one JSON object.
 
-Both sweeps start every trial from the same base checkpoint (trained here first) and try the same learning
-rates: a few sensible ones and a few that diverge, which is what ASHA is for. Each sweep is one
+Both sweeps start every trial from the same base checkpoint (trained here first, in this process) and try the
+same learning rates: a few sensible ones and a few that diverge, which is what ASHA is for. Each sweep is one
 `python -m raytrain_app.tune` command; its wall time includes the start of a local Ray instance unless
 RAY_ADDRESS names a running cluster (the figures in the README were taken on one).
 
@@ -33,6 +33,28 @@ def run(module: str, argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def train_base(data: str, model_flags: list[str], folder: str) -> str:
+    """The sweep's base checkpoint: one epoch of the project's loop, here in this process (no Ray needed)."""
+    import torch
+
+    from raytrain_app.checkpoint import write_best_model
+    from raytrain_app.config import parse_config
+    from raytrain_app.data import open_dataset
+    from raytrain_app.loop import Trainer, seed_everything
+    from raytrain_app.model import SequenceTransformer
+
+    cfg, _ = parse_config(["--data", data, "--epochs", "1", "--num-workers", "1", *model_flags])
+    dataset = open_dataset(data)
+    cfg = cfg.replace(feature_dim=dataset.feature_dim, seq_len=dataset.seq_len, num_classes=dataset.num_classes)
+    seed_everything(cfg.seed, 0)
+    model = SequenceTransformer(cfg)
+    trainer = Trainer(cfg, model, model, torch.device("cpu"))
+    states: list[dict] = []
+    trainer.fit(dataset, lambda metrics, state, is_best: states.append(state))
+    write_best_model(folder, states[-1])  # best_model.pt, the way a run publishes its best
+    return os.path.join(folder, "best_model.pt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1024)
@@ -48,9 +70,7 @@ def main() -> None:
         write_pickle_atomic(make_synthetic(num_train=args.rows, num_val=256, seq_len=16, feature_dim=8,
                                            num_classes=4, per_step=False, seed=0), data)
         model = ["--hidden-dim", "32", "--num-layers", "2", "--num-heads", "2", "--batch-size", "32"]
-        run("raytrain_app.main", ["--data", data, "--save-dir", os.path.join(tmp, "base"), "--epochs", "1",
-                                  "--num-workers", "1", *model])
-        base = os.path.join(tmp, "base", "best_model.pt")
+        base = train_base(data, model, os.path.join(tmp, "base"))
         walls = {}
         for scheduler in ("asha", "none"):
             walls[scheduler] = run("raytrain_app.tune", [
