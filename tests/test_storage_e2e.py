@@ -28,8 +28,8 @@ from tests.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared re
     EPOCHS,
     KILL_MID_EPOCH_2,
     LAST_STEP,
-    MID_EPOCH_2,
     STEPS_PER_EPOCH,
+    assert_resumed_mid_epoch,
     assert_same_training_state,
     run_name_of,
     train_args,
@@ -72,8 +72,7 @@ def test_s3_run_killed_and_rerun_resumes_from_s3_bit_exact(s3_run: dict) -> None
     out = s3_run["resumed"]
     assert f"Run {s3_run['run_name']} has checkpoints: continuing it from its latest one." in out
     assert f"Loading checkpoint from: s3://runs/{s3_run['prefix']}/" in out
-    resumed_step = int(re.search(r"Resuming from global step (\d+)", out).group(1))
-    assert resumed_step in MID_EPOCH_2
+    assert_resumed_mid_epoch(out, min(KILL_MID_EPOCH_2))
     final = parse_location(s3_run["run_dir"]).join(f"checkpoint_step={LAST_STEP:06d}", "state.pt")
     with final.local_copy() as local_final:
         assert_same_training_state(s3_run["reference"], Path(local_final))
