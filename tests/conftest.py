@@ -25,6 +25,13 @@ RAY_BIN = Path(sys.executable).with_name("ray")
 TINY_MODEL = ["--hidden-dim", "16", "--num-layers", "2", "--num-heads", "2", "--warmup-steps", "4"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests first (a stable sort: files keep their order). pytest-xdist hands each worker a contiguous
+    share and an idle worker takes tests from the end of another's, so with the short tests last the two workers
+    finish together instead of one waiting for the other's last long end-to-end test."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,6 +47,9 @@ def base_env() -> dict[str, str]:
         # Ray Train's controller polls workers every 0.05 s instead of the driver's default 0.2 s: each report
         # waits about one poll, and the suite reports hundreds of tiny checkpoints (README, "Precision and speed").
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05",
+        # No preemption watcher (one more Ray process, about a second of CPU, at every worker-group start): the
+        # session's single-node cluster is never drained. The elastic tests' two-node cluster keeps it and drains.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         "PYTHONPATH": str(REPO_ROOT),
         # `python` on the test cluster is this environment's, as it is the image's on a real cluster: jobs run
         # the documented `python -m raytrain_app...` commands.

@@ -47,10 +47,11 @@ def cluster_env() -> dict[str, str]:
     # A lost node is declared dead after about 1.5 s instead of Ray's default of about 15 s. Right after the
     # loss Ray Train may still see the lost node's CPU and try two workers again until its worker-group start
     # timeout (60 s by default; README, "Elastic training") before it settles on one: 10 s here.
-    # Ray Train looks for preemption notices (drained nodes) every 0.5 s instead of every 5 s.
+    # Ray Train's preemption watcher (off on the session cluster) looks for notices (drained nodes) every 0.5 s
+    # instead of every 5 s.
     return {**base_env(), "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
             "RAY_health_check_initial_delay_ms": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
-            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture
