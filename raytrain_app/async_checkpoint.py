@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 WriteFn = Callable[[dict[str, Any], bool, str], Any]  # (state snapshot, is_best, dir name) -> what report takes
-# (metrics, written checkpoint or None, dir name, urgent: registered before returning, a preemption or stop save)
+# (metrics, written checkpoint or None, dir name, urgent: uploaded before returning, a preemption or stop save)
 ReportFn = Callable[[dict[str, Any], Any, str, bool], None]
 UPLOAD_WAIT_LIMIT_S = 3600.0
 
@@ -89,8 +89,8 @@ class CheckpointWriter:
 
     def flush(self, urgent: bool = False) -> None:
         """Wait for the checkpoint in flight (rank 0) and report it (every rank). `urgent` (a preemption notice, a
-        stop): registered by Ray before this returns. A failed write is raised here: Ray Train then restarts the
-        workers from the last checkpoint it registered."""
+        stop): uploaded to the run's storage before this returns (Ray registers it at its controller's next poll).
+        A failed write is raised here: Ray Train then restarts the workers from the last checkpoint it registered."""
         job = self.in_flight
         if job is None:
             return

@@ -440,7 +440,9 @@ class Trainer:
         """Act on an interrupt at an optimizer-step boundary; True when training must stop now."""
         code, diverged, written = self._agreed_interrupt(interrupt)
         if written:  # every rank reports the checkpoint rank 0 has finished writing, at this same step
-            self.checkpoints.flush()
+            # It may be this very step's (a validation just wrote it) and the one a preemption or stop saves:
+            # then it is uploaded before training goes on, as below.
+            self.checkpoints.flush(urgent=code >= SAVE)
         if diverged:
             # Confirmed on the value now on the device (identical on every rank, as the gradients are): on CUDA
             # the lazy read may be older, and the run may have recovered since.
@@ -452,7 +454,7 @@ class Trainer:
         if code >= SAVE and self._saved_step != self.global_step:
             self._checkpoint(on_checkpoint, val_loss=None)
         if code >= SAVE and self.checkpoints is not None:
-            self.checkpoints.flush(urgent=True)  # a preemption notice or a stop: registered before going on
+            self.checkpoints.flush(urgent=True)  # a preemption notice or a stop: uploaded before going on
         return code == STOP
 
     def steps_per_epoch(self, data: Dataset) -> int:

@@ -184,7 +184,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     try:
         completed = trainer.fit(data, on_checkpoint,
                                 Interrupts(control, on_notice) if control is not None else None, on_step)
-        writer.flush()  # the last checkpoint is registered before the workers end
+        writer.flush()  # the last checkpoint is reported before the workers end (Ray's upload ends with them)
         if trainer.diverged is not None and recorder is not None:  # the steps that led there, and why it ended
             d = trainer.diverged
             recorder.commit(None, events=[{"event": "diverged", "step": d.last_step, "first_step": d.first_step,

@@ -16,7 +16,7 @@ import torch
 from raytrain_app.async_checkpoint import CheckpointWriter
 from raytrain_app.checkpoint import load_state, save_checkpoint_dir
 from raytrain_app.config import TrainConfig
-from raytrain_app.loop import Trainer, seed_everything
+from raytrain_app.loop import CONTINUE, SAVE, Trainer, seed_everything
 from raytrain_app.model import SequenceTransformer
 from tests.test_loop import synthetic
 
@@ -36,6 +36,7 @@ class Recorder:
     def __init__(self, tmp_path: Path, gate: threading.Event | None = None, delay_s: float = 0.0) -> None:
         self.tmp_path, self.gate, self.delay_s = tmp_path, gate, delay_s
         self.reports: list[tuple[int, str | None, str]] = []  # (global step, folder, dir name)
+        self.urgent: list[bool] = []  # each report's `urgent`
 
     def write(self, snapshot: dict[str, Any], is_best: bool, dir_name: str) -> str:
         if self.gate is not None:
@@ -47,13 +48,40 @@ class Recorder:
 
     def report(self, metrics: dict[str, Any], checkpoint: Any, dir_name: str, urgent: bool = False) -> None:
         self.reports.append((metrics["global_step"], checkpoint, dir_name))
+        self.urgent.append(urgent)
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Equal all the way down: every tensor bit for bit (torch.equal), everything else with ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def clone_state(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: clone_state(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(clone_state(v) for v in state)
+    return state
 
 
 def test_what_is_written_is_the_state_when_it_was_asked_for(tmp_path: Path) -> None:
     t = trainer()
     x, y = torch.randn(8, 8, 4), torch.randint(0, 3, (8,))
     t.train_step([(x, y)])
-    expected = {k: v.clone() for k, v in t.model.state_dict().items()}
+    expected = clone_state(t.state_dict())  # weights, optimizer moments and step, scheduler, scaler, counters
     gate = threading.Event()
     recorder = Recorder(tmp_path, gate)
     writer = CheckpointWriter(recorder.write, recorder.report, rank=0)
@@ -65,8 +93,12 @@ def test_what_is_written_is_the_state_when_it_was_asked_for(tmp_path: Path) -> N
     writer.flush()
     written = load_state(str(tmp_path / "checkpoint_step=000001" / "state.pt"))
     assert written["global_step"] == 1
-    assert all(torch.equal(written["model_state_dict"][k], v) for k, v in expected.items())
-    assert not all(torch.equal(t.model.state_dict()[k], v) for k, v in expected.items())  # it did train on
+    for key, value in expected.items():
+        assert_same(written[key], value, key)
+    with pytest.raises(AssertionError):  # it did train on: the live weights and moments have moved since
+        assert_same(t.state_dict()["model_state_dict"], expected["model_state_dict"])
+    with pytest.raises(AssertionError):
+        assert_same(t.state_dict()["optimizer_state_dict"], expected["optimizer_state_dict"])
     assert recorder.reports == [(1, str(tmp_path / "checkpoint_step=000001"), "checkpoint_step=000001")]
 
 
@@ -145,14 +177,39 @@ def test_the_loop_reports_a_written_checkpoint_at_a_step_boundary_and_ends_bit_e
         assert all(at >= step for at, (step, _, _) in zip(steps_at_report, recorder.reports, strict=True))
         late_reports[asynchronous] = sum(at > step for at, (step, _, _) in zip(steps_at_report, recorder.reports,
                                                                               strict=True))
-        finals[asynchronous] = load_state(str(tmp_path / str(asynchronous) / "checkpoint_step=000008" / "state.pt"))
+        folder = tmp_path / str(asynchronous)
+        finals[asynchronous] = [load_state(str(folder / f"checkpoint_step={step:06d}" / "state.pt"))
+                                for step in (2, 4, 6, 8)]
     assert late_reports[True] > 0 and late_reports[False] == 0  # training went on while a write was running
-    for key in ("model_state_dict",):
-        assert all(torch.equal(finals[True][key][k], v) for k, v in finals[False][key].items())
-    moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(finals[True]["optimizer_state_dict"]["state"].values(),
-                                                              finals[False]["optimizer_state_dict"]["state"].values(),
-                                                              strict=True)]
-    assert all(torch.equal(a, b) for a, b in moments)
+    # Every checkpoint, not only the last (written after training ended), holds the same state both ways.
+    for background, on_path in zip(finals[True], finals[False], strict=True):
+        assert_same(background, on_path, f"step {on_path['global_step']}")
+
+
+def test_a_preemption_at_a_step_whose_checkpoint_is_written_uploads_it_before_going_on(tmp_path: Path) -> None:
+    """A validation checkpoint of this very step, already written when the notice is read, is the one the notice
+    saves: it is reported urgent (uploaded before training goes on), not left to a background upload."""
+    t = trainer()
+    recorder = Recorder(tmp_path)
+    writer = CheckpointWriter(recorder.write, recorder.report, rank=0)
+    t.checkpoints = writer
+
+    def on_checkpoint(metrics: dict, state: dict | None, is_best: bool) -> None:
+        writer.submit(metrics, state, is_best, f"checkpoint_step={metrics['global_step']:06d}")
+        writer.in_flight.thread.join()  # written before the step boundary's interrupt poll
+
+    notices = []
+
+    def interrupt() -> int:  # the notice arrives at step 2, right after its validation checkpoint
+        if t.global_step == 2 and not notices:
+            notices.append(t.global_step)
+            return SAVE
+        return CONTINUE
+
+    assert t.fit(synthetic(num_train=64), on_checkpoint, interrupt)
+    writer.flush()
+    assert [r[0] for r in recorder.reports] == [2, 4, 6, 8]  # the notice saved no second copy of step 2
+    assert recorder.urgent == [True, False, False, False]
 
 
 def test_waiting_for_a_slow_write_is_counted_as_blocked(tmp_path: Path) -> None:
