@@ -1,16 +1,17 @@
 """Checkpoints written off the training path.
 
 At a checkpoint the loop blocks only while rank 0 copies the training state into host memory (on CUDA, pinned
-buffers filled by non-blocking copies, one synchronisation); a background thread then serialises it, hashes it
-into its manifest, writes best_model.pt and copies the folder to the run's storage. The checkpoint is reported
-to Ray, which registers it, only once all that is done: a process killed meanwhile leaves Ray's record at the
-previous checkpoint, which a restart resumes from exactly as before.
+buffers filled by non-blocking copies, one synchronisation); a background thread then serialises it into a
+local folder, hashes it into its manifest and writes best_model.pt. The checkpoint is reported once that is done;
+Ray then copies the folder to the run's storage (in its own thread, except for preemption and stop saves) and
+registers it once it is there. A process killed before then leaves Ray's record at the previous checkpoint,
+which a restart resumes from exactly as before.
 
 `ray.train.report` is a barrier: every rank reports the same checkpoint at the same step. Rank 0 says when its
 write is done through the loop's per-step agreement (the same tiny all-reduce the interrupts use), and every
 rank reports at that step. At most one checkpoint is in flight: the next one, a preemption save, a stop and the
-end of training first wait for it, so host memory holds at most one copy of the state and the buffers of that
-copy are reused from one checkpoint to the next.
+end of training first wait for it (and for Ray to have uploaded and deleted its folder), so host memory holds
+at most one copy of the state, whose buffers are reused from one checkpoint to the next.
 """
 
 from __future__ import annotations

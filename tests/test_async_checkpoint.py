@@ -5,6 +5,7 @@ background writes."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from pathlib import Path
@@ -67,21 +68,11 @@ def assert_same(a: Any, b: Any, where: str = "state") -> None:
         assert a == b, where
 
 
-def clone_state(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return state.clone()
-    if isinstance(state, dict):
-        return {k: clone_state(v) for k, v in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(clone_state(v) for v in state)
-    return state
-
-
 def test_what_is_written_is_the_state_when_it_was_asked_for(tmp_path: Path) -> None:
     t = trainer()
     x, y = torch.randn(8, 8, 4), torch.randint(0, 3, (8,))
     t.train_step([(x, y)])
-    expected = clone_state(t.state_dict())  # weights, optimizer moments and step, scheduler, scaler, counters
+    expected = copy.deepcopy(t.state_dict())  # weights, optimizer moments and step, scheduler, scaler, counters
     gate = threading.Event()
     recorder = Recorder(tmp_path, gate)
     writer = CheckpointWriter(recorder.write, recorder.report, rank=0)

@@ -18,6 +18,8 @@ import pytest
 
 from raytrain_app.checkpoint import checkpoint_problem, load_state
 from raytrain_app.config import parse_config
+from raytrain_app.metrics import read_rows
+from raytrain_app.storage import parse_location
 from tests.conftest import (
     computed_once,
     finish_process,
@@ -124,8 +126,7 @@ def big_run(save_dir: Path, dataset: Path, ray_address: str, *extra: str) -> dic
     result = run_main(big_args(dataset, save_dir, *extra), ray_address)
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = save_dir / parse_config(big_args(dataset, save_dir))[0].default_run_name()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if r["kind"] == "checkpoint"][-1]
+    last = [r for r in read_rows(parse_location(str(run_dir / "metrics.jsonl"))) if r["kind"] == "checkpoint"][-1]
     return {"final": str(ckpt(run_dir, 32) / "state.pt"), "blocked_s": last["checkpoint_blocked_total_s"],
             "write_s": last["checkpoint_write_total_s"]}
 
