@@ -113,7 +113,9 @@ def loop(config):
         opt.zero_grad(); loss.backward(); opt.step(); step += 1
         if restored:
             json.dump({"step": step, "time": time.time()}, open(config["dir"] + "/first.json", "w")); restored = False
-        open(config["dir"] + "/step", "w").write(str(step))
+        with open(config["dir"] + "/step.tmp", "w") as f:  # replaced whole: the kill reads it at any moment
+            f.write(str(step))
+        os.replace(config["dir"] + "/step.tmp", config["dir"] + "/step")
         time.sleep(config["step_s"])
         if step % config["every"] == 0:
             d = tempfile.mkdtemp(); json.dump({"step": step}, open(d + "/s.json", "w"))
@@ -139,7 +141,7 @@ def minimal(args: argparse.Namespace, tmp: str, step_s: float) -> dict:
             run_dir = Path(tmp, "minimal")
             killed_at = kill_when(proc, log, lambda: registered_step(run_dir) >= args.kill_after_step,
                                   args.kill_delay)
-            kill_step = int(Path(tmp, "step").read_text() or -1)
+            kill_step = int(Path(tmp, "step").read_text())
             if proc.wait(timeout=900) != 0:
                 raise SystemExit(f"the minimal run failed after the kill:\n{log.read_text()[-3000:]}")
         finally:
