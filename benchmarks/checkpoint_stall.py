@@ -22,17 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from raytrain_app.checkpoint.state import training_state
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from raytrain_app.async_checkpoint import CheckpointWriter  # noqa: E402
-from raytrain_app.checkpoint import save_checkpoint_dir  # noqa: E402
-from raytrain_app.config import TrainConfig  # noqa: E402
-from raytrain_app.loop import Trainer, seed_everything  # noqa: E402
-from raytrain_app.model import SequenceTransformer  # noqa: E402
-from raytrain_app.storage import Location, parse_location  # noqa: E402
+from raytrain_app.checkpoint.format import save_checkpoint_dir
+from raytrain_app.checkpoint.writer import CheckpointWriter
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.rng import seed_everything
+from raytrain_app.core.trainer import Trainer
+from raytrain_app.storage.location import Location, parse_location
 
 
 def build(args: argparse.Namespace) -> tuple[Trainer, list]:
@@ -61,7 +64,7 @@ def measure(args: argparse.Namespace, storage: Location) -> dict:
     import pyarrow.fs as pafs
 
     trainer, batch = build(args)
-    state = trainer.state_dict()
+    state = training_state(trainer)
     size = sum(t.numel() * t.element_size() for t in _tensors(state))
     baseline = [sync_save_s(state, storage.join(f"plain-{i}.pt")) for i in range(args.checkpoints)]
 
@@ -90,7 +93,7 @@ def measure(args: argparse.Namespace, storage: Location) -> dict:
     writer = CheckpointWriter(write, lambda metrics, checkpoint, dir_name, urgent: None, rank=0)
     steps_s = 0.0
     for i in range(args.checkpoints):
-        writer.submit({"global_step": i}, trainer.state_dict(), False, f"checkpoint-{i}")
+        writer.submit({"global_step": i}, training_state(trainer), False, f"checkpoint-{i}")
         steps_s += steps(args.steps_between, writer)
     writer.flush()
     blocked = writer.blocked_s / args.checkpoints

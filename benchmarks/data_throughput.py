@@ -3,7 +3,7 @@
 "Delivered to the training step" is measured with the project's real train step (default model, on CPU);
 the reader alone (no step) is measured beside it.
 
-Both readers serve the same rows in the same order (raytrain_app.order). Each measurement runs in its own
+Both readers serve the same rows in the same order (raytrain_app.datasets.order). Each measurement runs in its own
 process so that its peak resident memory (ru_maxrss) is its own. Prints one JSON object:
 
     python benchmarks/data_throughput.py [--rows 8192] [--seq-len 64] [--feature-dim 32] [--batch-size 64]
@@ -29,11 +29,11 @@ def measure(data: str, batch_size: int, epochs: int, step: str) -> dict:
     project's real training step (default model, CPU), or none (the reader alone)."""
     import torch
 
-    from raytrain_app.config import TrainConfig
-    from raytrain_app.data import open_dataset
-    from raytrain_app.loop import Trainer
-    from raytrain_app.model import SequenceTransformer
-    from raytrain_app.order import shard_batches
+    from raytrain_app.core.config import TrainConfig
+    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.trainer import Trainer
+    from raytrain_app.datasets.formats import open_dataset
+    from raytrain_app.datasets.order import shard_batches
 
     started = time.perf_counter()
     ds = open_dataset(data)
@@ -69,8 +69,8 @@ def run_child(data: str, batch_size: int, epochs: int, step: str) -> dict:
 
 
 def write_datasets(root: Path, rows: int, seq_len: int, feature_dim: int) -> dict[str, str]:
-    from raytrain_app.data import make_synthetic, write_pickle_atomic
-    from raytrain_app.parquet import write_parquet_dataset
+    from raytrain_app.datasets.formats import make_synthetic, write_pickle_atomic
+    from raytrain_app.datasets.parquet import write_parquet_dataset
 
     raw = make_synthetic(num_train=rows, num_val=64, seq_len=seq_len, feature_dim=feature_dim, num_classes=4,
                          per_step=False, seed=0)

@@ -3,8 +3,8 @@ large configuration on one GPU; and the checkpoint's save and load rates in GB/s
 
 It runs the project's own training step (`Trainer.train_step`: autocast, GradScaler for fp16, fused AdamW,
 gradient clipping) in this process, with no Ray: it needs torch and this repository, not a cluster. MFU counts
-6 FLOPs per parameter and token plus attention's (raytrain_app.metrics.flops_per_token) against the GPU's dense
-bf16 peak (raytrain_app.metrics.PEAK_FLOPS); it is left out on devices whose peak is not known (CPUs).
+6 FLOPs per parameter and token plus attention's (raytrain_app.observability.metrics.flops_per_token) against the GPU's dense
+bf16 peak (raytrain_app.observability.metrics.PEAK_FLOPS); it is left out on devices whose peak is not known (CPUs).
 
     python benchmarks/gpu_throughput.py                     # the large configuration: hidden 2048, 24 layers
     python benchmarks/gpu_throughput.py --hidden-dim 64 --num-layers 2 --seq-len 32 --batch-size 4 --steps 3
@@ -20,17 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from raytrain_app.checkpoint.state import training_state
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from raytrain_app.async_checkpoint import CheckpointWriter  # noqa: E402
-from raytrain_app.checkpoint import load_state, save_checkpoint_dir  # noqa: E402
-from raytrain_app.config import TrainConfig  # noqa: E402
-from raytrain_app.loop import Trainer, seed_everything  # noqa: E402
-from raytrain_app.metrics import flops_per_token, peak_flops  # noqa: E402
-from raytrain_app.model import SequenceTransformer  # noqa: E402
+from raytrain_app.checkpoint.format import load_state, save_checkpoint_dir
+from raytrain_app.checkpoint.writer import CheckpointWriter
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.rng import seed_everything
+from raytrain_app.core.trainer import Trainer
+from raytrain_app.observability.metrics import flops_per_token, peak_flops
 
 
 def config(args: argparse.Namespace, amp_dtype: str, compile_model: bool) -> TrainConfig:
@@ -76,7 +79,7 @@ def throughput(args: argparse.Namespace, amp_dtype: str, compile_model: bool) ->
 def checkpoint_rates(trainer: Trainer) -> dict:
     """The full training state: copied to host memory (what the training loop waits for), written as a
     checkpoint folder (serialised and hashed into its manifest), and read back."""
-    state = trainer.state_dict()
+    state = training_state(trainer)
     writer = CheckpointWriter(lambda *a: None, lambda *a: None, rank=0)
     writer.snapshot(state)  # the first copy allocates the (pinned) host buffers; later ones reuse them
     started = time.perf_counter()

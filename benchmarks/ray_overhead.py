@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from raytrain_app.checkpoint.state import with_training_state
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -37,12 +39,13 @@ def bare(argv: list[str]) -> dict:
     """The loop in this process: what train_worker does, without Ray."""
     import torch
 
-    from raytrain_app.async_checkpoint import CheckpointWriter
-    from raytrain_app.checkpoint import save_checkpoint_dir
-    from raytrain_app.config import parse_config
-    from raytrain_app.data import open_dataset
-    from raytrain_app.loop import Trainer, seed_everything
-    from raytrain_app.model import SequenceTransformer
+    from raytrain_app.checkpoint.format import save_checkpoint_dir
+    from raytrain_app.checkpoint.writer import CheckpointWriter
+    from raytrain_app.cli.flags import parse_config
+    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.rng import seed_everything
+    from raytrain_app.core.trainer import Trainer
+    from raytrain_app.datasets.formats import open_dataset
 
     # Ray gives a worker with one CPU one intra-op thread (OMP_NUM_THREADS=1): the same here.
     torch.set_num_threads(1)
@@ -60,8 +63,8 @@ def bare(argv: list[str]) -> dict:
     writer = CheckpointWriter(write, lambda metrics, checkpoint, dir_name, urgent: None, rank=0)
     trainer.checkpoints = writer
     started = time.perf_counter()
-    trainer.fit(data, lambda metrics, state, is_best: writer.submit(
-        metrics, state, is_best, f"checkpoint_step={metrics['global_step']:06d}"))
+    trainer.fit(data, with_training_state(trainer, lambda metrics, state, is_best: writer.submit(
+        metrics, state, is_best, f"checkpoint_step={metrics['global_step']:06d}")))
     writer.flush()
     loop_s = time.perf_counter() - started
     shutil.rmtree(folder, ignore_errors=True)
@@ -76,8 +79,8 @@ def under_ray(argv: list[str], save_dir: str) -> dict:
                             cwd=REPO_ROOT, env=env, timeout=1800)
     if result.returncode != 0:
         raise SystemExit(f"the Ray run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    from raytrain_app.metrics import read_rows
-    from raytrain_app.storage import parse_location
+    from raytrain_app.observability.metrics import read_rows
+    from raytrain_app.storage.location import parse_location
 
     (run_dir,) = [p for p in Path(save_dir).iterdir() if p.name.startswith("run-")]
     finished = [r for r in read_rows(parse_location(str(run_dir / "metrics.jsonl"))) if r.get("event") == "finished"]
@@ -100,7 +103,7 @@ def main() -> None:
     if args.child:  # the bare run, in a process of its own like the Ray worker
         print(json.dumps(bare(json.loads(args.child))))
         return
-    from raytrain_app.data import make_synthetic, write_pickle_atomic
+    from raytrain_app.datasets.formats import make_synthetic, write_pickle_atomic
 
     with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:
         data = os.path.join(tmp, "data.pkl")

@@ -60,9 +60,9 @@ def kill_when(proc: subprocess.Popen, log: Path, ready: object, delay: float, ti
 
 
 def service(args: argparse.Namespace, tmp: str) -> dict:
-    from raytrain_app.data import make_synthetic, write_pickle_atomic
-    from raytrain_app.metrics import read_rows
-    from raytrain_app.storage import parse_location
+    from raytrain_app.datasets.formats import make_synthetic, write_pickle_atomic
+    from raytrain_app.observability.metrics import read_rows
+    from raytrain_app.storage.location import parse_location
 
     data = os.path.join(tmp, "data.pkl")
     write_pickle_atomic(make_synthetic(num_train=args.rows, num_val=512, seq_len=32, feature_dim=16, num_classes=4,

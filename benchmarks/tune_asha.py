@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from raytrain_app.checkpoint.state import with_training_state
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -37,11 +39,12 @@ def train_base(data: str, model_flags: list[str], folder: str) -> str:
     """The sweep's base checkpoint: one epoch of the project's loop, here in this process (no Ray needed)."""
     import torch
 
-    from raytrain_app.checkpoint import write_best_model
-    from raytrain_app.config import parse_config
-    from raytrain_app.data import open_dataset
-    from raytrain_app.loop import Trainer, seed_everything
-    from raytrain_app.model import SequenceTransformer
+    from raytrain_app.checkpoint.format import write_best_model
+    from raytrain_app.cli.flags import parse_config
+    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.rng import seed_everything
+    from raytrain_app.core.trainer import Trainer
+    from raytrain_app.datasets.formats import open_dataset
 
     cfg, _ = parse_config(["--data", data, "--epochs", "1", "--num-workers", "1", *model_flags])
     dataset = open_dataset(data)
@@ -50,7 +53,7 @@ def train_base(data: str, model_flags: list[str], folder: str) -> str:
     model = SequenceTransformer(cfg)
     trainer = Trainer(cfg, model, model, torch.device("cpu"))
     states: list[dict] = []
-    trainer.fit(dataset, lambda metrics, state, is_best: states.append(state))
+    trainer.fit(dataset, with_training_state(trainer, lambda metrics, state, is_best: states.append(state)))
     write_best_model(folder, states[-1])  # best_model.pt, the way a run publishes its best
     return os.path.join(folder, "best_model.pt")
 
@@ -63,7 +66,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--max-concurrent-trials", type=int, default=2)
     args = parser.parse_args()
-    from raytrain_app.data import make_synthetic, write_pickle_atomic
+    from raytrain_app.datasets.formats import make_synthetic, write_pickle_atomic
 
     with tempfile.TemporaryDirectory(prefix="tune-asha-") as tmp:
         data = os.path.join(tmp, "data.pkl")

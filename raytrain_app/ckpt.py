@@ -17,18 +17,12 @@ import sys
 import tempfile
 from typing import Any
 
-from raytrain_app.checkpoint import (
-    MANIFEST_FILE,
-    STATE_FILE,
-    CheckpointError,
-    checkpoint_problem,
-    load_state,
-    parent_location,
-    publish_file,
-    resolve_checkpoint,
-)
-from raytrain_app.config import EXIT_USER_ERROR, as_flags
-from raytrain_app.storage import Location, StorageError, parse_location
+from raytrain_app.checkpoint.format import MANIFEST_FILE, STATE_FILE, CheckpointError, checkpoint_problem, load_state
+from raytrain_app.checkpoint.resolve import parent_location, resolve_checkpoint
+from raytrain_app.cli.errors import run_command
+from raytrain_app.core.config import as_flags
+from raytrain_app.storage.location import Location, parse_location
+from raytrain_app.storage.publish import publish_file
 
 
 def _folder_of(state_file: Location) -> Location | None:
@@ -126,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     export_parser.add_argument("--format", choices=("safetensors", "pt"), default="safetensors")
     export_parser.add_argument("out", metavar="OUT")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "show":
-            print("\n".join(show(args.x)))
-        else:
-            print(f"Wrote the weights of {args.x} to {export(args.x, args.format, args.out)} ({args.format})")
-    except (CheckpointError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_command(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "show":
+        print("\n".join(show(args.x)))
+    else:
+        print(f"Wrote the weights of {args.x} to {export(args.x, args.format, args.out)} ({args.format})")
     return 0
 
 

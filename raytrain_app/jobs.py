@@ -27,16 +27,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raytrain_app.config import (
-    EXIT_DIVERGED,
-    EXIT_TRAINING_FAILED,
-    EXIT_USER_ERROR,
-    ConfigError,
-    parse_config,
-    parse_sweep_config,
-    sweep_identity_hash,
-)
-from raytrain_app.storage import StorageError, parse_location
+from raytrain_app.cli.errors import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_USER_ERROR, run_command
+from raytrain_app.cli.flags import parse_config, parse_sweep_config
+from raytrain_app.core.config import sweep_identity_hash
+from raytrain_app.core.errors import UserError
+from raytrain_app.storage.location import parse_location
 
 DEFAULT_RUNTIME_ENV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs",
                                    "runtime_env.yaml")
@@ -47,7 +42,7 @@ STOP_TIMEOUT_S = 900  # longer than any RAY_JOB_STOP_WAIT_TIME_S we set: Ray SIG
 NOT_RETRIED = ("RUNTIME_ENV_SETUP_FAILURE",)
 
 
-class JobsError(Exception):
+class JobsError(UserError):
     """A mistake in a jobs command (exit code 2), or a cluster that stopped answering (exit code 1); one line."""
 
     def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR) -> None:
@@ -355,21 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.retries < 0:
             print("error: --retries must not be negative", file=sys.stderr)
             return EXIT_USER_ERROR
-    try:
-        return args.func(args)
-    except JobsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except (ConfigError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\n[jobs] stopped following; the job keeps running. Follow it again with "
-              "`python -m raytrain_app.jobs logs --follow RUN`, stop it with `... jobs stop RUN`.", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the job API refused a request (auth, a lost head): one line
-        print(f"error: the Ray job API failed: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
-        return EXIT_TRAINING_FAILED
+    # A JobsError carries its own exit code; an error from the job API (auth, a lost head) is one line.
+    return run_command(lambda: args.func(args), describe=lambda e: f"the Ray job API failed: {type(e).__name__}: "
+                                                                   f"{first_line(e)}",
+                       interrupted="\n[jobs] stopped following; the job keeps running. Follow it again with "
+                                   "`python -m raytrain_app.jobs logs --follow RUN`, stop it with `... jobs stop RUN`.")
 
 
 if __name__ == "__main__":

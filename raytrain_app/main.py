@@ -14,36 +14,24 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from raytrain_app.checkpoint import (
-    BEST_MODEL_FILE,
-    Recovery,
-    StateSummary,
-    fork_lineage,
-    last_good_checkpoint,
-    plan_recovery,
-    resolve_checkpoint,
-)
-from raytrain_app.config import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_USER_ERROR, TrainConfig, parse_config
-from raytrain_app.driver import connect_ray, make_trainer
-from raytrain_app.graceful_stop import fit_until_stopped, new_stop_request
-from raytrain_app.loop import UNVALIDATED_LOSS
-from raytrain_app.metrics import prepare_wandb
-from raytrain_app.preflight import (
-    USER_ERRORS,
-    UserError,
-    check_cluster_fits,
-    prepare_data,
-    prepare_start,
-    print_resume_summary,
-    python_for_commands,
-    start_position,
-)
-from raytrain_app.progress import ProgressDisplay, read_from
-from raytrain_app.storage import Location, check_bucket, parse_location
+from raytrain_app.checkpoint.format import BEST_MODEL_FILE
+from raytrain_app.checkpoint.resolve import StateSummary, fork_lineage, last_good_checkpoint, resolve_checkpoint
+from raytrain_app.cli.commands import python_for_commands
+from raytrain_app.cli.errors import EXIT_DIVERGED, EXIT_TRAINING_FAILED, USER_ERRORS, run_command
+from raytrain_app.cli.flags import parse_config
+from raytrain_app.cli.preflight import prepare_data, prepare_start, print_resume_summary, start_position
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.trainer import UNVALIDATED_LOSS
+from raytrain_app.observability.metrics import prepare_wandb
+from raytrain_app.observability.progress import ProgressDisplay, read_from
+from raytrain_app.ray_adapter.capacity import check_cluster_fits
+from raytrain_app.ray_adapter.control import fit_until_stopped, new_stop_request
+from raytrain_app.ray_adapter.driver import connect_ray, make_trainer
+from raytrain_app.ray_adapter.run_record import Recovery, plan_recovery
+from raytrain_app.storage.location import Location, check_bucket, parse_location
 
 
 @dataclass
@@ -96,24 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     """Every mistake a user can make ends here as one line on stderr and exit code 2, with nothing written;
     anything unexpected as one line and exit code 1. --debug adds the traceback."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv  # read before parsing: a flag that fails to parse still gets its traceback
-    try:
-        return train(argv)
-    except (UserError, *USER_ERRORS) as e:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:  # before the workers start; afterwards the signal handler stops them
-        print("\nInterrupted before training started: nothing was written.", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except Exception as e:  # noqa: BLE001 - a failure we did not foresee: still one line, unless --debug
-        if debug:
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: {type(e).__name__}{': ' + first if first else ''} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return EXIT_TRAINING_FAILED
+    # --debug is read before parsing: a flag that fails to parse still gets its traceback. Ctrl-C lands here
+    # only before the workers start; afterwards the signal handler stops them.
+    return run_command(lambda: train(argv), debug="--debug" in argv,
+                       interrupted="\nInterrupted before training started: nothing was written.")
 
 
 def train(argv: list[str]) -> int:

@@ -9,86 +9,14 @@ run folder unless --out names another file.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
-import time
-from typing import Any
 
-from raytrain_app.config import EXIT_USER_ERROR, as_flags
-from raytrain_app.metrics import METRICS_FILE, read_rows
-from raytrain_app.storage import Location, StorageError, check_bucket, parse_location
-
-PLOT_FILE = "loss.png"
-SHOWN_SETTINGS = ("data", "hidden_dim", "num_layers", "num_heads", "epochs", "lr", "batch_size", "grad_accum_steps",
-                  "num_workers", "use_amp", "amp_dtype", "compile", "seed")
-
-
-def summary(run: Location, rows: list[dict[str, Any]]) -> list[str]:
-    events = [r for r in rows if r.get("kind") == "event"]
-    train = [r for r in rows if r.get("kind") == "train"]
-    checkpoints = [r for r in rows if r.get("kind") == "checkpoint"]
-    start = next((e for e in events if e.get("event") == "start"), None)
-    lines = [f"Run: {run.uri}"]
-    if start is not None:
-        config = start.get("config") or {}
-        lines.append(f"Settings: {as_flags(config, SHOWN_SETTINGS)}")
-        fork = start.get("fork_of")
-        lines.append(f"Started: {_when(start)} at global step {start['step']}, "
-                     + (f"forked from {fork.get('base_checkpoint')} (global step {fork.get('base_global_step')})"
-                        if fork else "a new run"))
-    last = max((r["step"] for r in train + checkpoints), default=0)
-    epoch = checkpoints[-1]["epoch"] if checkpoints else 0
-    lines.append(f"Steps: {last} (epoch {epoch} complete{'d' if epoch else ''}), {len(checkpoints)} checkpoints")
-    validated = [r for r in checkpoints if r.get("val_loss") is not None]
-    if validated:
-        best = min(validated, key=lambda r: (r["val_loss"], -r["step"]))
-        lines.append(f"Best validation loss: {best['val_loss']:.6f} at global step {best['step']}")
-    else:
-        lines.append("Best validation loss: none yet")
-    resumes = [e for e in events if e.get("event") == "resume"]
-    lines.append(f"Resumes: {len(resumes)}")
-    lines += [f"  at global step {e['step']}: {e.get('cause')} ({_when(e)})" for e in resumes]
-    speed = next((r for r in reversed(checkpoints) if r.get("samples_per_s")), None)
-    if speed is not None:
-        mfu = f", MFU {100 * speed['mfu']:.1f}%" if speed.get("mfu") is not None else ""
-        lines.append(f"Speed (last checkpoint): {speed['samples_per_s']:.1f} samples/s, "
-                     f"{speed['tokens_per_s']:.0f} tokens/s, {1000 * speed['step_time_s']:.1f} ms/step, "
-                     f"{100 * speed['data_wait_fraction']:.1f}% waiting for data{mfu}")
-    return lines
-
-
-def _when(event: dict[str, Any]) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("time", 0)))
-
-
-def plot(rows: list[dict[str, Any]], title: str) -> bytes:
-    """loss.png: training EMA loss and validation loss against the global step; a dashed line per resume."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = sorted((r["step"], r["train_ema_loss"]) for r in rows
-                   if r.get("kind") == "train" and r.get("train_ema_loss") is not None)
-    val = sorted((r["step"], r["val_loss"]) for r in rows
-                 if r.get("kind") == "checkpoint" and r.get("val_loss") is not None)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train EMA loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation loss", markersize=3)
-    for i, event in enumerate(r for r in rows if r.get("kind") == "event" and r.get("event") == "resume"):
-        ax.axvline(event["step"], color="grey", linestyle="--", linewidth=1,
-                   label="resumed here" if i == 0 else None)
-    ax.set_title(title)
-    ax.set_xlabel("global step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+from raytrain_app.cli.errors import run_command
+from raytrain_app.core.errors import UserError
+from raytrain_app.observability.metrics import METRICS_FILE, read_rows
+from raytrain_app.observability.run_report import PLOT_FILE, plot, summary
+from raytrain_app.storage.location import check_bucket, parse_location
+from raytrain_app.storage.publish import publish_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,23 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="a run folder: <save-dir>/<run-name>, a local path or a URI")
     parser.add_argument("--out", help=f"where to write the plot (default: {PLOT_FILE} in the run folder)")
     args = parser.parse_args(argv)
-    from raytrain_app.checkpoint import publish_bytes
+    return run_command(lambda: report(args.run, args.out))
 
-    try:
-        run = parse_location(args.run, flag="RUN")
-        check_bucket(run)
-        rows = read_rows(run.join(METRICS_FILE))
-        if not rows:
-            print(f"error: {args.run} has no {METRICS_FILE}: pass a run folder (<save-dir>/<run-name>) of a run "
-                  "that has saved a checkpoint", file=sys.stderr)
-            return EXIT_USER_ERROR
-        out = parse_location(args.out, flag="--out") if args.out else run.join(PLOT_FILE)
-        for line in summary(run, rows):
-            print(line)
-        publish_bytes(plot(rows, run.name), out)
-    except StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+
+def report(run_uri: str, out_uri: str | None) -> int:
+    run = parse_location(run_uri, flag="RUN")
+    check_bucket(run)
+    rows = read_rows(run.join(METRICS_FILE))
+    if not rows:
+        raise UserError(f"{run_uri} has no {METRICS_FILE}: pass a run folder (<save-dir>/<run-name>) of a run that "
+                        "has saved a checkpoint")
+    out = parse_location(out_uri, flag="--out") if out_uri else run.join(PLOT_FILE)
+    for line in summary(run, rows):
+        print(line)
+    publish_bytes(plot(rows, run.name), out)
     print(f"Plot: {out.uri}")
     return 0
 

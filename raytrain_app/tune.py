@@ -21,40 +21,24 @@ import tempfile
 from dataclasses import dataclass, fields
 from typing import Any
 
-from raytrain_app import sweep_results
-from raytrain_app.checkpoint import (
-    StateSummary,
-    fetch_file,
-    fork_lineage,
-    publish_bytes,
-    publish_file,
-    resolve_checkpoint,
-)
-from raytrain_app.config import (
-    EXIT_TRAINING_FAILED,
-    EXIT_USER_ERROR,
-    SweepConfig,
-    TrainConfig,
-    parse_sweep_config,
-    sweep_identity_hash,
-)
-from raytrain_app.driver import cluster_capacity, connect_ray, how_many_fit, run_resources
-from raytrain_app.loop import resume_batch_index
-from raytrain_app.metrics import prepare_wandb
-from raytrain_app.order import batches_per_epoch
-from raytrain_app.preflight import (
-    USER_ERRORS,
-    UserError,
-    prepare_data,
-    prepare_start,
-    python_for_commands,
-    start_position,
-)
-from raytrain_app.storage import Location, StorageError, check_bucket, parse_location
-from raytrain_app.sweep_trial import TRIAL_DRIVER_CPUS, clear_failure_marks, train_trial, trial_dir_name
+from raytrain_app.checkpoint.resolve import StateSummary, fork_lineage, resolve_checkpoint
+from raytrain_app.cli.commands import python_for_commands
+from raytrain_app.cli.errors import EXIT_TRAINING_FAILED, USER_ERRORS, run_command
+from raytrain_app.cli.flags import parse_sweep_config
+from raytrain_app.cli.preflight import prepare_data, prepare_start, start_position
+from raytrain_app.core.config import SweepConfig, TrainConfig, sweep_identity_hash
+from raytrain_app.core.errors import UserError
+from raytrain_app.core.trainer import resume_batch_index
+from raytrain_app.datasets.order import batches_per_epoch
+from raytrain_app.observability import sweep_results
+from raytrain_app.observability.metrics import prepare_wandb
+from raytrain_app.ray_adapter.capacity import cluster_capacity, how_many_fit, run_resources
+from raytrain_app.ray_adapter.driver import connect_ray
+from raytrain_app.ray_adapter.sweep import BASE_FILE, SWEEP_FILE, ended_trials, run_tuner
+from raytrain_app.ray_adapter.sweep_trial import TRIAL_DRIVER_CPUS, clear_failure_marks
+from raytrain_app.storage.location import Location, StorageError, check_bucket, parse_location
+from raytrain_app.storage.publish import fetch_file, publish_bytes, publish_file
 
-SWEEP_FILE = "sweep.json"  # the sweep's settings, so a re-run can tell it is the same sweep
-BASE_FILE = "base_checkpoint.pt"  # the sweep's own copy of the base: every trial starts from these exact bytes
 # Flags of the training CLI that make no sense in a "continue the best trial" command.
 NOT_CONTINUED = {"data", "epochs", "reset_optimizer", "restart_schedule"}
 
@@ -235,64 +219,12 @@ def start_record(plan: SweepPlan) -> None:
         raise StorageError(f"could not write the sweep into {plan.sweep_dir}: {e}") from None
 
 
-def _trial_dirname(trial: Any) -> str:
-    return trial_dir_name(trial.trial_id)
 
 
-def run_tuner(plan: SweepPlan, max_concurrent: int) -> Any:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    sweep_dir, save_dir = plan.sweep_dir, parse_location(plan.cfg.save_dir)
-    # What every trial shares. Bound to the trainable rather than put in each trial's config, so operational
-    # settings given on a re-run (--max-failures, --keep-checkpoints) apply to the trials it resumes.
-    spec = {
-        "config": plan.cfg.to_dict(),
-        "sweep_dir": sweep_dir.uri,
-        "base": sweep_dir.join(BASE_FILE).uri,
-        "sweep_name": plan.name,
-        "lineage": plan.lineage,
-    }
-    trainable = tune.with_resources(tune.with_parameters(train_trial, spec=spec), {"cpu": TRIAL_DRIVER_CPUS})
-    storage_fs = None if save_dir.is_local else save_dir.fs
-    if tune.Tuner.can_restore(sweep_dir.path, storage_filesystem=storage_fs):
-        tuner = tune.Tuner.restore(sweep_dir.path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=storage_fs)
-        # Tuner.restore brings back the settings of the first start (tuner.pkl) and offers no way to change them.
-        # The cluster may have changed since, and --max-failures may have: the values of this run apply.
-        # (Ray 2.60 internals, pinned in pyproject.toml.)
-        internal = tuner._local_tuner
-        internal._tune_config.max_concurrent_trials = max_concurrent
-        internal._run_config.failure_config = tune.FailureConfig(max_failures=plan.cfg.max_failures)
-        return tuner.fit()
-    scheduler = None
-    if plan.sweep.scheduler == "asha":
-        # stop_last_trials=False: max_t only places the rungs; a trial that passed them all trains to --epochs.
-        scheduler = ASHAScheduler(time_attr="steps_trained", max_t=plan.trial_steps, grace_period=plan.grace_period,
-                                  reduction_factor=plan.sweep.reduction_factor, stop_last_trials=False)
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"lr": tune.grid_search(plan.learning_rates)},
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
-                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(
-            name=plan.name,
-            storage_path=save_dir.path,
-            storage_filesystem=storage_fs,
-            # A trial whose driver dies is run again; it continues its own Train run from its latest checkpoint.
-            failure_config=tune.FailureConfig(max_failures=plan.cfg.max_failures),
-            verbose=1,  # trial status tables; each trial's workers print one line per validation
-        ),
-    )
-    return tuner.fit()
 
 
-def ended_trials(results: Any) -> set[str]:
-    """Ids of the trials Tune ended (TERMINATED): finished, or stopped by ASHA. Ctrl-C makes Tune save its state
-    and return with the others still running; those are unfinished. (ResultGrid exposes only counts of these
-    states; the per-trial states are in its ExperimentAnalysis, Ray 2.60.)"""
-    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
-    return {t.trial_id for t in trials if t.status == "TERMINATED"}
+
+
 
 
 def continue_command(plan: SweepPlan, best: sweep_results.TrialResult) -> str:
@@ -330,11 +262,12 @@ def print_plan(plan: SweepPlan) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        plan = plan_sweep(argv)
-    except (UserError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_command(lambda: sweep(argv), debug="--debug" in argv)
+
+
+def sweep(argv: list[str]) -> int:
+    """Plan and check the sweep (a mistake: exit 2, nothing written), then run it; the exit code."""
+    plan = plan_sweep(argv)
     try:
         print_plan(plan)
         plan.cfg = prepare_wandb(plan.cfg, plan.sweep_dir)  # every trial's wandb mode, decided here
@@ -342,17 +275,22 @@ def main(argv: list[str] | None = None) -> int:
         connect_ray(num_cpus=max(4, os.cpu_count() or 1, plan.cfg.num_workers + 1))
         max_concurrent = fit_concurrency(plan)
         start_record(plan)
-    except (UserError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
     finally:
         plan.cleanup()
+    try:
+        return run_sweep(plan, max_concurrent)
+    except USER_ERRORS as e:  # storage failing once trials have started is no mistake in the command: exit 1
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
 
+
+def run_sweep(plan: SweepPlan, max_concurrent: int) -> int:
+    """Run the trials, then report them: the table, results.csv, sweep.png and the best trial."""
     clear_failure_marks(plan.sweep_dir)  # running the command again is the user's "try again"
     results = run_tuner(plan, max_concurrent)
 
     rows = sweep_results.collect(results, sweep_dir=plan.sweep_dir, epochs=plan.cfg.epochs,
-                                 ended_by_tune=ended_trials(results))
+                                 ended_by_tune=ended_trials(plan.sweep_dir))
     base_loss = plan.summary.eval_val_loss if plan.summary.eval_val_loss is not None else plan.summary.best_val_loss
     csv_file, png_file = sweep_results.write(rows, plan.sweep_dir, title=f"{plan.name}: learning-rate sweep",
                                              base_val_loss=base_loss)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,12 +18,36 @@ from typing import Any
 
 import pytest
 
-from raytrain_app.data import make_synthetic, write_pickle_atomic
+from raytrain_app.datasets.formats import make_synthetic, write_pickle_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).with_name("ray")
 # Small enough for seconds per run on 2 cores, big enough for several checkpoints per epoch.
 TINY_MODEL = ["--hidden-dim", "16", "--num-layers", "2", "--num-heads", "2", "--warmup-steps", "4"]
+
+
+# Hermetic: every process the suite starts (Ray, moto, the commands under test, wandb) gets a HOME, caches and a
+# Ray auth token of its own, in a folder made for this test process, so nothing is read from or written to the
+# user's ~/.ray, ~/.netrc, wandb settings or caches, and a machine where nothing ran before passes the same way.
+_HERMETIC_DIR = Path(tempfile.mkdtemp(prefix="rt-home-"))
+_RAY_TOKEN_PATH = _HERMETIC_DIR / "ray_auth_token"
+_RAY_TOKEN_PATH.write_text(secrets.token_hex(32))
+_RAY_TOKEN_PATH.chmod(0o600)
+HERMETIC_ENV = {
+    "HOME": str(_HERMETIC_DIR),
+    "XDG_CACHE_HOME": str(_HERMETIC_DIR / ".cache"),
+    "XDG_CONFIG_HOME": str(_HERMETIC_DIR / ".config"),
+    "WANDB_CONFIG_DIR": str(_HERMETIC_DIR / ".config" / "wandb"),
+    "WANDB_CACHE_DIR": str(_HERMETIC_DIR / ".cache" / "wandb"),
+    "RAY_AUTH_TOKEN_PATH": str(_RAY_TOKEN_PATH),
+}
+for _name in ("WANDB_API_KEY", "RAY_AUTH_TOKEN", "NETRC"):
+    os.environ.pop(_name, None)
+os.environ.update(HERMETIC_ENV)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_HERMETIC_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -229,7 +254,7 @@ def run_jobs(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 def latest_checkpoint_step(run_dir: Path | str) -> int | None:
     """The step of the run's latest checkpoint as Ray Train registered it (what a restart would load).
     `run_dir` is a local folder or a storage URI."""
-    from raytrain_app.storage import StorageError, parse_location
+    from raytrain_app.storage.location import StorageError, parse_location
 
     snapshot_file = parse_location(str(run_dir)).join("checkpoint_manager_snapshot.json")
     try:

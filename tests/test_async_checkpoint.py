@@ -14,11 +14,14 @@ from typing import Any
 import pytest
 import torch
 
-from raytrain_app.async_checkpoint import CheckpointWriter
-from raytrain_app.checkpoint import load_state, save_checkpoint_dir
-from raytrain_app.config import TrainConfig
-from raytrain_app.loop import CONTINUE, SAVE, Trainer, seed_everything
-from raytrain_app.model import SequenceTransformer
+from raytrain_app.checkpoint.format import load_state, save_checkpoint_dir
+from raytrain_app.checkpoint.state import training_state, with_training_state
+from raytrain_app.checkpoint.writer import CheckpointWriter
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.interrupts import CONTINUE, SAVE
+from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.rng import seed_everything
+from raytrain_app.core.trainer import Trainer
 from tests.test_loop import synthetic
 
 CFG = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, seq_len=8, num_classes=3, num_workers=1,
@@ -72,11 +75,11 @@ def test_what_is_written_is_the_state_when_it_was_asked_for(tmp_path: Path) -> N
     t = trainer()
     x, y = torch.randn(8, 8, 4), torch.randint(0, 3, (8,))
     t.train_step([(x, y)])
-    expected = copy.deepcopy(t.state_dict())  # weights, optimizer moments and step, scheduler, scaler, counters
+    expected = copy.deepcopy(training_state(t))  # weights, optimizer moments and step, scheduler, scaler, counters
     gate = threading.Event()
     recorder = Recorder(tmp_path, gate)
     writer = CheckpointWriter(recorder.write, recorder.report, rank=0)
-    writer.submit({"global_step": 1}, t.state_dict(), False, "checkpoint_step=000001")
+    writer.submit({"global_step": 1}, training_state(t), False, "checkpoint_step=000001")
     for _ in range(3):  # training goes on while the write waits
         t.train_step([(x, y)])
     assert not writer.ready() and writer.pending()
@@ -87,9 +90,9 @@ def test_what_is_written_is_the_state_when_it_was_asked_for(tmp_path: Path) -> N
     for key, value in expected.items():
         assert_same(written[key], value, key)
     with pytest.raises(AssertionError):  # it did train on: the live weights and moments have moved since
-        assert_same(t.state_dict()["model_state_dict"], expected["model_state_dict"])
+        assert_same(training_state(t)["model_state_dict"], expected["model_state_dict"])
     with pytest.raises(AssertionError):
-        assert_same(t.state_dict()["optimizer_state_dict"], expected["optimizer_state_dict"])
+        assert_same(training_state(t)["optimizer_state_dict"], expected["optimizer_state_dict"])
     assert recorder.reports == [(1, str(tmp_path / "checkpoint_step=000001"), "checkpoint_step=000001")]
 
 
@@ -97,13 +100,13 @@ def test_one_checkpoint_in_flight_and_buffers_reused(tmp_path: Path) -> None:
     t = trainer()
     recorder = Recorder(tmp_path)
     writer = CheckpointWriter(recorder.write, recorder.report, rank=0)
-    writer.submit({"global_step": 1}, t.state_dict(), False, "a")
-    writer.submit({"global_step": 2}, t.state_dict(), False, "b")  # waits for "a" and reports it first
+    writer.submit({"global_step": 1}, training_state(t), False, "a")
+    writer.submit({"global_step": 2}, training_state(t), False, "b")  # waits for "a" and reports it first
     assert [r[0] for r in recorder.reports] == [1] and writer.pending()
     writer.flush()
     assert [r[2] for r in recorder.reports] == ["a", "b"] and not writer.pending()
     buffers = dict(writer._buffers)
-    writer.submit({"global_step": 3}, t.state_dict(), False, "c")
+    writer.submit({"global_step": 3}, training_state(t), False, "c")
     writer.flush()
     assert all(writer._buffers[k] is v for k, v in buffers.items())  # no new host memory per checkpoint
     assert writer.checkpoints == 3 and writer.write_s > 0 and writer.blocked_s > 0
@@ -115,7 +118,7 @@ def test_a_failed_write_is_raised_on_the_training_thread_and_nothing_is_reported
 
     recorder = Recorder(tmp_path)
     writer = CheckpointWriter(fail, recorder.report, rank=0)
-    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    writer.submit({"global_step": 1}, training_state(trainer()), False, "a")
     with pytest.raises(OSError, match="No space left"):
         writer.flush()
     assert recorder.reports == [] and not writer.pending()
@@ -133,7 +136,7 @@ def test_other_ranks_report_metrics_only_and_never_say_written(tmp_path: Path) -
 def test_synchronous_mode_writes_and_reports_before_returning(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path)
     writer = CheckpointWriter(recorder.write, recorder.report, rank=0, asynchronous=False)
-    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    writer.submit({"global_step": 1}, training_state(trainer()), False, "a")
     assert [r[0] for r in recorder.reports] == [1] and not writer.pending()
     assert not any(thread.name.startswith("checkpoint-") for thread in threading.enumerate())
 
@@ -162,7 +165,7 @@ def test_the_loop_reports_a_written_checkpoint_at_a_step_boundary_and_ends_bit_e
             original(metrics, checkpoint, dir_name)
 
         writer.report = report
-        assert t.fit(data, on_checkpoint)
+        assert t.fit(data, with_training_state(t, on_checkpoint))
         writer.flush()
         assert [r[0] for r in recorder.reports] == [2, 4, 6, 8]  # every checkpoint, in order
         assert all(at >= step for at, (step, _, _) in zip(steps_at_report, recorder.reports, strict=True))
@@ -197,7 +200,7 @@ def test_a_preemption_at_a_step_whose_checkpoint_is_written_uploads_it_before_go
             return SAVE
         return CONTINUE
 
-    assert t.fit(synthetic(num_train=64), on_checkpoint, interrupt)
+    assert t.fit(synthetic(num_train=64), with_training_state(t, on_checkpoint), interrupt)
     writer.flush()
     assert [r[0] for r in recorder.reports] == [2, 4, 6, 8]  # the notice saved no second copy of step 2
     assert recorder.urgent == [True, False, False, False]
@@ -210,7 +213,7 @@ def test_waiting_for_a_slow_write_is_counted_as_blocked(tmp_path: Path) -> None:
 
     recorder = Recorder(tmp_path)
     writer = CheckpointWriter(slow, recorder.report, rank=0)
-    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    writer.submit({"global_step": 1}, training_state(trainer()), False, "a")
     assert writer.blocked_s < 0.2  # the write is in the background
     writer.flush()
     assert writer.blocked_s >= 0.25 and writer.write_s >= 0.3
@@ -218,7 +221,7 @@ def test_waiting_for_a_slow_write_is_counted_as_blocked(tmp_path: Path) -> None:
 
 def test_the_copy_keeps_the_state_dicts_types_and_metadata() -> None:
     t = trainer()
-    live = t.state_dict()
+    live = training_state(t)
     copied = CheckpointWriter(lambda *a: None, lambda *a: None, rank=0).snapshot(live)
     assert type(copied["model_state_dict"]) is type(live["model_state_dict"])  # an OrderedDict
     assert copied["model_state_dict"]._metadata == live["model_state_dict"]._metadata  # module versions
@@ -228,12 +231,13 @@ def test_the_copy_keeps_the_state_dicts_types_and_metadata() -> None:
 
 def test_the_next_write_waits_until_the_previous_upload_has_left_this_machine(tmp_path: Path) -> None:
     recorder, gone = Recorder(tmp_path), threading.Event()
-    writer = CheckpointWriter(recorder.write, recorder.report, rank=0, uploaded=lambda checkpoint: gone.is_set())
-    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    writer = CheckpointWriter(recorder.write, recorder.report, rank=0,
+                              wait_uploaded=lambda timeout_s: gone.wait(timeout_s))
+    writer.submit({"global_step": 1}, training_state(trainer()), False, "a")
     writer.flush()  # reported: Ray uploads it in the background
     threading.Timer(0.3, gone.set).start()
     started = time.perf_counter()
-    writer.submit({"global_step": 2}, trainer().state_dict(), False, "b")
+    writer.submit({"global_step": 2}, training_state(trainer()), False, "b")
     assert time.perf_counter() - started >= 0.25 and writer.blocked_s >= 0.25
     writer.flush()
 
@@ -241,5 +245,5 @@ def test_the_next_write_waits_until_the_previous_upload_has_left_this_machine(tm
 def test_a_synchronous_write_is_counted_once_as_blocked(tmp_path: Path) -> None:
     writer = CheckpointWriter(Recorder(tmp_path, delay_s=0.3).write, Recorder(tmp_path).report, rank=0,
                               asynchronous=False)
-    writer.submit({"global_step": 1}, trainer().state_dict(), False, "a")
+    writer.submit({"global_step": 1}, training_state(trainer()), False, "a")
     assert 0.3 <= writer.blocked_s < 0.5 and writer.write_s >= 0.3

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_app.config import TrainConfig
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.main import main
-from raytrain_app.model import SequenceTransformer
 from tests.conftest import TINY_MODEL, run_main, write_dataset
 
 SHAPES = {"feature_dim": 4, "seq_len": 8, "num_classes": 3}
@@ -193,8 +193,8 @@ def test_a_run_with_no_whole_checkpoint_left_stops_with_one_line_and_changes_not
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The same command again, when every checkpoint of its run is damaged: exit 2, the run named, nothing
     changed (not Ray's record of the run either)."""
-    from raytrain_app.checkpoint import save_checkpoint_dir
-    from raytrain_app.config import parse_config
+    from raytrain_app.checkpoint.format import save_checkpoint_dir
+    from raytrain_app.cli.flags import parse_config
     from tests.test_checkpoint import flip_a_byte, ray_run
 
     argv = [*TINY_MODEL, "--data", str(write_dataset(tmp_path / "good.pkl")), "--save-dir", str(tmp_path / "runs")]

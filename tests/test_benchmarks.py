@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from raytrain_app.storage import parse_location
+from raytrain_app.storage.location import parse_location
 from tests.conftest import REPO_ROOT, base_env, make_bucket, s3_uri
 
 

@@ -14,17 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytrain_app.checkpoint import (
+from raytrain_app.checkpoint.format import (
     CheckpointError,
     checkpoint_problem,
-    last_good_checkpoint,
     load_state,
-    plan_recovery,
-    recover_run,
-    resolve_checkpoint,
     save_checkpoint_dir,
     write_best_model,
 )
+from raytrain_app.checkpoint.resolve import last_good_checkpoint, resolve_checkpoint
+from raytrain_app.ray_adapter.run_record import plan_recovery, recover_run
 
 
 def state(step: int, eval_loss: float) -> dict:
@@ -106,8 +104,9 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path: Path) -> None:
 def test_published_files_are_readable_by_others_as_the_umask_allows(tmp_path) -> None:  # noqa: ANN001
     import os
 
-    from raytrain_app.checkpoint import _UMASK, publish_bytes, write_best_model
-    from raytrain_app.storage import parse_location
+    from raytrain_app.checkpoint.format import write_best_model
+    from raytrain_app.storage.location import parse_location
+    from raytrain_app.storage.publish import _UMASK, publish_bytes
 
     best = write_best_model(str(tmp_path), {"model_state_dict": {}})
     publish_bytes(b"{}", parse_location(str(tmp_path / "sweep.json")))
@@ -279,7 +278,7 @@ def test_a_process_killed_while_writing_best_model_leaves_the_previous_one_whole
     the previous one, whole; the cut-off bytes are only in a temporary file no load looks at."""
     write_best_model(str(tmp_path), state(1, 0.9))
     script = ("import sys, torch\n"
-              "from raytrain_app.checkpoint import write_best_model\n"
+              "from raytrain_app.checkpoint.format import write_best_model\n"
               "write_best_model(sys.argv[1], {'epoch': 1, 'global_step': 2, 'val_loss': 0.5, 'config': {},\n"
               "                               'model_state_dict': {'w': torch.ones(100_000_000)}})\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=Path(__file__).parents[1])

@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytrain_app.checkpoint import publish_file, save_checkpoint_dir, write_best_model
+from raytrain_app.checkpoint.format import save_checkpoint_dir, write_best_model
+from raytrain_app.checkpoint.state import training_state
 from raytrain_app.ckpt import main
-from raytrain_app.config import TrainConfig
-from raytrain_app.loop import Trainer, seed_everything
-from raytrain_app.model import SequenceTransformer
-from raytrain_app.storage import parse_location
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.rng import seed_everything
+from raytrain_app.core.trainer import Trainer
+from raytrain_app.storage.location import parse_location
+from raytrain_app.storage.publish import publish_file
 from tests.conftest import make_bucket, s3_uri
 from tests.test_checkpoint import flip_a_byte
 
@@ -33,7 +36,7 @@ def trained_state(step: int = 12) -> dict:
     trainer.global_step, trainer.epoch, trainer.best_val_loss = step, 1, 0.75
     trainer.lineage = {"base_checkpoint": "s3://b/base/state.pt", "base_global_step": 8, "base_epoch": 1,
                        "base_sha256": "ab" * 32, "base_lineage": None}
-    return trainer.state_dict(eval_val_loss=0.8)
+    return training_state(trainer, eval_val_loss=0.8)
 
 
 def outputs(state_dict: dict) -> torch.Tensor:

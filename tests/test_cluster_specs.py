@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raytrain_app.config import parse_config
+from raytrain_app.cli.flags import parse_config
 
 from .conftest import REPO_ROOT, run_jobs
 
@@ -120,7 +120,8 @@ def test_submit_refuses_what_cannot_work_with_one_line_before_submitting(args: l
 
 
 def test_submit_pins_the_run_or_sweep_name_every_attempt_continues() -> None:
-    from raytrain_app.config import parse_sweep_config, sweep_identity_hash
+    from raytrain_app.cli.flags import parse_sweep_config
+    from raytrain_app.core.config import sweep_identity_hash
     from raytrain_app.jobs import plan_entry
 
     train = ["--data", "/d.pkl", "--save-dir", "s3://bucket/ckpt", "--epochs", "3"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from raytrain_app.config import ConfigError, TrainConfig, parse_config
+from raytrain_app.cli.flags import parse_config
+from raytrain_app.core.config import ConfigError, TrainConfig
 from tests.conftest import REPO_ROOT
 
 USER_FLAGS = [  # fixed names: users' scripts already use them

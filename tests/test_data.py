@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_app.data import DataError, augment, load_dataset, make_synthetic
-from raytrain_app.order import batches_per_epoch, eval_batches, shard_batches
+from raytrain_app.datasets.augment import augment
+from raytrain_app.datasets.dataset import DataError
+from raytrain_app.datasets.formats import load_dataset, make_synthetic
+from raytrain_app.datasets.order import batches_per_epoch, eval_batches, shard_batches
 from tests.conftest import REPO_ROOT
 
 
@@ -126,7 +128,7 @@ def test_augmentation_noise_is_keyed_by_batch_position() -> None:
 
 
 def load_split(n: int):  # noqa: ANN201
-    from raytrain_app.data import Split
+    from raytrain_app.datasets.dataset import Split
 
     x = torch.arange(n, dtype=torch.float32).view(n, 1, 1).expand(n, 2, 3).contiguous()
     return Split(x=x, y=torch.zeros(n, dtype=torch.int64))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from raytrain_app.checkpoint import load_state
-from raytrain_app.config import parse_config
+from raytrain_app.checkpoint.format import load_state
+from raytrain_app.cli.flags import parse_config
 
 from .conftest import (
     TINY_MODEL,

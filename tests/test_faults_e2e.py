@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from raytrain_app.checkpoint import checkpoint_problem, load_state
-from raytrain_app.config import parse_config
-from raytrain_app.metrics import read_rows
-from raytrain_app.storage import parse_location
+from raytrain_app.checkpoint.format import checkpoint_problem, load_state
+from raytrain_app.cli.flags import parse_config
+from raytrain_app.observability.metrics import read_rows
+from raytrain_app.storage.location import parse_location
 from tests.conftest import (
     computed_once,
     finish_process,

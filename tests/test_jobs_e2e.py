@@ -17,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from raytrain_app.config import parse_config
+from raytrain_app.cli.flags import parse_config
 
 from .conftest import (
     RAY_BIN,

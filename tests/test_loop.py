@@ -8,10 +8,14 @@ import math
 import pytest
 import torch
 
-from raytrain_app.config import TrainConfig
-from raytrain_app.data import Dataset, Split, make_synthetic
-from raytrain_app.loop import Trainer, lr_at, seed_everything
-from raytrain_app.model import SequenceTransformer
+from raytrain_app.checkpoint.state import restore_training_state, training_state, with_training_state
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.rng import seed_everything
+from raytrain_app.core.schedule import lr_at
+from raytrain_app.core.trainer import Trainer
+from raytrain_app.datasets.dataset import Dataset, Split
+from raytrain_app.datasets.formats import make_synthetic
 
 
 def synthetic(num_train: int = 256, per_step: bool = False) -> Dataset:
@@ -49,7 +53,7 @@ def run(cfg: TrainConfig, data: Dataset, *, stop_at_step: int | None = None, sta
     """Fit; return (trainer, checkpoints by step). With stop_at_step, stop right after that checkpoint."""
     trainer = build(cfg)
     if start is not None:
-        trainer.load_state_dict(start)
+        restore_training_state(trainer, start)
     saved: dict[int, dict] = {}
 
     def on_checkpoint(metrics: dict, state: dict | None, is_best: bool) -> None:
@@ -58,7 +62,7 @@ def run(cfg: TrainConfig, data: Dataset, *, stop_at_step: int | None = None, sta
             raise Interrupt
 
     try:
-        trainer.fit(data, on_checkpoint)
+        trainer.fit(data, with_training_state(trainer, on_checkpoint))
     except Interrupt:
         pass
     return trainer, saved
@@ -114,7 +118,7 @@ def test_fork_applies_new_hyperparameters_after_restoring() -> None:
     _, saved = run(config(), data)
     state = saved[16]
     fork = build(config(lr=5e-5, weight_decay=0.3, epochs=4))
-    fork.load_state_dict(state)
+    restore_training_state(fork, state)
     assert (fork.epoch, fork.global_step, fork.batch_index) == (1, 16, 0)
     assert fork.best_val_loss == state["val_loss"]
     fork.schedule.total_steps = 64
@@ -130,7 +134,7 @@ def test_resume_with_another_batch_size_continues_after_the_same_samples() -> No
     _, saved = run(config(), data, stop_at_step=5)
     assert saved[5]["data_position"]["batch_index"] == 5  # 5 batches of 16 = 80 samples into epoch 0
     trainer = build(config(batch_size=8))
-    trainer.load_state_dict(saved[5])
+    restore_training_state(trainer, saved[5])
     assert trainer.batch_index == 10
 
 
@@ -141,11 +145,11 @@ def test_compiled_model_checkpoints_plain_weights_and_resumes() -> None:
     model = SequenceTransformer(cfg)
     trainer = Trainer(cfg, model, torch.compile(model), torch.device("cpu"))
     saved: list[dict] = []
-    trainer.fit(data, lambda metrics, state, is_best: saved.append(copy_state(state)))
+    trainer.fit(data, with_training_state(trainer, lambda metrics, state, is_best: saved.append(copy_state(state))))
     keys = set(saved[-1]["model_state_dict"])
     assert keys == set(SequenceTransformer(cfg).state_dict())  # no "_orig_mod." prefix from torch.compile
     fresh = SequenceTransformer(cfg)
-    Trainer(cfg, fresh, torch.compile(fresh), torch.device("cpu")).load_state_dict(saved[-1])
+    restore_training_state(Trainer(cfg, fresh, torch.compile(fresh), torch.device("cpu")), saved[-1])
     assert all(torch.equal(p, saved[-1]["model_state_dict"][k]) for k, p in fresh.state_dict().items())
 
 
@@ -154,7 +158,7 @@ def test_fork_options_reset_optimizer_restart_schedule_and_own_best() -> None:
     _, saved = run(config(), data)
     state = saved[16]
     fork = build(config(lr=1e-3, epochs=4, reset_optimizer=True, restart_schedule=True))
-    report = fork.load_state_dict(state, fork=True, fork_keeps_best=False)
+    report = restore_training_state(fork, state, fork=True, fork_keeps_best=False)
     assert report.reset and not report.optimizer
     assert fork.global_step == 16 and fork.best_val_loss == math.inf  # counters kept, best tracked anew
     fork.schedule.total_steps = 64
@@ -163,7 +167,7 @@ def test_fork_options_reset_optimizer_restart_schedule_and_own_best() -> None:
     assert torch.equal(fork.optimizer.state_dict()["state"][0]["step"], torch.tensor(1.0))  # fresh moments
     # The schedule starts over at the fork: warmup step 0 of 48 remaining steps.
     assert fork.optimizer.param_groups[0]["lr"] == lr_at(0, peak_lr=1e-3, warmup_steps=4, total_steps=48)
-    assert fork.state_dict()["scheduler_state_dict"]["start_step"] == 16
+    assert training_state(fork)["scheduler_state_dict"]["start_step"] == 16
 
 
 def test_fork_flags_apply_only_to_forks_and_lineage_follows_the_run() -> None:
@@ -171,12 +175,12 @@ def test_fork_flags_apply_only_to_forks_and_lineage_follows_the_run() -> None:
     _, saved = run(config(), data)
     forked = build(config(reset_optimizer=True, restart_schedule=True))
     forked.lineage = {"base_checkpoint": "base.pt", "base_global_step": 16}
-    forked.load_state_dict(saved[16], fork=True)
-    after_fork = copy_state(forked.state_dict())
+    restore_training_state(forked, saved[16], fork=True)
+    after_fork = copy_state(training_state(forked))
     assert after_fork["lineage"]["base_checkpoint"] == "base.pt"
     # The fork's own checkpoint, resumed (a restart): optimizer and schedule are kept, lineage comes from it.
     own = build(config(reset_optimizer=True, restart_schedule=True))
-    report = own.load_state_dict(after_fork)
+    report = restore_training_state(own, after_fork)
     assert report.optimizer and not report.reset
     assert own.schedule.start_step == 16 and own.lineage == after_fork["lineage"]
     assert own.best_val_loss == saved[16]["val_loss"]  # a fork keeps the base's best unless told otherwise
@@ -185,7 +189,7 @@ def test_fork_flags_apply_only_to_forks_and_lineage_follows_the_run() -> None:
 def test_stop_saves_the_current_step_unvalidated_and_resuming_ends_bit_exact() -> None:
     """An interrupt's STOP at step 7 (between validations at 5 and 10): the loop saves step 7 without validating
     (validated False, best untouched) and returns False; resuming from it ends exactly as the uninterrupted run."""
-    from raytrain_app.loop import CONTINUE, SAVE, STOP
+    from raytrain_app.core.interrupts import CONTINUE, SAVE, STOP
 
     cfg, data = config(), synthetic()
     full, full_saved = run(cfg, data)
@@ -204,7 +208,7 @@ def test_stop_saves_the_current_step_unvalidated_and_resuming_ends_bit_exact() -
         polls.append(trainer.global_step)
         return codes.get(trainer.global_step, CONTINUE)
 
-    assert trainer.fit(data, on_checkpoint, interrupt) is False
+    assert trainer.fit(data, with_training_state(trainer, on_checkpoint), interrupt) is False
     assert trainer.global_step == 7
     assert seen == [(3, True, False), (5, False, True), (7, True, False)]
     assert polls[0] == 0  # polled before the first step too
@@ -212,10 +216,10 @@ def test_stop_saves_the_current_step_unvalidated_and_resuming_ends_bit_exact() -
     assert_states_equal(saved[5], full_saved[5])
 
     resumed, _ = run(cfg, data, start=saved[7])
-    assert_states_equal(resumed.state_dict(), full.state_dict())
+    assert_states_equal(training_state(resumed), training_state(full))
     # A stop asked for before the first step returns at once with nothing to save.
     again = build(cfg)
-    again.load_state_dict(saved[7])
+    restore_training_state(again, saved[7])
     assert again.fit(data, lambda *a: pytest.fail("saved"), lambda: STOP) is False and again.global_step == 7
 
 
@@ -248,9 +252,9 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(precision: dict) -
     cfg, data = config(**precision), synthetic()
     trainer = build(cfg)
     trainer.train_step(batches(data))
-    before = copy_state(trainer.state_dict())
+    before = copy_state(training_state(trainer))
     trainer.train_step(batches(data, nan_at=1))
-    after = copy_state(trainer.state_dict())
+    after = copy_state(training_state(trainer))
     for name, tensor in before["model_state_dict"].items():
         assert torch.equal(tensor, after["model_state_dict"][name]), name
     for pid, moments in before["optimizer_state_dict"]["state"].items():
@@ -259,7 +263,7 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(precision: dict) -
     assert after["train_ema_loss"] == before["train_ema_loss"] and math.isfinite(after["train_ema_loss"])
     assert (after["global_step"], after["skipped_steps"], after["skip_streak"]) == (2, 1, 1)
     trainer.train_step(batches(data))  # a finite step trains again and ends the streak
-    final = trainer.state_dict()
+    final = training_state(trainer)
     assert not torch.equal(final["model_state_dict"]["head.weight"], after["model_state_dict"]["head.weight"])
     assert (final["skipped_steps"], final["skip_streak"]) == (1, 0)
 
@@ -270,15 +274,16 @@ def test_too_many_skipped_steps_in_a_row_stop_training_without_saving() -> None:
     part of the state, so a resumed run stops at the same step."""
     cfg, data = config(lr=1e30, max_skipped_steps=3, eval_every=1), synthetic()
     trainer, saved = build(cfg), {}
-    assert trainer.fit(data, lambda m, s, b: saved.update({m["global_step"]: copy_state(s)})) is False
+    on_checkpoint = with_training_state(trainer, lambda m, s, b: saved.update({m["global_step"]: copy_state(s)}))
+    assert trainer.fit(data, on_checkpoint) is False
     assert (trainer.diverged.first_step, trainer.diverged.last_step) == (2, 4)
     assert sorted(saved) == [1, 2, 3, 4]  # validated at every step (--eval-every 1), nothing after the stop
     assert (saved[3]["skipped_steps"], saved[3]["skip_streak"]) == (2, 2)
     resumed = build(cfg)
-    resumed.load_state_dict(saved[3])
+    restore_training_state(resumed, saved[3])
     assert resumed.fit(data, lambda *a: None) is False and resumed.diverged.last_step == 4
     forked = build(cfg.replace(lr=1e-3))  # a fork with a sane rate starts a streak of its own
-    forked.load_state_dict(saved[3], fork=True)
+    restore_training_state(forked, saved[3], fork=True)
     assert (int(forked.skip_streak), int(forked.skipped_steps)) == (0, 2)
     assert config(max_skipped_steps=0).max_skipped_steps == 0  # 0: never stop
 
@@ -286,7 +291,7 @@ def test_too_many_skipped_steps_in_a_row_stop_training_without_saving() -> None:
 def test_the_skip_streak_reaches_the_host_without_waiting_for_the_device() -> None:
     """The CUDA path's logic on CPU, with an event whose completion the test decides: a value is read only once
     its copy has finished, and a copy in flight is not replaced (so a value is never read half-copied)."""
-    from raytrain_app.loop import LazyHostValue
+    from raytrain_app.core.distributed import LazyHostValue
 
     class Event:
         done = False

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raytrain_app.checkpoint import StateSummary
-from raytrain_app.config import TrainConfig
-from raytrain_app.model import SequenceTransformer
-from raytrain_app.preflight import UserError, check_weights_fit, fit_to_checkpoint, start_position
+from raytrain_app.checkpoint.fit import check_weights_fit, fit_to_checkpoint
+from raytrain_app.checkpoint.resolve import StateSummary
+from raytrain_app.cli.preflight import start_position
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.errors import UserError
+from raytrain_app.core.model import SequenceTransformer
 
 DATA_SHAPE = dict(feature_dim=4, seq_len=8, num_classes=3)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytrain_app.config import TrainConfig
-from raytrain_app.metrics import RunMetrics, flops_per_token, peak_flops_of, prepare_wandb, read_rows
-from raytrain_app.storage import parse_location
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.observability.metrics import RunMetrics, flops_per_token, peak_flops_of, prepare_wandb, read_rows
+from raytrain_app.storage.location import parse_location
 
 CFG = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, seq_len=8, num_classes=3, num_workers=1,
                   batch_size=4)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from raytrain_app.config import TrainConfig
-from raytrain_app.model import SequenceTransformer, loss_fn
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import SequenceTransformer, loss_fn
 
 
 def tiny(per_step: bool) -> TrainConfig:

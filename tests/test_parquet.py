@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raytrain_app.data import DataError, load_dataset, make_synthetic, open_dataset
-from raytrain_app.order import ORDER_BLOCK_ROWS, eval_batches, shard_batches
-from raytrain_app.parquet import _table
+from raytrain_app.datasets.dataset import DataError
+from raytrain_app.datasets.formats import load_dataset, make_synthetic, open_dataset
+from raytrain_app.datasets.order import ORDER_BLOCK_ROWS, eval_batches, shard_batches
+from raytrain_app.datasets.parquet import _table
 from tests.conftest import REPO_ROOT, write_dataset
 
 
@@ -99,9 +100,10 @@ def test_folder_without_parquet_and_bad_schemas(tmp_path: Path) -> None:
 
 
 def test_parquet_converted_from_a_pickle_trains_to_the_same_state(tmp_path: Path) -> None:
-    from raytrain_app.config import TrainConfig
-    from raytrain_app.loop import Trainer, seed_everything
-    from raytrain_app.model import SequenceTransformer
+    from raytrain_app.core.config import TrainConfig
+    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.rng import seed_everything
+    from raytrain_app.core.trainer import Trainer
 
     pkl = write_dataset(tmp_path / "d.pkl", num_train=300)
     convert(pkl, tmp_path / "pq")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from raytrain_app.progress import ProgressDisplay, ProgressSender
+from raytrain_app.observability.progress import ProgressDisplay, ProgressSender
 
 LINE = re.compile(r"^progress: epoch 2/3 step (\d+)/48 \((\d+)%\) train_ema_loss 0\.5000 best_val_loss 0\.4000 "
                   r"samples/s 64\.0 ETA 0:00:(\d\d)$")

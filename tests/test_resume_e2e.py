@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytrain_app.checkpoint import load_state
-from raytrain_app.config import parse_config
-from raytrain_app.loop import lr_at
+from raytrain_app.checkpoint.format import load_state
+from raytrain_app.cli.flags import parse_config
+from raytrain_app.core.schedule import lr_at
 from tests.conftest import REPO_ROOT, TINY_MODEL, computed_once, run_main, run_until_checkpoint, write_dataset
 
 pytestmark = pytest.mark.e2e

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytrain_app.checkpoint import load_state
-from raytrain_app.config import parse_config
-from raytrain_app.loop import lr_at
-from raytrain_app.storage import parse_location
+from raytrain_app.checkpoint.format import load_state
+from raytrain_app.cli.flags import parse_config
+from raytrain_app.core.schedule import lr_at
+from raytrain_app.storage.location import parse_location
 from tests.conftest import (
     REPO_ROOT,
     base_env,
@@ -81,7 +81,7 @@ def test_s3_run_killed_and_rerun_resumes_from_s3_bit_exact(s3_run: dict) -> None
 
 def test_s3_runs_metrics_hold_each_step_once_and_its_report_marks_the_resume(
         s3_run: dict, capsys: pytest.CaptureFixture) -> None:
-    from raytrain_app.metrics import read_rows
+    from raytrain_app.observability.metrics import read_rows
     from raytrain_app.report import main as report
 
     run_dir = parse_location(s3_run["run_dir"])
@@ -194,7 +194,7 @@ def test_parquet_data_on_s3_trains(tmp_path: Path, dataset: Path, ray_address: s
 
 
 def test_pickle_dataset_read_from_s3(dataset: Path, s3_endpoint: str) -> None:
-    from raytrain_app.data import load_dataset, open_dataset
+    from raytrain_app.datasets.formats import load_dataset, open_dataset
 
     bucket = make_bucket(s3_endpoint, "pickles")
     uri = s3_uri(bucket, "tiny.pkl", s3_endpoint)
@@ -205,13 +205,9 @@ def test_pickle_dataset_read_from_s3(dataset: Path, s3_endpoint: str) -> None:
 
 
 def test_a_checkpoint_on_s3_is_verified_and_a_cut_off_one_refused(tmp_path: Path, s3_endpoint: str) -> None:
-    from raytrain_app.checkpoint import (
-        CheckpointError,
-        checkpoint_problem,
-        publish_file,
-        resolve_checkpoint,
-        save_checkpoint_dir,
-    )
+    from raytrain_app.checkpoint.format import CheckpointError, checkpoint_problem, save_checkpoint_dir
+    from raytrain_app.checkpoint.resolve import resolve_checkpoint
+    from raytrain_app.storage.publish import publish_file
 
     bucket = make_bucket(s3_endpoint, "verify")
     local = tmp_path / "checkpoint_step=000005"

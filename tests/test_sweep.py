@@ -14,13 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from raytrain_app.checkpoint import write_best_model
-from raytrain_app.config import ConfigError, TrainConfig, parse_sweep_config
-from raytrain_app.driver import how_many_fit
-from raytrain_app.loop import Trainer, seed_everything
-from raytrain_app.model import SequenceTransformer
-from raytrain_app.sweep_results import TrialResult, best_trial, csv_bytes, plot_png, table
-from raytrain_app.sweep_trial import tune_metrics
+from raytrain_app.checkpoint.format import write_best_model
+from raytrain_app.checkpoint.state import with_training_state
+from raytrain_app.cli.flags import parse_sweep_config
+from raytrain_app.core.config import ConfigError, TrainConfig
+from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.rng import seed_everything
+from raytrain_app.core.trainer import Trainer
+from raytrain_app.observability.sweep_results import TrialResult, best_trial, csv_bytes, plot_png, table
+from raytrain_app.ray_adapter.capacity import how_many_fit
+from raytrain_app.ray_adapter.sweep_trial import tune_metrics
 from raytrain_app.tune import plan_sweep
 from tests.conftest import REPO_ROOT, TINY_MODEL, base_env
 
@@ -110,14 +113,15 @@ def test_results_table_csv_and_plot_hold_every_trial() -> None:
 @pytest.fixture(scope="module")
 def base_pt(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
     """A one-epoch checkpoint of the tiny model on the tiny dataset (8 steps of 32)."""
-    from raytrain_app.data import open_dataset
+    from raytrain_app.datasets.formats import open_dataset
 
     cfg = TrainConfig(data=str(dataset), hidden_dim=16, num_layers=2, num_heads=2, batch_size=32, epochs=1,
                       num_workers=1, eval_every=100, feature_dim=4, seq_len=8, num_classes=3)
     seed_everything(0, 0)
     model = SequenceTransformer(cfg)
     states: list[dict] = []
-    Trainer(cfg, model, model, torch.device("cpu")).fit(open_dataset(str(dataset)), lambda m, s, b: states.append(s))
+    trainer = Trainer(cfg, model, model, torch.device("cpu"))
+    trainer.fit(open_dataset(str(dataset)), with_training_state(trainer, lambda m, s, b: states.append(s)))
     return Path(write_best_model(str(tmp_path_factory.mktemp("b")), states[-1]).path)
 
 
@@ -180,8 +184,8 @@ class FakeResult:
 
 
 def test_collect_reads_status_curves_and_best_checkpoints(tmp_path: Path) -> None:
-    from raytrain_app.storage import parse_location
-    from raytrain_app.sweep_results import collect
+    from raytrain_app.observability.sweep_results import collect
+    from raytrain_app.storage.location import parse_location
 
     sweep_dir = parse_location(str(tmp_path))
     for trial in ("t_0", "t_1"):
@@ -217,7 +221,7 @@ def test_collect_reads_status_curves_and_best_checkpoints(tmp_path: Path) -> Non
 def test_a_named_sweep_resumes_only_with_its_own_settings(base_pt: Path, dataset: Path, tmp_path: Path) -> None:
     import json
 
-    from raytrain_app.preflight import UserError
+    from raytrain_app.core.errors import UserError
 
     plan = plan_sweep(sweep_args(base_pt, dataset, tmp_path, "--epochs", "3", "--sweep-name", "s"))
     plan.cleanup()
@@ -236,7 +240,7 @@ def test_importing_the_commands_does_not_import_ray() -> None:
 
 
 def test_trial_steps_count_from_a_mid_epoch_base_in_the_trials_geometry() -> None:
-    from raytrain_app.checkpoint import StateSummary
+    from raytrain_app.checkpoint.resolve import StateSummary
     from raytrain_app.tune import trial_steps
 
     cfg = TrainConfig(batch_size=16, num_workers=2, grad_accum_steps=1, epochs=3)  # 256 rows: 8 batches/epoch

@@ -18,12 +18,15 @@ from typing import Any
 import pytest
 import torch
 
-from raytrain_app.checkpoint import latest_run_metrics, load_state, write_best_model
-from raytrain_app.config import TrainConfig
-from raytrain_app.data import open_dataset
-from raytrain_app.loop import Trainer, seed_everything
-from raytrain_app.model import SequenceTransformer
-from raytrain_app.storage import parse_location
+from raytrain_app.checkpoint.format import load_state, write_best_model
+from raytrain_app.checkpoint.state import restore_training_state, with_training_state
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.rng import seed_everything
+from raytrain_app.core.trainer import Trainer
+from raytrain_app.datasets.formats import open_dataset
+from raytrain_app.ray_adapter.run_record import latest_run_metrics
+from raytrain_app.storage.location import parse_location
 from tests.conftest import (
     TINY_MODEL,
     finish_process,
@@ -60,7 +63,8 @@ def base_checkpoint(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     model = SequenceTransformer(cfg)
     trainer = Trainer(cfg, model, model, torch.device("cpu"))
     states = []
-    trainer.fit(open_dataset(str(dataset), val_fraction=0.1, seed=0), lambda m, state, best: states.append(state))
+    trainer.fit(open_dataset(str(dataset), val_fraction=0.1, seed=0),
+                with_training_state(trainer, lambda m, state, best: states.append(state)))
     assert states[-1]["global_step"] == STEPS_PER_EPOCH and states[-1]["epoch"] == 1
     return Path(write_best_model(str(tmp_path_factory.mktemp("base")), states[-1]).path)
 
@@ -72,7 +76,7 @@ def replay_first_step(trial_state: dict, base_state: dict) -> dict:
     seed_everything(cfg.seed, 0)
     model = SequenceTransformer(cfg)
     trainer = Trainer(cfg, model, model, torch.device("cpu"))
-    trainer.load_state_dict(base_state, fork=True, fork_keeps_best=False)
+    restore_training_state(trainer, base_state, fork=True, fork_keeps_best=False)
     first: list[dict] = []
 
     def on_checkpoint(metrics: dict, state: dict | None, is_best: bool) -> None:
@@ -83,7 +87,8 @@ def replay_first_step(trial_state: dict, base_state: dict) -> dict:
     torch.set_num_threads(1)  # as in a Ray worker with one CPU (OMP_NUM_THREADS=1): the same reduction order
     try:
         with pytest.raises(Stop):
-            trainer.fit(open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed), on_checkpoint)
+            trainer.fit(open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed),
+                        with_training_state(trainer, on_checkpoint))
     finally:
         torch.set_num_threads(threads)
     return first[0]

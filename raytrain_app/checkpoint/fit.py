@@ -1,0 +1,73 @@
+"""Fitting a run's config to the checkpoint it starts from: architecture from the checkpoint, and a check
+that its weights have this model's shapes (on the meta device: no memory, no compute).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raytrain_app.checkpoint.resolve import StateSummary
+from raytrain_app.core.config import ARCH_FIELDS, TrainConfig
+from raytrain_app.core.errors import UserError
+
+
+def fit_to_checkpoint(
+    cfg: TrainConfig, given: set[str], summary: StateSummary, *, num_classes_given: bool
+) -> TrainConfig:
+    """Take architecture fields from the checkpoint; a flag given with another value is an error (exit 2).
+
+    `num_classes_given`: the dataset states its class count (else it is max label + 1 and may be smaller)."""
+    from raytrain_app.core.model import arch_from_state_dict
+
+    saved = {**arch_from_state_dict(summary.model_state_dict), **summary.config}
+    changes: dict[str, Any] = {}
+    mismatches = []
+    for name in ARCH_FIELDS:
+        if saved.get(name) is None:
+            continue
+        if name in given and getattr(cfg, name) != saved[name]:
+            mismatches.append(f"--{name.replace('_', '-')} {getattr(cfg, name)} (checkpoint has {saved[name]})")
+        else:
+            changes[name] = saved[name]
+    for name, what in (("feature_dim", "feature dimension"), ("seq_len", "sequence length"),
+                       ("num_classes", "class count")):
+        if not saved.get(name):  # unknown: the weight shapes are checked next
+            continue
+        data_value = getattr(cfg, name)
+        if name == "num_classes" and not num_classes_given and data_value <= saved[name]:
+            changes[name] = saved[name]  # the data just doesn't use the top classes
+        elif data_value != saved[name]:
+            mismatches.append(f"dataset {what} {data_value} (checkpoint has {saved[name]})")
+    # Both heads have the same shapes, so only the config can tell them apart.
+    if "per_step" in summary.config and bool(summary.config["per_step"]) != cfg.per_step:
+        kinds = {True: "per-step labels [N, T]", False: "per-sequence labels [N]"}
+        saved_kind = kinds[bool(summary.config["per_step"])]
+        mismatches.append(f"dataset has {kinds[cfg.per_step]} (checkpoint has {saved_kind})")
+    if mismatches:
+        raise UserError(
+            f"checkpoint {summary.path} does not fit this model: {'; '.join(mismatches)}. "
+            "Drop the architecture flags to use the checkpoint's, or use data with the same shape."
+        )
+    return cfg.replace(**changes)
+
+
+def check_weights_fit(cfg: TrainConfig, summary: StateSummary) -> None:
+    """Compare the checkpoint's tensors with the model on the meta device: no memory, no compute."""
+    import torch
+
+    from raytrain_app.core.model import SequenceTransformer
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in SequenceTransformer(cfg).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in summary.model_state_dict.items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k]} vs {expected[k]}" for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
+    if missing or unexpected or wrong:
+        details = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}" if unexpected else "",
+            f"shape {', '.join(wrong[:3])}" if wrong else "",
+        ]))
+        raise UserError(f"checkpoint {summary.path} holds a different model ({details}); "
+                        "pass the architecture flags it was trained with")
+

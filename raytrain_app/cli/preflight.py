@@ -1,0 +1,75 @@
+"""Checks before any worker starts, shared by training (`main.py`) and sweeps (`tune.py`): the data, the
+checkpoint training starts from, and whether the model fits it. A mistake costs seconds, not a cluster, and is
+reported as one line with exit code 2 before anything is written."""
+
+from __future__ import annotations
+
+import math
+
+from raytrain_app.checkpoint.fit import check_weights_fit, fit_to_checkpoint
+from raytrain_app.checkpoint.resolve import StateSummary, summarize
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.errors import UserError
+from raytrain_app.datasets.dataset import Dataset
+from raytrain_app.datasets.formats import open_dataset
+from raytrain_app.datasets.order import batches_per_epoch
+from raytrain_app.storage.location import Location
+
+
+def with_data_shape(cfg: TrainConfig, data: Dataset) -> TrainConfig:
+    return cfg.replace(feature_dim=data.feature_dim, seq_len=data.seq_len, num_classes=data.num_classes,
+                       per_step=data.per_step)
+
+
+def print_resume_summary(summary: StateSummary, uses_scaler: bool, reset_optimizer: bool = False) -> None:
+    """`reset_optimizer`: --reset-optimizer applies (a new run forked from this checkpoint)."""
+    print(f"📂 Loading checkpoint from: {summary.path}")
+    print("  ✅ Loaded model weights")
+    if reset_optimizer:
+        print("  🔄 Optimizer state reset (--reset-optimizer)")
+    else:
+        print("  ✅ Loaded optimizer state" if summary.has_optimizer else "  ⚠️  No optimizer state: starting it fresh")
+    if summary.has_scaler and not reset_optimizer:
+        print("  ✅ Loaded gradient scaler state")
+    elif uses_scaler:
+        print("  ⚠️  No gradient scaler state: starting it fresh")
+    print(f"  ✅ Resuming from epoch {summary.epoch}")
+    print(f"  ✅ Resuming from global step {summary.global_step}")
+    if summary.best_val_loss is not None and math.isfinite(summary.best_val_loss):
+        print(f"  ✅ Best val loss: {summary.best_val_loss:.6f}")
+    if summary.train_ema_loss is not None:
+        print(f"  ✅ Train EMA loss: {summary.train_ema_loss:.6f}")
+    print("\n  🎯 Checkpoint loaded successfully!\n")
+
+
+def start_position(summary: StateSummary | None) -> tuple[int, int]:
+    """(completed epochs, batch index within the next epoch) training will start from."""
+    if summary is None:
+        return 0, 0
+    position = summary.data_position or {}
+    in_epoch = int(position.get("batch_index", 0)) if int(position.get("epoch", -1)) == summary.epoch else 0
+    return summary.epoch, in_epoch
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, Dataset]:
+    """Open and validate the dataset in the driver; the config gets its shapes and canonical location."""
+    data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    cfg = with_data_shape(cfg.replace(data=data.uri), data)
+    if batches_per_epoch(data.train.num_rows, cfg.batch_size, cfg.num_workers) == 0:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} with --num-workers {cfg.num_workers} needs at least "
+            f"{cfg.batch_size * cfg.num_workers} training sequences; {cfg.data} has {data.train.num_rows}. "
+            "Lower --batch-size."
+        )
+    return cfg, data
+
+
+def prepare_start(cfg: TrainConfig, given: set[str], source: Location, data: Dataset,
+                  label: str | None = None) -> tuple[TrainConfig, StateSummary]:
+    """Read the checkpoint training starts from and fit the config to it (architecture), or raise UserError.
+    `label` names the checkpoint in messages when `source` is a local copy of it."""
+    summary = summarize(source, label)
+    cfg = fit_to_checkpoint(cfg, given, summary, num_classes_given=data.num_classes_given)
+    check_weights_fit(cfg, summary)
+    return cfg, summary
+

@@ -1,0 +1,93 @@
+"""A pre-LayerNorm Transformer encoder over [T, F] feature sequences. Pure modules: no I/O, no Ray."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytrain_app.core.config import TrainConfig
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.proj = nn.Linear(hidden_dim, hidden_dim)
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        # Fused attention (flash / memory-efficient kernels on CUDA); bidirectional: an encoder sees the whole window.
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class Block(nn.Module):
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden_dim)
+        self.attn = SelfAttention(hidden_dim, num_heads, dropout)
+        self.ln2 = nn.LayerNorm(hidden_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_dim, 4 * hidden_dim), nn.GELU(), nn.Linear(4 * hidden_dim, hidden_dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class SequenceTransformer(nn.Module):
+    """Input projection + learned positions + blocks; a per-sequence head (mean-pooled) or a per-step head."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        if min(cfg.feature_dim, cfg.seq_len, cfg.num_classes) <= 0:
+            raise ValueError("feature_dim, seq_len and num_classes must be set from the data before building the model")
+        self.per_step = cfg.per_step
+        self.input_proj = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.seq_len, cfg.hidden_dim))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.hidden_dim, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden_dim)
+        self.head = nn.Linear(cfg.hidden_dim, cfg.num_classes)
+        self.apply(_init_weights)
+        nn.init.normal_(self.pos_emb, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, F] -> logits [B, C] (per sequence) or [B, T, C] (per step)."""
+        h = self.drop(self.input_proj(x) + self.pos_emb[:, : x.shape[1]])
+        for block in self.blocks:
+            h = block(h)
+        h = self.ln_f(h)
+        return self.head(h if self.per_step else h.mean(dim=1))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction=reduction)
+
+
+def arch_from_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The architecture fields readable from tensor shapes (all but num_heads), for checkpoints without a config."""
+    arch: dict[str, int] = {}
+    if "input_proj.weight" in weights:
+        arch["hidden_dim"], arch["feature_dim"] = tuple(weights["input_proj.weight"].shape)
+    if "pos_emb" in weights:
+        arch["seq_len"] = weights["pos_emb"].shape[1]
+    if "head.weight" in weights:
+        arch["num_classes"] = weights["head.weight"].shape[0]
+    layers = {k.split(".")[1] for k in weights if k.startswith("blocks.")}
+    if layers:
+        arch["num_layers"] = len(layers)
+    return arch
+

@@ -1,0 +1,161 @@
+"""What a sweep produced, for people: a table on stdout, `results.csv` and `sweep.png` in the sweep directory."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from raytrain_app.checkpoint.format import BEST_MODEL_FILE
+from raytrain_app.storage.location import Location
+
+
+def trial_dir_name(trial_id: str) -> str:
+    return f"trial-{trial_id}"
+
+
+def trial_id_of(trial_dir: str) -> str:
+    """The trial id of a trial folder (its path or name)."""
+    return trial_dir.rstrip("/").rsplit("/", 1)[-1].removeprefix("trial-")
+
+
+RESULTS_FILE = "results.csv"
+
+
+PLOT_FILE = "sweep.png"
+
+
+CSV_COLUMNS = ("lr", "best_val_loss", "final_val_loss", "steps_trained", "status", "trial_id", "best_checkpoint")
+
+
+@dataclass
+class TrialResult:
+    trial_id: str
+    lr: float
+    status: str  # finished | stopped early | diverged | unfinished | error | not run
+    best_val_loss: float = math.inf
+    final_val_loss: float = math.inf
+    steps_trained: int = 0
+    best_checkpoint: str = ""  # the trial's best_model.pt, empty when it has none
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (steps trained, validation loss)
+
+
+def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: set[str]) -> list[TrialResult]:
+    """Turn Tune's ResultGrid into one TrialResult per trial, ordered by learning rate.
+
+    A trial is "finished" when it reached --epochs, "error" when it failed, "not run" when it never reported.
+    One that did not reach --epochs is "stopped early" when Tune ended it (`ended_by_tune`: only the scheduler
+    does that), "diverged" when it stopped itself after --max-skipped-steps non-finite steps in a row, else
+    "unfinished" (the sweep was interrupted)."""
+    rows = []
+    for result in results:
+        trial_id = trial_id_of(result.path)
+        metrics = result.metrics or {}
+        row = TrialResult(trial_id=trial_id, lr=float(result.config["lr"]), status="not run")
+        curve: dict[int, float] = {}
+        frame = result.metrics_dataframe
+        if frame is not None and {"steps_trained", "val_loss"} <= set(frame.columns):
+            # A resumed trial repeats the validations after its last checkpoint: the last value per step wins.
+            for steps, loss in zip(frame["steps_trained"], frame["val_loss"], strict=True):
+                if not math.isnan(steps):
+                    curve[int(steps)] = float(loss)
+        if "steps_trained" in metrics:
+            curve[int(metrics["steps_trained"])] = float(metrics["val_loss"])
+        row.curve = sorted(curve.items())
+        if row.curve:
+            row.steps_trained = row.curve[-1][0]
+            row.final_val_loss = row.curve[-1][1]
+            row.best_val_loss = float(metrics.get("best_val_loss", min(loss for _, loss in row.curve)))
+            if int(metrics.get("epoch", 0)) >= epochs:
+                row.status = "finished"
+            elif metrics.get("diverged"):
+                row.status = "diverged"
+            else:
+                row.status = "stopped early" if trial_id in ended_by_tune else "unfinished"
+        if result.error is not None:
+            row.status = "error"
+        best_model = sweep_dir.join(trial_dir_name(trial_id), BEST_MODEL_FILE)
+        if row.curve and best_model.is_file():
+            row.best_checkpoint = best_model.uri
+        rows.append(row)
+    return sorted(rows, key=lambda r: r.lr)
+
+
+def best_trial(rows: list[TrialResult]) -> TrialResult | None:
+    candidates = [r for r in rows if math.isfinite(r.best_val_loss) and r.best_checkpoint]
+    return min(candidates, key=lambda r: r.best_val_loss) if candidates else None
+
+
+def table(rows: list[TrialResult]) -> str:
+    best = best_trial(rows)
+    lines = [f"  {'':1} {'lr':>9}  {'best val loss':>13}  {'steps':>6}  {'status':<13}  best checkpoint"]
+    for r in rows:
+        mark = "*" if r is best else " "
+        lines.append(f"  {mark} {r.lr:>9.3g}  {r.best_val_loss:>13.6f}  {r.steps_trained:>6d}  {r.status:<13}  "
+                     f"{r.best_checkpoint or '-'}")
+    return "\n".join(lines)
+
+
+def csv_bytes(rows: list[TrialResult]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([repr(r.lr), repr(r.best_val_loss), repr(r.final_val_loss), r.steps_trained, r.status,
+                         r.trial_id, r.best_checkpoint])
+    return out.getvalue().encode()
+
+
+def plot_png(rows: list[TrialResult], title: str, base_val_loss: float | None = None) -> bytes:
+    """Left: best validation loss against learning rate (log scale). Right: each trial's validation curve.
+    `base_val_loss`, the base checkpoint's, is drawn on both for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    best = best_trial(rows)
+    shown = [r for r in rows if math.isfinite(r.best_val_loss)]
+    for status, marker in (("finished", "o"), ("stopped early", "x"), ("error", "s")):
+        points = [r for r in shown if r.status == status]
+        if points:
+            left.scatter([r.lr for r in points], [r.best_val_loss for r in points], marker=marker, label=status)
+    if best is not None:
+        left.scatter([best.lr], [best.best_val_loss], s=160, facecolors="none", edgecolors="red", label="best")
+    has_base = base_val_loss is not None and math.isfinite(base_val_loss)
+    if has_base:
+        left.axhline(base_val_loss, color="grey", linestyle="--", label="base checkpoint")
+    left.set_xscale("log")
+    left.set_xlabel("learning rate")
+    left.set_ylabel("best validation loss")
+    left.legend()
+    for r in rows:
+        points = [(s, v) for s, v in r.curve if math.isfinite(v)]
+        if points:
+            right.plot([s for s, _ in points], [v for _, v in points], marker=".",
+                       label=f"lr {r.lr:.3g}" + (" (stopped)" if r.status == "stopped early" else ""))
+    if has_base:
+        right.scatter([0], [base_val_loss], marker="*", s=120, color="black", label="base checkpoint", zorder=3)
+    right.set_xlabel("optimizer steps since the base checkpoint")
+    right.set_ylabel("validation loss")
+    right.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = io.BytesIO()
+    # The trials, machine-readable, in the PNG's text chunk: what the plot shows can be checked without eyes.
+    trials = "; ".join(f"lr={r.lr!r} status={r.status} best_val_loss={r.best_val_loss!r}" for r in rows)
+    fig.savefig(out, format="png", dpi=100, metadata={"Title": title, "Description": trials})
+    plt.close(fig)
+    return out.getvalue()
+
+
+def write(rows: list[TrialResult], sweep_dir: Location, title: str,
+          base_val_loss: float | None = None) -> tuple[Location, Location]:
+    csv_file, png_file = sweep_dir.join(RESULTS_FILE), sweep_dir.join(PLOT_FILE)
+    csv_file.write_bytes(csv_bytes(rows))
+    png_file.write_bytes(plot_png(rows, title, base_val_loss))
+    return csv_file, png_file
+

@@ -1,0 +1,111 @@
+"""Driver-side Ray: join or start a cluster, and build the TorchTrainer for one run.
+
+Shared by `raytrain_app.main` (one run) and `raytrain_app.tune` (one run per trial); the worker side is
+`train_worker.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+from typing import Any
+
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.storage.location import FORWARDED_ENV_VARS, Location
+
+# This driver process's id in the run's metrics: a restore under the same id is a worker restart, under another
+# a re-run of the command.
+ATTEMPT = secrets.token_hex(6)
+
+
+# Ray Train's controller polls workers this often; each ray.train.report waits about one poll. Ray's default
+# is 2 s; we only report at validations, so polling faster costs little and keeps checkpoints cheap.
+DEFAULT_POLL_INTERVAL_S = "0.2"
+
+
+def connect_ray(num_cpus: int) -> None:
+    """Join the cluster this process belongs to (RAY_ADDRESS, `ray job submit`, a local `ray start`), or start
+    a local instance with `num_cpus` logical CPUs."""
+    address = os.environ.get("RAY_ADDRESS")
+    local_cluster_file = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")  # written by `ray start`
+    start_local = not address and not os.path.exists(local_cluster_file)
+    if start_local:
+        # A private instance stays on loopback; Ray reads this at import time, so set it before importing ray.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {
+        # Endpoints and credentials the driver resolved storage with reach every worker, and wandb's settings.
+        **{name: os.environ[name] for name in FORWARDED_ENV_VARS if name in os.environ},
+        **{name: value for name, value in os.environ.items() if name.startswith("WANDB_")},
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                            DEFAULT_POLL_INTERVAL_S),
+        # Ray Train tees workers' print() into its logger, which doubles every line on the console.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    # In a job, Ray refuses a driver runtime env that names a variable the job's runtime env already sets
+    # (jobs/runtime_env.yaml may set AWS_REGION, say): leave those to the job, which sets them everywhere.
+    env_vars = {k: v for k, v in env_vars.items() if k not in _job_env_vars()}
+    if start_local:
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars})
+    else:
+        ray.init(address=address or "auto", runtime_env={"env_vars": env_vars})
+
+
+def _job_env_vars() -> set[str]:
+    """The environment variables the runtime env of the Ray job this driver runs in sets (none outside a job)."""
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor
+    if not job_config:
+        return set()
+    try:
+        return set((json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
+def scaling_config(cfg: TrainConfig) -> Any:
+    import ray.train
+
+    workers = (cfg.min_workers, cfg.num_workers) if cfg.elastic else cfg.num_workers
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu)
+
+
+def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_from: str | None,
+                 lineage: dict[str, Any] | None, callbacks: list[Any] | None = None,
+                 fork_keeps_best: bool = True, log_prefix: str = "", stop_request: Any = None,
+                 wandb_group: str | None = None) -> Any:
+    """The TorchTrainer of one run: `<storage>/<run_name>/`, restarted from its latest checkpoint on worker
+    failure, continued from it when created again with the same name (a retry, a re-run).
+
+    A new run starts from `init_from` (None: from scratch) and records `lineage`; see
+    `Trainer.load_state_dict` for `fork_keeps_best`. `stop_request`: see `graceful_stop`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raytrain_app.ray_adapter.worker import train_func
+
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"config": cfg.to_dict(), "init_from": init_from, "lineage": lineage,
+                           "fork_keeps_best": fork_keeps_best, "log_prefix": log_prefix,
+                           "stop_request": stop_request, "run_dir": storage.join(run_name).uri,
+                           "attempt": ATTEMPT, "wandb_group": wandb_group},
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage.path,
+            storage_filesystem=None if storage.is_local else storage.fs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,  # the best by val_loss; Ray always keeps the latest too
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+

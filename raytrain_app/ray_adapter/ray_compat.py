@@ -1,0 +1,140 @@
+"""Every use of a non-public Ray API, in one place, for the one Ray version it was written against.
+
+Ray's public API has no way to do these; each function says what it reaches into. Importing this module checks
+the installed Ray version and ends the process with one line when it is not the supported one: these internals
+change between releases, and a silent mismatch would corrupt a run's record or lose a stop request. To move to
+another Ray version, check each function here against its source, then change SUPPORTED_RAY_VERSION (and the
+pin in pyproject.toml).
+
+It does not import Ray at import time: the driver sets environment variables Ray reads when it is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+SUPPORTED_RAY_VERSION = "2.60.0"
+EXIT_UNSUPPORTED = 2  # a mistake in the environment the user set up, as the commands' other input mistakes
+
+
+def ray_version_problem(installed: str | None) -> str | None:
+    """The one line saying why `installed` (Ray's version, None: not installed) cannot be used, or None."""
+    if installed == SUPPORTED_RAY_VERSION:
+        return None
+    found = f"Ray {installed} is installed" if installed else "Ray is not installed"
+    return (f"error: raytrain_app supports Ray {SUPPORTED_RAY_VERSION} only, and {found}: install it with "
+            f"pip install 'ray[default,train,tune]=={SUPPORTED_RAY_VERSION}'")
+
+
+def _installed_ray_version() -> str | None:
+    try:
+        return version("ray")
+    except PackageNotFoundError:
+        return None
+
+
+_problem = ray_version_problem(_installed_ray_version())
+if _problem:
+    print(_problem, file=sys.stderr)
+    raise SystemExit(EXIT_UNSUPPORTED)
+
+
+# --- Ray Train's run record (checkpoint_manager_snapshot.json) ------------------------------------------------
+
+def new_run_record(results: list[tuple[int, str, dict[str, Any]]]) -> dict[str, Any]:
+    """Ray Train's record of a run holding `results`: (report index, checkpoint folder name, its metrics), in
+    report order; the last is the latest. (The schema of Ray Train V2's CheckpointManager snapshot.)"""
+    entries = [(index, {"version": 0, "checkpoint_dir_name": name, "metrics": metrics})
+               for index, name, metrics in results]
+    latest = entries[-1][1]
+    # Ray keeps the list in its own order, worst score first (the highest loss), ties in report order; it
+    # inserts into and deletes from that order, so any other would make it delete the wrong checkpoints.
+    entries.sort(key=lambda e: (-e[1]["metrics"]["val_loss"], e[0]))
+    return {"ray_version": _installed_ray_version(), "checkpoint_results": [r for _, r in entries],
+            "checkpoint_report_indices": [i for i, _ in entries], "latest_checkpoint_result": latest,
+            "pending_training_results": [], "pending_validation_specs": [],
+            "current_report_index": max(i for i, _ in entries) + 1, "validated_checkpoint_dir_names": [],
+            "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}
+
+
+def run_record_without(snapshot: dict[str, Any], broken: set[str], latest: str) -> dict[str, Any]:
+    """Ray Train's run record without the `broken` checkpoints, with `latest` as the latest."""
+    snapshot = dict(snapshot)
+    keep = [(r, i) for r, i in zip(snapshot["checkpoint_results"], snapshot["checkpoint_report_indices"],
+                                   strict=True)
+            if r["checkpoint_dir_name"] not in broken]
+    snapshot["checkpoint_results"] = [r for r, _ in keep]
+    snapshot["checkpoint_report_indices"] = [i for _, i in keep]
+    snapshot["latest_checkpoint_result"] = next(r for r, _ in keep if r["checkpoint_dir_name"] == latest)
+    pending = [(r, v) for r, v in zip(snapshot.get("pending_training_results", []),
+                                      snapshot.get("pending_validation_specs", []), strict=True)
+               if r["checkpoint_dir_name"] not in broken]
+    snapshot["pending_training_results"] = [r for r, _ in pending]
+    snapshot["pending_validation_specs"] = [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if key in snapshot:
+            snapshot[key] = [n for n in snapshot[key] if n not in broken]
+    return snapshot
+
+
+def latest_recorded_checkpoint(snapshot: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's latest checkpoint entry (checkpoint_dir_name, metrics), or None."""
+    return snapshot.get("latest_checkpoint_result") or None
+
+
+def recorded_checkpoint_names(snapshot: dict[str, Any]) -> set[str]:
+    return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+
+
+# --- the cluster ---------------------------------------------------------------------------------------------
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The most resources an autoscaling cluster can grow to, from its autoscaler config (what Ray Train itself
+    checks before placing workers), or None for a cluster without one. (ray._private.state.)"""
+    from ray._private.state import state
+
+    try:
+        found = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler state on this cluster: treat it as fixed
+        return None
+    return {k: float(v) for k, v in found.items()} if found else None
+
+
+# --- a Ray Train worker ----------------------------------------------------------------------------------------
+
+def preemption_reader() -> Callable[[], Any]:
+    """A function returning this worker's copy of Ray Train's preemption notice (or None), read without the
+    collective that the public `ray.train.get_preemption_info()` runs (the loop agrees across ranks itself).
+    (ray.train.v2._internal.execution.context.)"""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        context = get_train_context()
+    except Exception:  # noqa: BLE001 - not in a Ray Train worker: no notices
+        return lambda: None
+    return lambda: getattr(context.preemption_context, "preemption_info", None)
+
+
+def quiet_report_logs() -> None:
+    """Lower Ray Train's per-report INFO lines to warnings (our one line per validation says what matters). Ray
+    names the first logger after its source file's path, the second after its module."""
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# --- Ray Tune ---------------------------------------------------------------------------------------------------
+
+def override_restored_tuner(tuner: Any, *, max_concurrent_trials: int, failure_config: Any) -> None:
+    """`Tuner.restore` brings back the settings of the sweep's first start (tuner.pkl) and offers no way to change
+    them; the cluster may have changed since, and --max-failures may have: this run's values apply.
+    (Tuner._local_tuner and its _tune_config / _run_config.)"""
+    internal = tuner._local_tuner
+    internal._tune_config.max_concurrent_trials = max_concurrent_trials
+    internal._run_config.failure_config = failure_config

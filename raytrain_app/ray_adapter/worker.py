@@ -1,0 +1,275 @@
+"""The per-worker training function Ray Train runs: restore, build, run, report, finish.
+
+`train_func` is that sequence of named steps. `WorkerRun` holds what they build, and its methods are what the
+plain-PyTorch loop (`raytrain_app.core.trainer`) calls back: each step's metrics and progress, each checkpoint
+(its state written by `raytrain_app.checkpoint`, reported to Ray here), and preemption notices. Ray's worker API
+is used here and in the driver only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from raytrain_app.checkpoint.format import (
+    STATE_FILE,
+    checkpoint_dir_name,
+    load_state,
+    save_checkpoint_dir,
+    verify_checkpoint_dir,
+    write_best_model,
+)
+from raytrain_app.checkpoint.state import LoadReport, restore_training_state, training_state
+from raytrain_app.checkpoint.writer import CheckpointWriter
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.rng import seed_everything
+from raytrain_app.core.trainer import UNVALIDATED_LOSS, Trainer
+from raytrain_app.datasets.dataset import Dataset
+from raytrain_app.datasets.formats import open_dataset
+from raytrain_app.observability.metrics import RunMetrics
+from raytrain_app.observability.progress import ProgressSender
+from raytrain_app.ray_adapter import ray_compat
+from raytrain_app.ray_adapter.control import Interrupts
+from raytrain_app.storage.location import parse_location
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs (`loop_config`: see `driver.make_trainer`)."""
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    ray_compat.quiet_report_logs()
+    rank = ray.train.get_context().get_world_rank()
+    seed_everything(cfg.seed, rank)
+    data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_labels=False)
+    state, source, fork = restore(loop_config)
+    run = WorkerRun(cfg, loop_config, rank, build_trainer(cfg, loop_config))
+    restored = state is not None
+    if restored:
+        run.load(state, source, fork)
+        del state  # the weights are in the model now: free the loaded copy before training
+    run.start_metrics(restored=restored, fork=fork)
+    completed = run.train(data)
+    run.finish(completed)
+
+
+def restore(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, bool]:
+    """(state, where it came from, is it a fork). The run's own latest checkpoint wins (restart, resubmission);
+    else the checkpoint this run was forked from; else (None, None, False): training from scratch."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as checkpoint_dir:
+            # The driver verified it before starting (recover_run); this copy is what this worker loads.
+            verify_checkpoint_dir(checkpoint_dir, label=checkpoint.path)
+            path = os.path.join(checkpoint_dir, STATE_FILE)
+            # mmap: tensors are read as they are copied into the model, not all held in memory per worker.
+            return load_state(path, mmap=True), checkpoint.path, False
+    init_from = loop_config.get("init_from")
+    if init_from:
+        return load_state(init_from, mmap=True), init_from, True
+    return None, None, False
+
+
+def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any]) -> Trainer:
+    """The model (from the current config: a new --dropout applies), compiled and wrapped in DDP as asked, and
+    the Trainer around it."""
+    device = ray.train.torch.get_device()
+    model = SequenceTransformer(cfg).to(device)
+    train_model = torch.compile(model) if cfg.compile else model
+    train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # DDP when world size > 1
+    trainer = Trainer(cfg, model, train_model, device)
+    trainer.lineage = loop_config.get("lineage")  # a fork's; the run's own checkpoint restores its own
+    return trainer
+
+
+class WorkerRun:
+    """One worker's training: the Trainer, and what its callbacks need (metrics on rank 0, the progress sender,
+    the checkpoint writer, the driver's control actor). Everything is set up before training starts."""
+
+    def __init__(self, cfg: TrainConfig, loop_config: dict[str, Any], rank: int, trainer: Trainer) -> None:
+        self.cfg, self.loop_config, self.rank, self.trainer = cfg, loop_config, rank, trainer
+        self.log_prefix = loop_config.get("log_prefix", "")  # a sweep's trials say which trial a line is from
+        # Only a run's own driver listens to its workers (stop requests, divergence, progress); Tune has its own.
+        self.control = loop_config.get("stop_request")
+        self.save_dir = parse_location(cfg.save_dir)  # canonical: the driver's endpoint is written into the URI
+        self.recorder: RunMetrics | None = None
+        self.sender: ProgressSender | None = None
+        # The next checkpoint is written once Ray has uploaded the previous one.
+        self.writer = CheckpointWriter(self.write, self.report, rank=rank, asynchronous=cfg.async_checkpoint,
+                                       wait_uploaded=wait_uploaded)
+        trainer.checkpoints = self.writer
+
+    # --- the steps ---------------------------------------------------------------------------------------------
+    def load(self, state: dict[str, Any], source: str | None, fork: bool) -> None:
+        report = restore_training_state(self.trainer, state, fork=fork,
+                                        fork_keeps_best=self.loop_config.get("fork_keeps_best", True))
+        if self.rank == 0:
+            self._print_load_report(str(source), report)
+
+    def start_metrics(self, *, restored: bool, fork: bool) -> None:
+        """Rank 0 records metrics (metrics.jsonl, wandb) and sends progress to the driver."""
+        if self.rank != 0:
+            return
+        trainer = self.trainer
+        self.recorder = RunMetrics(
+            self.cfg, parse_location(self.loop_config["run_dir"]), start_step=trainer.global_step,
+            restored_step=trainer.global_step if restored and not fork else None,
+            attempt=self.loop_config.get("attempt", ""), fork_of=trainer.lineage if fork else None,
+            num_params=sum(p.numel() for p in trainer.model.parameters()), device=trainer.device,
+            wandb_group=self.loop_config.get("wandb_group"), wandb_run_id=trainer.wandb_run_id)
+        trainer.wandb_run_id = self.recorder.wandb_run_id  # kept in every checkpoint from now on
+        if self.control is not None:
+            self.sender = ProgressSender(self.control, self.cfg.epochs, trainer.global_step, self.cfg.progress_every,
+                                         trainer.device)
+
+    def train(self, data: Dataset) -> bool:
+        """Run the loop to the end (True) or to a stop request (False); the last checkpoint is reported before
+        this returns (Ray's upload ends with the workers)."""
+        interrupts = Interrupts(self.control, self.on_notice) if self.control is not None else None
+        first_step, started = self.trainer.global_step, time.perf_counter()
+        try:
+            completed = self.trainer.fit(data, self.on_checkpoint, interrupts, self.on_step)
+            self.writer.flush()
+            self._record_end(completed, first_step, time.perf_counter() - started)
+        except BaseException:
+            if self.recorder is not None:
+                self.recorder.close(failed=True)
+            raise
+        if self.recorder is not None:
+            self.recorder.close(failed=self.trainer.diverged is not None)
+        return completed
+
+    def finish(self, completed: bool) -> None:
+        """Say how training ended: a divergence goes to the driver (or Tune); a stop is confirmed."""
+        trainer = self.trainer
+        if trainer.diverged is not None:
+            self._report_divergence()
+        elif not completed and self.rank == 0:
+            print(f"{self.log_prefix}Stopped on request at epoch {trainer.epoch}, global step {trainer.global_step}, "
+                  f"batch {trainer.batch_index}: checkpoint saved.", flush=True)
+
+    # --- what the loop calls -------------------------------------------------------------------------------------
+    def on_step(self) -> None:
+        trainer = self.trainer
+        if self.recorder is not None:
+            self.recorder.on_step(trainer.global_step, trainer.ema, trainer.optimizer.param_groups[0]["lr"],
+                                  trainer.data_wait_s)
+        if self.sender is not None:
+            self.sender(trainer)
+
+    def on_checkpoint(self, metrics: dict[str, Any], eval_val_loss: float | None, is_best: bool) -> None:
+        """Every rank, at every validation and every save an interrupt asks for."""
+        state = training_state(self.trainer, eval_val_loss)  # a collective: rank 0 gets the state
+        if self.rank == 0:
+            print(self.log_prefix + validation_line(metrics, self.cfg.epochs), flush=True)
+        if self.recorder is not None:
+            # The metrics up to this step first (see RunMetrics.commit for why before the checkpoint).
+            validated = metrics["validated"]
+            self.recorder.commit({
+                "step": metrics["global_step"], "epoch": metrics["epoch"],
+                "val_loss": metrics["val_loss"] if validated and metrics["val_loss_finite"] else None,
+                "best_val_loss": metrics["best_val_loss"] if metrics["best_val_loss"] < UNVALIDATED_LOSS else None,
+                "train_ema_loss": metrics["train_ema_loss"], "validated": validated,
+                "skipped_steps": metrics["skipped_steps"],
+                **self.recorder.speed(self.trainer.world_size, self.trainer.grad_accum),
+                # Checkpoints so far: the training thread's time blocked by them, and their writes' time.
+                "checkpoint_blocked_total_s": self.writer.blocked_s,
+                "checkpoint_write_total_s": self.writer.write_s})
+        self.writer.submit(metrics, state, is_best, checkpoint_dir_name(metrics["global_step"]))
+
+    def on_notice(self, info: Any) -> None:
+        if self.rank == 0:  # the step just taken is checkpointed next, unless a validation already did
+            print(f"{self.log_prefix}Preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
+                  f"{info.preempted_ranks}): checkpointing global step {self.trainer.global_step}", flush=True)
+
+    # --- what the checkpoint writer calls ---------------------------------------------------------------------------
+    def write(self, snapshot: dict[str, Any], is_best: bool, dir_name: str) -> Any:
+        """Rank 0, in the background: the checkpoint folder (state, meta, manifest) and best_model.pt."""
+        local_dir = tempfile.mkdtemp(prefix="raytrain-ckpt-")
+        try:
+            save_checkpoint_dir(local_dir, snapshot)
+            if is_best:  # the state file just written, copied: serialising a large model once is enough
+                write_best_model(self.save_dir, os.path.join(local_dir, STATE_FILE))
+        except BaseException:
+            shutil.rmtree(local_dir, ignore_errors=True)
+            raise
+        return ray.train.Checkpoint.from_directory(local_dir)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any, dir_name: str, urgent: bool) -> None:
+        """Every rank, at the same step (the report is a barrier). Ray copies rank 0's folder to the run's storage
+        (in its own background thread, unless --no-async-checkpoint or `urgent`: a preemption or stop save),
+        registers the checkpoint once it is there, then deletes the folder."""
+        if checkpoint is None:
+            ray.train.report(metrics, checkpoint_dir_name=dir_name)
+            return
+        background = self.cfg.async_checkpoint and not urgent
+        mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+    def _print_load_report(self, source: str, report: LoadReport) -> None:
+        """One line confirming what the workers restored (the driver printed the full summary before starting)."""
+        trainer = self.trainer
+        parts = ["weights", "optimizer" if report.optimizer else
+                 "optimizer reset (--reset-optimizer)" if report.reset else "no optimizer state (fresh)"]
+        if trainer.scaler.is_enabled():
+            parts.append("gradient scaler" if report.scaler else "no gradient scaler state (fresh)")
+        print(f"{self.log_prefix}Workers loaded {source}: {', '.join(parts)}; at epoch {trainer.epoch}, global step "
+              f"{trainer.global_step}, batch {trainer.batch_index}; {trainer.world_size} worker(s), "
+              f"{trainer.grad_accum} micro-batch(es) per step", flush=True)
+
+    def _record_end(self, completed: bool, first_step: int, loop_s: float) -> None:
+        """Rank 0: the event that ends this attempt in metrics.jsonl (benchmarks/ray_overhead.py reads its times)."""
+        if self.recorder is None:
+            return
+        trainer, d = self.trainer, self.trainer.diverged
+        if d is not None:  # the steps that led there, and why it ended
+            event = {"event": "diverged", "step": d.last_step, "first_step": d.first_step,
+                     "cause": f"steps {d.first_step}-{d.last_step} had a non-finite loss or gradients"}
+        else:  # this attempt's training loop, checkpoints included
+            event = {"event": "finished" if completed else "stopped", "step": trainer.global_step,
+                     "steps": trainer.global_step - first_step, "loop_s": loop_s,
+                     "checkpoint_blocked_total_s": self.writer.blocked_s,
+                     "checkpoint_write_total_s": self.writer.write_s}
+        self.recorder.commit(None, events=[event])
+
+    def _report_divergence(self) -> None:
+        """Tell the driver (a run's) or Tune (a trial's) that training stopped itself; nothing was saved."""
+        trainer, d = self.trainer, self.trainer.diverged
+        info = {"first_step": d.first_step, "last_step": d.last_step, "epoch": trainer.epoch,
+                "global_step": trainer.global_step}
+        if self.rank == 0:
+            print(f"{self.log_prefix}Diverged: global steps {d.first_step}-{d.last_step} all had a non-finite loss "
+                  f"or gradients and were skipped; stopping without saving.", flush=True)
+            if self.control is not None:
+                ray.get(self.control.report_divergence.remote(info))
+        # A sweep trial's last report: ASHA and the results table see a diverged trial (no checkpoint with it).
+        ray.train.report({"epoch": trainer.epoch, "global_step": trainer.global_step,
+                          "batch_index": trainer.batch_index, "val_loss": float("inf"),
+                          "best_val_loss": trainer.best_val_loss, "train_ema_loss": trainer.mean_ema(),
+                          "skipped_steps": int(trainer.skipped_steps), "validated": False, "diverged": True})
+
+
+def validation_line(metrics: dict[str, Any], epochs: int) -> str:
+    """The console line of one checkpoint: where, the losses, the learning rate."""
+    validated = metrics["validated"]
+    return (f"epoch {metrics['epoch'] + (metrics['batch_index'] > 0)}/{epochs} step {metrics['global_step']} "
+            f"train_ema_loss {metrics['train_ema_loss']:.4f} "
+            + ("saved on request (not validated) " if not validated else
+               f"val_loss {metrics['val_loss']:.6f} " if metrics["val_loss_finite"] else "val_loss non-finite ")
+            + (f"best {metrics['best_val_loss']:.6f} " if metrics["best_val_loss"] < UNVALIDATED_LOSS else "")
+            + f"lr {metrics['lr']:.2e}"
+            + (f" skipped_steps {metrics['skipped_steps']}" if metrics["skipped_steps"] else ""))
+
+
+def wait_uploaded(timeout_s: float) -> None:
+    """Return once Ray Train has uploaded and registered every checkpoint this worker reported."""
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                           timeout_s=timeout_s)
