@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo.pkl
 
-.PHONY: demo test install lint clean bytecode
+.PHONY: demo test install lint layers docs clean bytecode
 
 # Recreated when pyproject.toml changes. torch==2.13.0 is the CPU wheel pinned in pyproject.toml.
 $(VENV)/.installed: pyproject.toml
@@ -28,11 +28,20 @@ bytecode: $(VENV)/.installed
 demo: bytecode $(DEMO_DATA)
 	$(PY) -m raytrain_app.main --data $(DEMO_DATA) --num-workers 2 --epochs 5
 
-test: bytecode
+# The layering and cycle contracts (pyproject.toml, docs/architecture.md) first: a second, then the tests.
+test: bytecode layers
 	$(PY) -m pytest -n 2 --dist worksteal
+
+layers: $(VENV)/.installed
+	$(VENV)/bin/lint-imports --no-cache
+
+# docs/cli.md is generated from the config dataclasses; a test fails when it is stale.
+docs: $(VENV)/.installed
+	$(PY) -m raytrain_app.cli.reference > docs/cli.md
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check raytrain_app tests
 
 clean:
-	rm -rf $(VENV) checkpoints data .pytest_cache raytrain_app/__pycache__
+	rm -rf $(VENV) checkpoints data .pytest_cache .import_linter_cache
+	find raytrain_app -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -30,6 +30,10 @@ def _free_port() -> int:
 def main() -> None:
     temp_dir = sys.argv[1]
     port = _free_port()
+    # Ray's test cluster records its address in <RAY_TMPDIR>/ray/ray_current_cluster (by default /tmp/ray, which a
+    # machine where Ray never ran does not have, and which a user's own cluster uses): keep it in the test's folder.
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     # Inherited by every process of the cluster: Ray's own actors find their cluster by it (see conftest).
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp_dir,

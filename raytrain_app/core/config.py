@@ -40,7 +40,7 @@ class TrainConfig:
     # --- data ---
     data: str = _opt(
         "data/demo.pkl",
-        "Dataset: a pickled dict {'train': {'x', 'y'}, 'val': {...}} (see README, 'Dataset format').",
+        "Dataset: a pickled dict {'train': {'x', 'y'}, 'val': {...}} (see docs/data.md).",
     )
     val_fraction: float = _opt(0.1, "Fraction of train held out for validation when the dataset has no 'val' split.")
     aug_noise_std: float = _opt(

@@ -1,0 +1,101 @@
+"""docs/cli.md, generated from the config dataclasses: `python -m raytrain_app.cli.reference > docs/cli.md`
+(`make docs`). A test fails when the committed file differs from what this prints, so the reference cannot
+drift from the flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from raytrain_app.core.config import SWEEP_OWNED_FLAGS, SweepConfig, TrainConfig, cli_fields, flag_name
+
+HEADER = """# Command-line reference
+
+Generated from the config dataclasses (`raytrain_app/core/config.py`) by `make docs`; do not edit by hand.
+Every setting can also come from a `--config FILE` (YAML or TOML, keys with dashes or underscores); flags given
+on the command line win over the file, and the file wins over the defaults. Boolean settings take
+`--name` / `--no-name`.
+"""
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    if f.type in ("bool", bool):
+        return "flag"
+    if "choices" in f.metadata:
+        return " \\| ".join(f.metadata["choices"])
+    text = str(f.type).removesuffix(" | None")
+    return {"int": "integer", "float": "number", "str": "text", "tuple[float, ...]": "numbers, comma-separated"}.get(
+        text, text)
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is None:
+        return "none"
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return f"`{f.default}`"
+
+
+def _table(cls: type, skip: frozenset[str] = frozenset()) -> list[str]:
+    lines = ["| flag | value | default | what it does |", "| --- | --- | --- | --- |"]
+    for f in cli_fields(cls):
+        if f.name in skip:
+            continue
+        flag = f"--{flag_name(f.name)}"
+        if f.type in ("bool", bool):
+            flag = f"--[no-]{flag_name(f.name)}"
+        what = f.metadata["help"].replace("|", "\\|")
+        lines.append(f"| `{flag}` | {_type_name(f)} | {_default(f)} | {what} |")
+    return lines
+
+
+def reference() -> str:
+    """The whole of docs/cli.md."""
+    owned = ", ".join(f"`--{flag_name(n)}` ({why})" for n, why in SWEEP_OWNED_FLAGS.items())
+    parts = [
+        HEADER,
+        "## Training: `python -m raytrain_app.main` (`raytrain train`)",
+        "",
+        "Settings that change what is trained make up the default run name, so the same command continues the "
+        "same run; operational settings (where checkpoints go, retries, logging) do not.",
+        "",
+        *_table(TrainConfig),
+        "",
+        "## Sweeps: `python -m raytrain_app.tune` (`raytrain tune`)",
+        "",
+        "The sweep's own settings:",
+        "",
+        *_table(SweepConfig),
+        "",
+        "Every training flag above applies to all trials alike, except those the sweep sets itself: " + owned + ".",
+        "",
+        "## The other commands",
+        "",
+        "Their flags are listed by `--help`:",
+        "",
+        "- `python -m raytrain_app.jobs submit|status|logs|stop` (`raytrain jobs`): run training or a sweep as a "
+        "Ray job that is resubmitted after a failure.",
+        "- `python -m raytrain_app.ckpt show|export` (`raytrain ckpt`): what a checkpoint holds; its weights as "
+        "safetensors.",
+        "- `python -m raytrain_app.report RUN` (`raytrain report`): a run's summary and loss plot.",
+        "- `python -m raytrain_app.data synth|convert` (`raytrain data`): a synthetic dataset; a pickle converted "
+        "to Parquet.",
+        "",
+        "## Exit codes",
+        "",
+        "| code | meaning |",
+        "| --- | --- |",
+        "| 0 | finished (or nothing left to train) |",
+        "| 1 | training failed after its retries, or an error nobody foresaw (one line; `--debug` for the "
+        "traceback) |",
+        "| 2 | a mistake in the command's input: one line naming it, and nothing was written |",
+        "| 3 | training diverged and stopped itself; the message gives the command to resume with a lower "
+        "learning rate |",
+        "| 128 + N | stopped by signal N (130: SIGINT, 143: SIGTERM) after saving the current step |",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference())

@@ -1,0 +1,77 @@
+"""The package's shape: the generated CLI reference is current, Ray's internals are reached from one module,
+that module refuses another Ray version with one line, and `raytrain COMMAND` is each `python -m` command."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from raytrain_app.cli.reference import reference
+from raytrain_app.ray_adapter.ray_compat import SUPPORTED_RAY_VERSION, ray_version_problem
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = REPO_ROOT / "raytrain_app"
+COMPAT = PACKAGE / "ray_adapter" / "ray_compat.py"
+
+
+def test_the_committed_cli_reference_is_generated_from_the_current_config() -> None:
+    committed = (REPO_ROOT / "docs" / "cli.md").read_text()
+    assert committed == reference(), "docs/cli.md is stale: run `make docs` and commit it"
+    assert "| `--resume-from-checkpoint` |" in committed and "| `--lr-grid` |" in committed
+
+
+def _private_ray_uses(path: Path) -> list[str]:
+    """Imports of, and attribute reads through, non-public Ray modules (a dotted part starting with "_")."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ray":
+            names = [f"ray.{node.attr}"]
+        found += [f"{path.relative_to(REPO_ROOT)}:{node.lineno} {n}" for n in names
+                  if n.split(".")[0] == "ray" and any(part.startswith("_") for part in n.split(".")[1:])]
+    return found
+
+
+def test_rays_internals_are_reached_from_ray_compat_only() -> None:
+    outside = [use for path in sorted(PACKAGE.rglob("*.py")) if path != COMPAT for use in _private_ray_uses(path)]
+    assert outside == []
+    assert _private_ray_uses(COMPAT), "ray_compat no longer reaches into Ray: then it is not needed"
+
+
+def test_another_ray_version_is_refused_with_one_line_naming_the_supported_one() -> None:
+    assert ray_version_problem(SUPPORTED_RAY_VERSION) is None
+    assert f"supports Ray {SUPPORTED_RAY_VERSION} only, and Ray 2.59.1 is installed" in ray_version_problem("2.59.1")
+    # A real process whose installed Ray reports another version: it stops at import, with one line.
+    code = ("import importlib.metadata as m; real = m.version\n"
+            "m.version = lambda name: '2.61.0' if name == 'ray' else real(name)\n"
+            "import raytrain_app.ray_adapter.ray_compat\n"
+            "print('imported')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 2 and "imported" not in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"error: raytrain_app supports Ray {SUPPORTED_RAY_VERSION} only, and Ray 2.61.0 is installed: install it "
+        f"with pip install 'ray[default,train,tune]=={SUPPORTED_RAY_VERSION}'"]
+
+
+def test_raytrain_console_script_runs_each_command() -> None:
+    raytrain = Path(sys.executable).with_name("raytrain")
+    listing = subprocess.run([str(raytrain), "--help"], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0
+    for command, module in (("train", "raytrain_app.main"), ("tune", "raytrain_app.tune"), ("ckpt", "raytrain_app.ckpt"),
+                            ("jobs", "raytrain_app.jobs"), ("report", "raytrain_app.report"), ("data", "raytrain_app.data")):
+        assert f"  {command} " in listing.stdout and f"(python -m {module})" in listing.stdout
+    # The same command both ways: the same line, the same exit code.
+    missing = str(REPO_ROOT / "no-such-checkpoint.pt")
+    by_script = subprocess.run([str(raytrain), "ckpt", "show", missing], capture_output=True, text=True, timeout=120)
+    by_module = subprocess.run([sys.executable, "-m", "raytrain_app.ckpt", "show", missing], capture_output=True,
+                               text=True, timeout=120, cwd=REPO_ROOT)
+    assert by_script.returncode == by_module.returncode == 2
+    assert by_script.stderr == by_module.stderr and by_script.stderr.startswith("error: ")
+    unknown = subprocess.run([str(raytrain), "fly"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: unknown command 'fly'")
