@@ -63,9 +63,9 @@ def test_raytrain_console_script_runs_each_command() -> None:
     raytrain = Path(sys.executable).with_name("raytrain")
     listing = subprocess.run([str(raytrain), "--help"], capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0
-    for command, module in (("train", "raytrain_app.main"), ("tune", "raytrain_app.tune"), ("ckpt", "raytrain_app.ckpt"),
-                            ("jobs", "raytrain_app.jobs"), ("report", "raytrain_app.report"), ("data", "raytrain_app.data")):
-        assert f"  {command} " in listing.stdout and f"(python -m {module})" in listing.stdout
+    commands = {"train": "main", "tune": "tune", "ckpt": "ckpt", "jobs": "jobs", "report": "report", "data": "data"}
+    for command, module in commands.items():
+        assert f"  {command} " in listing.stdout and f"(python -m raytrain_app.{module})" in listing.stdout
     # The same command both ways: the same line, the same exit code.
     missing = str(REPO_ROOT / "no-such-checkpoint.pt")
     by_script = subprocess.run([str(raytrain), "ckpt", "show", missing], capture_output=True, text=True, timeout=120)

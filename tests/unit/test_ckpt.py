@@ -19,7 +19,7 @@ from raytrain_app.core.trainer import Trainer
 from raytrain_app.storage.location import parse_location
 from raytrain_app.storage.publish import publish_file
 from tests.conftest import make_bucket, s3_uri
-from tests.test_checkpoint import flip_a_byte
+from tests.unit.test_checkpoint import flip_a_byte
 
 CFG = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, seq_len=8, num_classes=3,
                   num_workers=1, dropout=0.0)

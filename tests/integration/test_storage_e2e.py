@@ -24,7 +24,7 @@ from tests.conftest import (
     run_until_checkpoint,
     s3_uri,
 )
-from tests.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared reference runs, a fixture
+from tests.integration.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared reference runs, a fixture
     EPOCHS,
     KILL_MID_EPOCH_2,
     LAST_STEP,

@@ -19,8 +19,7 @@ import pytest
 
 from raytrain_app.checkpoint.format import load_state
 from raytrain_app.cli.flags import parse_config
-
-from .conftest import (
+from tests.conftest import (
     TINY_MODEL,
     base_env,
     finish_process,
@@ -28,7 +27,7 @@ from .conftest import (
     start_process,
     write_dataset,
 )
-from .test_resume_e2e import ckpt
+from tests.integration.test_resume_e2e import ckpt
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +58,7 @@ def two_nodes():  # noqa: ANN201
     """A head and a second node with one CPU each (tests/two_node_cluster.py), so two 1-CPU workers land one
     per node. Yields (address, the second node's id, a function that drains or removes the second node)."""
     temp_dir = tempfile.mkdtemp(prefix="rt2-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("two_node_cluster.py")), temp_dir],
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "two_node_cluster.py"), temp_dir],
                             env=cluster_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
 

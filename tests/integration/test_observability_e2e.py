@@ -26,7 +26,7 @@ from tests.conftest import (
     start_process,
     write_dataset,
 )
-from tests.test_resume_e2e import ckpt, train_args
+from tests.integration.test_resume_e2e import ckpt, train_args
 from tests.wandb_files import offline_runs
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,8 @@ import torch
 from raytrain_app.checkpoint.format import load_state
 from raytrain_app.cli.flags import parse_config
 from raytrain_app.core.schedule import lr_at
-from tests.conftest import REPO_ROOT, TINY_MODEL, computed_once, run_main, run_until_checkpoint, write_dataset
+from raytrain_app.main import main
+from tests.conftest import REPO_ROOT, TINY_MODEL, computed_once, run_main, run_until_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -112,7 +113,9 @@ def uninterrupted(shared_tmp: Path, dataset: Path, ray_address: str):  # noqa: A
     return final_state
 
 
-@pytest.mark.parametrize(("workers", "data_format"), [(1, "pickle"), (2, "pickle"), (1, "parquet"), (2, "parquet")])
+# Each worker count and each data format once: the format decides only where rows come from (its batches equal the
+# pickle's exactly, tests/unit), the worker count how they are sharded and all-reduced.
+@pytest.mark.parametrize(("workers", "data_format"), [(2, "pickle"), (1, "parquet")])
 def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, parquet_dataset: Path, ray_address: str,
                                       uninterrupted, workers: int, data_format: str) -> None:  # noqa: ANN001
     reference = uninterrupted(workers)
@@ -205,12 +208,11 @@ def test_b_fork_with_new_hyperparameters_restores_then_overrides(tmp_path: Path,
     assert decay_group["lr"] == lr_at(LAST_STEP - 1, peak_lr=3e-4, warmup_steps=4, total_steps=LAST_STEP)
     assert final["val_loss"] <= source_state["val_loss"]  # best-so-far carried over, never forgotten
     # The printed best model exists: the fork's own, or the checkpoint it started from when it never beat it.
-    best = tmp_path / "best_model.pt"
-    if final["val_loss"] < source_state["val_loss"]:
-        assert best.is_file() and f"Best model:  {best}" in result.stdout
-    else:
-        assert not best.exists() and f"{source} stays the best model" in result.stdout
-        assert f"Best model:  {source}" in result.stdout
+    # Whichever happened, exactly the matching one of the two is printed and on disk.
+    best, beaten = tmp_path / "best_model.pt", final["val_loss"] < source_state["val_loss"]
+    assert best.is_file() == beaten
+    assert f"Best model:  {best if beaten else source}" in result.stdout
+    assert (f"{source} stays the best model" in result.stdout) == (not beaten)
 
 
 def test_c_pt_file_from_another_tool_without_epoch_starts_at_epoch_0_with_its_weights(
@@ -252,38 +254,12 @@ def test_d_epochs_is_a_total_from_a_checkpoint_folder(tmp_path: Path, dataset: P
     assert load_state(str(ckpt(run_dir, steps[-1]) / "state.pt"))["epoch"] == 2
 
 
-def test_d_nothing_left_to_train_exits_0_without_writing(tmp_path: Path, dataset: Path, base_run: Path) -> None:
+def test_d_nothing_left_to_train_exits_0_without_writing(tmp_path: Path, dataset: Path, base_run: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     args = train_args(dataset, tmp_path / "runs", 2, "--resume-from-checkpoint", str(base_run))
     args[args.index("--epochs") + 1] = "2"  # the base run already completed 2 epochs
-    result = run_main(args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Nothing to train: the checkpoint has completed 2 epochs and --epochs is 2" in result.stdout
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.parametrize(("flags", "expected"), [
-    (["--hidden-dim", "32", "--num-heads", "4"],
-     "--hidden-dim 32 (checkpoint has 16); --num-heads 4 (checkpoint has 2)"),
-    (["--num-layers", "3"], "--num-layers 3 (checkpoint has 2)"),
-])
-def test_e_architecture_mismatch_names_each_field_exit_2(tmp_path: Path, dataset: Path, base_run: Path,
-                                                         flags: list[str], expected: str) -> None:
-    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--resume-from-checkpoint",
-            str(base_run.parent / "best_model.pt"), *flags]
-    result = run_main(args)
-    assert result.returncode == 2
-    assert expected in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert not (tmp_path / "runs").exists()
-
-
-def test_e_dataset_that_does_not_fit_the_checkpoint_exit_2(tmp_path: Path, base_run: Path) -> None:
-    other = write_dataset(tmp_path / "wide.pkl", feature_dim=5)
-    args = ["--data", str(other), "--save-dir", str(tmp_path / "runs"), "--resume-from-checkpoint",
-            str(base_run.parent / "best_model.pt")]
-    result = run_main(args)
-    assert result.returncode == 2
-    assert "dataset feature dimension 5 (checkpoint has 4)" in result.stderr
+    assert main(args) == 0  # in this process: it ends before Ray starts
+    assert "Nothing to train: the checkpoint has completed 2 epochs and --epochs is 2" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
 
 

@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from raytrain_app.cli.flags import parse_config
-
-from .conftest import (
+from tests.conftest import (
     RAY_BIN,
     REPO_ROOT,
     TINY_MODEL,
@@ -31,7 +30,7 @@ from .conftest import (
     run_main,
     write_dataset,
 )
-from .test_resume_e2e import assert_same_training_state, ckpt
+from tests.integration.test_resume_e2e import assert_same_training_state, ckpt
 
 pytestmark = pytest.mark.e2e
 

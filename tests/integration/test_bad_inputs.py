@@ -195,7 +195,7 @@ def test_a_run_with_no_whole_checkpoint_left_stops_with_one_line_and_changes_not
     changed (not Ray's record of the run either)."""
     from raytrain_app.checkpoint.format import save_checkpoint_dir
     from raytrain_app.cli.flags import parse_config
-    from tests.test_checkpoint import flip_a_byte, ray_run
+    from tests.unit.test_checkpoint import flip_a_byte, ray_run
 
     argv = [*TINY_MODEL, "--data", str(write_dataset(tmp_path / "good.pkl")), "--save-dir", str(tmp_path / "runs")]
     run_dir = tmp_path / "runs" / parse_config(argv)[0].default_run_name()

@@ -28,8 +28,7 @@ from tests.conftest import (
     run_until_checkpoint,
     start_process,
 )
-from tests.test_checkpoint import flip_a_byte
-from tests.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared reference runs, a fixture
+from tests.integration.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared reference runs, a fixture
     LAST_STEP,
     MID_EPOCH_2,
     assert_same_training_state,
@@ -37,6 +36,7 @@ from tests.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared re
     train_args,
     uninterrupted,
 )
+from tests.unit.test_checkpoint import flip_a_byte
 
 pytestmark = pytest.mark.e2e
 

@@ -285,7 +285,9 @@ def test_too_many_skipped_steps_in_a_row_stop_training_without_saving() -> None:
     forked = build(cfg.replace(lr=1e-3))  # a fork with a sane rate starts a streak of its own
     restore_training_state(forked, saved[3], fork=True)
     assert (int(forked.skip_streak), int(forked.skipped_steps)) == (0, 2)
-    assert config(max_skipped_steps=0).max_skipped_steps == 0  # 0: never stop
+    never = build(cfg.replace(max_skipped_steps=0, epochs=1, eval_every=1000))  # 0: never stop
+    assert never.fit(data, lambda *a: None) is True and never.diverged is None
+    assert int(never.skipped_steps) == never.global_step - 1  # every step after the first was skipped
 
 
 def test_the_skip_streak_reaches_the_host_without_waiting_for_the_device() -> None:

@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from raytrain_app.cli.flags import parse_config
-
-from .conftest import REPO_ROOT, run_jobs
+from tests.conftest import REPO_ROOT, run_jobs
 
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
 RAYJOB_YAML = REPO_ROOT / "jobs" / "rayjob.yaml"

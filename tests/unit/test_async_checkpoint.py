@@ -22,7 +22,7 @@ from raytrain_app.core.interrupts import CONTINUE, SAVE
 from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import Trainer
-from tests.test_loop import synthetic
+from tests.unit.test_loop import synthetic
 
 CFG = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, seq_len=8, num_classes=3, num_workers=1,
                   dropout=0.0, batch_size=8, eval_every=2, epochs=1)
