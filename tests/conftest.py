@@ -22,8 +22,6 @@ from raytrain_app.datasets.formats import make_synthetic, write_pickle_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).with_name("ray")
-# Small enough for seconds per run on 2 cores, big enough for several checkpoints per epoch.
-TINY_MODEL = ["--hidden-dim", "16", "--num-layers", "2", "--num-heads", "2", "--warmup-steps", "4"]
 
 
 # Hermetic: every process the suite starts (Ray, moto, the commands under test, wandb) gets a HOME, caches and a
@@ -229,6 +227,28 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data") / "tiny.pkl")
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(shared_tmp: Path, dataset: Path, ray_address: str):  # noqa: ANN201
+    """The final state.pt of an uninterrupted run of `tests.helpers.train_args` from the pickle, per worker count
+    (trained once per test session, on first use, whichever pytest worker needs it first): what the resume, fault
+    and storage tests' interrupted runs must end with, bit for bit. A Parquet copy of the data is read in the same
+    order, so its runs must end with the same bits too."""
+    # Here, not at the top: this file makes the environment hermetic before torch (tests.helpers imports it) loads.
+    from tests.helpers import LAST_STEP, assert_kept_checkpoints, ckpt, run_name_of, train_args
+
+    def final_state(workers: int) -> Path:
+        def train(save_dir: Path) -> str:
+            result = run_main(train_args(dataset, save_dir, workers), ray_address)
+            assert result.returncode == 0, result.stdout + result.stderr
+            run_dir = save_dir / run_name_of(result.stdout)
+            assert_kept_checkpoints(result.stdout, run_dir, keep=2)
+            return str(ckpt(run_dir, LAST_STEP) / "state.pt")
+
+        return Path(computed_once(shared_tmp, f"uninterrupted-{workers}", train))
+
+    return final_state
+
+
 def main_command(*args: str, module: str = "raytrain_app.main") -> list[str]:
     return [sys.executable, "-m", module, *args]
 
@@ -249,6 +269,17 @@ def run_tune(args: list[str], ray_address: str, timeout: float = 300) -> subproc
 def run_jobs(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m raytrain_app.jobs ...` (the job API address is given with --address)."""
     return run_main(list(args), timeout=120, cwd=cwd, module="raytrain_app.jobs")
+
+
+def run_benchmark(script: str, *args: str, ray_address: str | None = None, timeout: float = 600) -> dict:
+    """`python benchmarks/<script> ...` (on the cluster at `ray_address` if given); the JSON object it prints."""
+    env = base_env()
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *args], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout)
 
 
 def latest_checkpoint_step(run_dir: Path | str) -> int | None:

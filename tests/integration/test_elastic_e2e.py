@@ -20,14 +20,14 @@ import pytest
 from raytrain_app.checkpoint.format import load_state
 from raytrain_app.cli.flags import parse_config
 from tests.conftest import (
-    TINY_MODEL,
+    REPO_ROOT,
     base_env,
     finish_process,
     latest_checkpoint_step,
     start_process,
     write_dataset,
 )
-from tests.integration.test_resume_e2e import ckpt
+from tests.helpers import TINY_MODEL, ckpt
 
 pytestmark = pytest.mark.e2e
 
@@ -55,10 +55,11 @@ def cluster_env() -> dict[str, str]:
 
 @pytest.fixture
 def two_nodes():  # noqa: ANN201
-    """A head and a second node with one CPU each (tests/two_node_cluster.py), so two 1-CPU workers land one
-    per node. Yields (address, the second node's id, a function that drains or removes the second node)."""
+    """A head and a second node with one CPU each (tests.helpers.two_node_cluster, a process of its own), so two
+    1-CPU workers land one per node. Yields (address, the second node's id, a function that drains or removes the
+    second node)."""
     temp_dir = tempfile.mkdtemp(prefix="rt2-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "two_node_cluster.py"), temp_dir],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers", "two-node-cluster", temp_dir], cwd=REPO_ROOT,
                             env=cluster_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
 

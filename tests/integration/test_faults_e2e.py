@@ -28,15 +28,7 @@ from tests.conftest import (
     run_until_checkpoint,
     start_process,
 )
-from tests.integration.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared reference runs, a fixture
-    LAST_STEP,
-    MID_EPOCH_2,
-    assert_same_training_state,
-    ckpt,
-    train_args,
-    uninterrupted,
-)
-from tests.unit.test_checkpoint import flip_a_byte
+from tests.helpers import LAST_STEP, MID_EPOCH_2, assert_same_training_state, ckpt, flip_a_byte, train_args
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +73,7 @@ def registered_step(run_dir: Path) -> int:
 
 
 def test_workers_killed_three_times_at_random_moments_and_the_run_ends_bit_exact(
-        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001, F811
+        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001
     """Three SIGKILLs of a Ray Train worker in one run, at seeded random checkpoints and random delays after them:
     Ray Train restarts the worker group each time from the latest checkpoint (the default --max-failures is 3),
     and the run ends with the same bits as one never interrupted."""
@@ -201,7 +193,7 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_on
 
 
 def test_a_damaged_latest_checkpoint_falls_back_and_the_run_ends_bit_exact(
-        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001, F811
+        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001
     """The checkpoint Ray's record names as the latest has one byte flipped (storage rot): the re-run names it,
     continues from the checkpoint before it (and Ray restores that one too), and ends with the same bits as an
     uninterrupted run."""
@@ -233,7 +225,7 @@ def test_a_damaged_latest_checkpoint_falls_back_and_the_run_ends_bit_exact(
 
 
 def test_a_diverging_fine_tune_stops_and_says_how_to_resume_from_the_last_good_checkpoint(
-        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001, F811
+        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001
     """Fine-tuning a trained model on 2 workers with an absurd learning rate: step 1 of the new run makes the
     weights overflow, every later loss is non-finite and its step skipped, on both ranks alike. Three in a row stop
     the run (exit 3), naming the steps; the new run has no checkpoint with a finite validation loss, so the printed

@@ -21,7 +21,6 @@ from raytrain_app.cli.flags import parse_config
 from tests.conftest import (
     RAY_BIN,
     REPO_ROOT,
-    TINY_MODEL,
     base_env,
     computed_once,
     finish_process,
@@ -30,7 +29,7 @@ from tests.conftest import (
     run_main,
     write_dataset,
 )
-from tests.integration.test_resume_e2e import assert_same_training_state, ckpt
+from tests.helpers import TINY_MODEL, assert_same_training_state, ckpt
 
 pytestmark = pytest.mark.e2e
 

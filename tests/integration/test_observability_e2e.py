@@ -26,8 +26,7 @@ from tests.conftest import (
     start_process,
     write_dataset,
 )
-from tests.integration.test_resume_e2e import ckpt, train_args
-from tests.wandb_files import offline_runs
+from tests.helpers import ckpt, offline_runs, train_args
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ from tests.conftest import (
     run_until_checkpoint,
     s3_uri,
 )
-from tests.integration.test_resume_e2e import (  # noqa: F401 - uninterrupted: the shared reference runs, a fixture
+from tests.helpers import (
     EPOCHS,
     KILL_MID_EPOCH_2,
     LAST_STEP,
@@ -33,7 +33,6 @@ from tests.integration.test_resume_e2e import (  # noqa: F401 - uninterrupted: t
     assert_same_training_state,
     run_name_of,
     train_args,
-    uninterrupted,
 )
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +43,7 @@ def s3_state(uri: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def s3_run(dataset: Path, ray_address: str, s3_endpoint: str, uninterrupted) -> dict:  # noqa: ANN001, F811
+def s3_run(dataset: Path, ray_address: str, s3_endpoint: str, uninterrupted) -> dict:  # noqa: ANN001
     """Train with --save-dir on S3, kill it after a mid-epoch checkpoint, run the same command again. The reference
     is the session's uninterrupted local run of the same command (--save-dir and --keep-checkpoints do not change
     what is trained)."""

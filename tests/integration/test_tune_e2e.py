@@ -28,14 +28,13 @@ from raytrain_app.datasets.formats import open_dataset
 from raytrain_app.ray_adapter.run_record import latest_run_metrics
 from raytrain_app.storage.location import parse_location
 from tests.conftest import (
-    TINY_MODEL,
     finish_process,
     make_bucket,
     run_tune,
     s3_uri,
     start_process,
 )
-from tests.wandb_files import offline_runs
+from tests.helpers import TINY_MODEL, offline_runs
 
 pytestmark = pytest.mark.e2e
 

@@ -1,7 +1,7 @@
 """The background checkpoint writer without Ray: what it writes is the state at the step it was asked for, one
 checkpoint at most is in flight, a failed write reaches the training thread, and the loop reports a written
-checkpoint at the next step boundary. The end-to-end tests (tests/test_faults_e2e.py) kill real workers during
-background writes."""
+checkpoint at the next step boundary. The end-to-end tests (tests/integration/test_faults_e2e.py) kill real
+workers during background writes."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from raytrain_app.core.interrupts import CONTINUE, SAVE
 from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import Trainer
-from tests.unit.test_loop import synthetic
+from tests.helpers import synthetic
 
 CFG = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, seq_len=8, num_classes=3, num_workers=1,
                   dropout=0.0, batch_size=8, eval_every=2, epochs=1)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,23 +24,19 @@ from raytrain_app.checkpoint.format import (
 )
 from raytrain_app.checkpoint.resolve import last_good_checkpoint, resolve_checkpoint
 from raytrain_app.ray_adapter.run_record import plan_recovery, recover_run
-
-
-def state(step: int, eval_loss: float) -> dict:
-    return {"epoch": 1, "global_step": step, "model_state_dict": {"w": torch.full((2,), float(step))},
-            "val_loss": eval_loss, "eval_val_loss": eval_loss, "config": {}}
+from tests.helpers import checkpoint_state, flip_a_byte, ray_run
 
 
 def make_run(run_dir: Path, losses: dict[int, float]) -> None:
     for step, loss in losses.items():
-        save_checkpoint_dir(str(run_dir / f"checkpoint_step={step:06d}"), state(step, loss))
+        save_checkpoint_dir(str(run_dir / f"checkpoint_step={step:06d}"), checkpoint_state(step, loss))
     latest = max(losses)
     (run_dir / "checkpoint_manager_snapshot.json").write_text(
         json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": f"checkpoint_step={latest:06d}"}}))
 
 
 def test_checkpoint_dir_round_trip(tmp_path: Path) -> None:
-    save_checkpoint_dir(str(tmp_path / "c"), state(7, 0.5))
+    save_checkpoint_dir(str(tmp_path / "c"), checkpoint_state(7, 0.5))
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["manifest.json", "meta.json", "state.pt"]
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())["files"]
     raw = (tmp_path / "c" / "state.pt").read_bytes()
@@ -52,12 +48,12 @@ def test_checkpoint_dir_round_trip(tmp_path: Path) -> None:
 
 
 def test_best_model_is_replaced_whole_and_a_failed_write_keeps_the_old_one(tmp_path: Path) -> None:
-    write_best_model(str(tmp_path), state(1, 0.9))
-    write_best_model(str(tmp_path), state(2, 0.8))
+    write_best_model(str(tmp_path), checkpoint_state(1, 0.9))
+    write_best_model(str(tmp_path), checkpoint_state(2, 0.8))
     assert load_state(str(tmp_path / "best_model.pt"))["global_step"] == 2
-    # torch.save fails mid-write (pickle raises AttributeError for a local lambda)
-    with pytest.raises((pickle.PicklingError, AttributeError), match="Can.t pickle"):
-        write_best_model(str(tmp_path), {**state(3, 0.7), "bad": lambda: None})
+    # torch.save fails mid-write: a lock cannot be pickled (the same TypeError on every Python the project supports)
+    with pytest.raises(TypeError, match="cannot pickle '_thread.lock' object"):
+        write_best_model(str(tmp_path), {**checkpoint_state(3, 0.7), "bad": threading.Lock()})
     assert load_state(str(tmp_path / "best_model.pt"))["global_step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt"]  # no temporary left behind
 
@@ -68,7 +64,7 @@ def test_resolve_each_kind_of_location(tmp_path: Path) -> None:
     assert resolve_checkpoint(str(run_dir)).uri == str(run_dir / "checkpoint_step=000006" / "state.pt")  # the best
     assert resolve_checkpoint(str(run_dir / "checkpoint_step=000009")).uri == str(
         run_dir / "checkpoint_step=000009" / "state.pt")
-    torch.save(state(1, 1.0), tmp_path / "model.pt")
+    torch.save(checkpoint_state(1, 1.0), tmp_path / "model.pt")
     assert resolve_checkpoint(str(tmp_path / "model.pt")).uri == str(tmp_path / "model.pt")
     assert resolve_checkpoint(str(tmp_path / "missing.pt")) is None
 
@@ -80,7 +76,7 @@ def test_folder_without_a_checkpoint_is_an_error(tmp_path: Path) -> None:
 
 
 def test_truncated_and_foreign_files_are_refused(tmp_path: Path) -> None:
-    torch.save(state(1, 1.0), tmp_path / "full.pt")
+    torch.save(checkpoint_state(1, 1.0), tmp_path / "full.pt")
     raw = (tmp_path / "full.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="cut.pt is not a readable checkpoint"):
@@ -117,30 +113,8 @@ def test_published_files_are_readable_by_others_as_the_umask_allows(tmp_path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt", "sweep.json"]  # no temporary left
 
 
-def ray_run(run_dir: Path, steps: list[int]) -> Path:
-    """A run folder as Ray Train leaves it: checkpoint folders and its record of them (latest last)."""
-    results = []
-    for step in steps:
-        save_checkpoint_dir(str(run_dir / f"checkpoint_step={step:06d}"), state(step, 1.0 / step))
-        results.append({"version": 0, "checkpoint_dir_name": f"checkpoint_step={step:06d}",
-                        "metrics": {"global_step": step, "val_loss": 1.0 / step}})
-    snapshot = {"ray_version": "2.60.0", "checkpoint_results": results,
-                "checkpoint_report_indices": list(range(len(steps))), "latest_checkpoint_result": results[-1],
-                "pending_training_results": [], "pending_validation_specs": [], "current_report_index": len(steps),
-                "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
-                "failed_validation_checkpoint_dir_names": []}
-    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
-    return run_dir / "checkpoint_manager_snapshot.json"
-
-
 def cut_off(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def flip_a_byte(path: Path) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    path.write_bytes(bytes(raw))
 
 
 @pytest.mark.parametrize(("damage", "problem"), [
@@ -152,7 +126,7 @@ def flip_a_byte(path: Path) -> None:
 ])
 def test_a_checkpoint_that_is_not_whole_is_named_with_its_problem(tmp_path: Path, damage, problem: str) -> None:  # noqa: ANN001
     folder = tmp_path / "checkpoint_step=000005"
-    save_checkpoint_dir(str(folder), state(5, 0.5))
+    save_checkpoint_dir(str(folder), checkpoint_state(5, 0.5))
     damage(folder)
     assert re.search(problem, checkpoint_problem(str(folder)))
     if folder.exists():
@@ -162,7 +136,7 @@ def test_a_checkpoint_that_is_not_whole_is_named_with_its_problem(tmp_path: Path
 
 def test_a_checkpoint_written_before_manifests_still_loads(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint_step=000005"
-    save_checkpoint_dir(str(folder), state(5, 0.5))
+    save_checkpoint_dir(str(folder), checkpoint_state(5, 0.5))
     (folder / "manifest.json").unlink()
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
@@ -231,7 +205,8 @@ def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: 
     run = tmp_path / "run"
     losses = {4: 0.4, 8: 0.6, 12: 0.5, 16: 0.7}  # not in step order
     for step, loss in losses.items():
-        save_checkpoint_dir(str(run / f"checkpoint_step={step:06d}"), {**state(step, loss), "eval_val_loss": loss})
+        save_checkpoint_dir(str(run / f"checkpoint_step={step:06d}"),
+                            {**checkpoint_state(step, loss), "eval_val_loss": loss})
     (run / "checkpoint_manager_snapshot.json").write_text("{}")
     damage(run / "checkpoint_manager_snapshot.json")
     cut_off(run / "checkpoint_step=000016" / "state.pt")  # and the newest folder was never finished
@@ -243,7 +218,7 @@ def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: 
     manager = ray_checkpoint_manager(run, keep=1)
     assert manager.latest_checkpoint_result.metrics["global_step"] == 12
     assert [r.metrics["global_step"] for r in manager._checkpoint_results] == [8, 12, 4]  # worst first
-    save_checkpoint_dir(str(run / "checkpoint_step=000020"), {**state(20, 0.45), "eval_val_loss": 0.45})
+    save_checkpoint_dir(str(run / "checkpoint_step=000020"), {**checkpoint_state(20, 0.45), "eval_val_loss": 0.45})
     new = Checkpoint(path=str(run / "checkpoint_step=000020"))
 
     async def register() -> None:
@@ -256,7 +231,7 @@ def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: 
 
 def test_a_damaged_manifest_or_meta_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint_step=000005"
-    save_checkpoint_dir(str(folder), state(5, 0.5))
+    save_checkpoint_dir(str(folder), checkpoint_state(5, 0.5))
     (folder / "manifest.json").write_text(json.dumps({"files": {"state.pt": {"sizf": 1}}}))
     assert checkpoint_problem(str(folder)) == "its manifest.json is damaged"
     flip_a_byte(folder / "manifest.json")
@@ -267,7 +242,8 @@ def test_a_damaged_manifest_or_meta_is_a_problem_not_a_crash(tmp_path: Path) -> 
 def test_the_last_good_checkpoint_is_the_newest_validated_with_a_finite_loss(tmp_path: Path) -> None:
     run = tmp_path / "run"
     for step, loss in {4: 0.5, 8: 0.4, 12: None, 16: None}.items():  # 12: not finite (or not validated)
-        save_checkpoint_dir(str(run / f"checkpoint_step={step:06d}"), {**state(step, 0.4), "eval_val_loss": loss})
+        save_checkpoint_dir(str(run / f"checkpoint_step={step:06d}"),
+                            {**checkpoint_state(step, 0.4), "eval_val_loss": loss})
     assert last_good_checkpoint(str(run), before_step=17).path.endswith("checkpoint_step=000008")
     assert last_good_checkpoint(str(run), before_step=8).path.endswith("checkpoint_step=000004")
     flip_a_byte(run / "checkpoint_step=000008" / "state.pt")
@@ -278,7 +254,7 @@ def test_the_last_good_checkpoint_is_the_newest_validated_with_a_finite_loss(tmp
 def test_a_process_killed_while_writing_best_model_leaves_the_previous_one_whole(tmp_path: Path) -> None:
     """A real process SIGKILLed in the middle of writing a 400 MB best_model.pt: the file a later load finds is
     the previous one, whole; the cut-off bytes are only in a temporary file no load looks at."""
-    write_best_model(str(tmp_path), state(1, 0.9))
+    write_best_model(str(tmp_path), checkpoint_state(1, 0.9))
     script = ("import sys, torch\n"
               "from raytrain_app.checkpoint.format import write_best_model\n"
               "write_best_model(sys.argv[1], {'epoch': 1, 'global_step': 2, 'val_loss': 0.5, 'config': {},\n"

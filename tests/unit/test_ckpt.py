@@ -1,4 +1,5 @@
-"""`python -m raytrain_app.ckpt show|export` on what --resume-from-checkpoint accepts, local and on S3."""
+"""`python -m raytrain_app.ckpt show|export` on what --resume-from-checkpoint accepts, in local folders (on S3:
+tests/integration/test_ckpt.py)."""
 
 from __future__ import annotations
 
@@ -10,40 +11,8 @@ import pytest
 import torch
 
 from raytrain_app.checkpoint.format import save_checkpoint_dir, write_best_model
-from raytrain_app.checkpoint.state import training_state
 from raytrain_app.ckpt import main
-from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import SequenceTransformer
-from raytrain_app.core.rng import seed_everything
-from raytrain_app.core.trainer import Trainer
-from raytrain_app.storage.location import parse_location
-from raytrain_app.storage.publish import publish_file
-from tests.conftest import make_bucket, s3_uri
-from tests.unit.test_checkpoint import flip_a_byte
-
-CFG = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, seq_len=8, num_classes=3,
-                  num_workers=1, dropout=0.0)
-
-
-def trained_state(step: int = 12) -> dict:
-    """A full training state (the loop's own state_dict) after a few real optimizer steps."""
-    seed_everything(0, 0)
-    model = SequenceTransformer(CFG)
-    trainer = Trainer(CFG, model, model, torch.device("cpu"))
-    x, y = torch.randn(16, 8, 4), torch.randint(0, 3, (16,))
-    for _ in range(3):
-        trainer.train_step([(x, y)])
-    trainer.global_step, trainer.epoch, trainer.best_val_loss = step, 1, 0.75
-    trainer.lineage = {"base_checkpoint": "s3://b/base/state.pt", "base_global_step": 8, "base_epoch": 1,
-                       "base_sha256": "ab" * 32, "base_lineage": None}
-    return training_state(trainer, eval_val_loss=0.8)
-
-
-def outputs(state_dict: dict) -> torch.Tensor:
-    model = SequenceTransformer(CFG).eval()
-    model.load_state_dict(state_dict)
-    with torch.no_grad():
-        return model(torch.linspace(-1, 1, 2 * 8 * 4).reshape(2, 8, 4))
+from tests.helpers import flip_a_byte, outputs, trained_state
 
 
 @pytest.fixture
@@ -94,20 +63,3 @@ def test_exported_weights_give_the_checkpoints_outputs(run: Path, tmp_path: Path
     assert set(exported_keys := weights) == set(trained_state()["model_state_dict"]) and exported_keys
     assert (config["hidden_dim"], config["num_layers"]) == (16, 2)  # enough to build the model
     assert torch.equal(outputs(weights), outputs(trained_state()["model_state_dict"]))
-
-
-def test_show_and_export_on_s3(tmp_path: Path, s3_endpoint: str, capsys: pytest.CaptureFixture) -> None:
-    local = tmp_path / "checkpoint_step=000012"
-    save_checkpoint_dir(str(local), trained_state())
-    bucket = make_bucket(s3_endpoint, "inspect")
-    folder = parse_location(s3_uri(bucket, "runs/run-x/checkpoint_step=000012", s3_endpoint))
-    for name in ("state.pt", "meta.json", "manifest.json"):
-        publish_file(str(local / name), folder.join(name))
-    assert main(["show", folder.uri]) == 0
-    out = capsys.readouterr().out
-    assert "global step 12" in out and "Manifest: whole" in out
-    target = parse_location(s3_uri(bucket, "exports/model.safetensors", s3_endpoint))
-    assert main(["export", folder.uri, "--format", "safetensors", target.uri]) == 0
-    from safetensors.torch import load
-
-    assert torch.equal(outputs(load(target.read_bytes())), outputs(trained_state()["model_state_dict"]))

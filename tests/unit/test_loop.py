@@ -14,15 +14,8 @@ from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.schedule import lr_at
 from raytrain_app.core.trainer import Trainer
-from raytrain_app.datasets.dataset import Dataset, Split
-from raytrain_app.datasets.formats import make_synthetic
-
-
-def synthetic(num_train: int = 256, per_step: bool = False) -> Dataset:
-    raw = make_synthetic(num_train=num_train, num_val=64, seq_len=8, feature_dim=4, num_classes=3,
-                         per_step=per_step, seed=0)
-    split = lambda s: Split(torch.from_numpy(raw[s]["x"]), torch.from_numpy(raw[s]["y"]).long())  # noqa: E731
-    return Dataset(train=split("train"), val=split("val"), num_classes=3, seq_len=8, feature_dim=4, per_step=per_step)
+from raytrain_app.datasets.dataset import Dataset
+from tests.helpers import synthetic
 
 
 def config(**overrides: object) -> TrainConfig:

@@ -25,7 +25,8 @@ from raytrain_app.observability.sweep_results import TrialResult, best_trial, cs
 from raytrain_app.ray_adapter.capacity import how_many_fit
 from raytrain_app.ray_adapter.sweep_trial import tune_metrics
 from raytrain_app.tune import plan_sweep
-from tests.conftest import REPO_ROOT, TINY_MODEL, base_env
+from tests.conftest import REPO_ROOT, base_env
+from tests.helpers import TINY_MODEL
 
 BASE = ["--base-checkpoint", "base.pt"]
 
