@@ -154,10 +154,12 @@ def fit(plan: Plan, argv: list[str]) -> int:
         print(f"  Continue (the same command): {command}")
         return 128 + stopped_by  # not 0: a job system must see an interruption, not a finished run
     best = plan.save_dir.join(BEST_MODEL_FILE)
-    if not best.is_file() and plan.init_from:  # a fork keeps its base's best, and never beat it
-        print(f"\nNo validation beat the best of the checkpoint this run started from: {plan.init_from} stays the "
-              "best model.")
-        best = parse_location(plan.init_from)
+    # A fork keeps its base's best and may never beat it; a fork re-run after an interruption continues its own
+    # run, and its base is then known from the lineage its checkpoints record.
+    base = plan.init_from or ((plan.summary.lineage or {}).get("base_checkpoint") if plan.summary else None)
+    if not best.is_file() and base:
+        print(f"\nNo validation beat the best of the checkpoint this run started from: {base} stays the best model.")
+        best = parse_location(base)
     best_path = best.uri
     print("\n✅ Training finished.")
     if metrics:

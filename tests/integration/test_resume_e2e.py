@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytrain_app.checkpoint.format import load_state
+from raytrain_app.checkpoint.format import load_state, save_checkpoint_dir
 from raytrain_app.cli.flags import parse_config
+from raytrain_app.cli.preflight import start_position
 from raytrain_app.core.schedule import lr_at
 from raytrain_app.main import main
 from tests.conftest import REPO_ROOT, computed_once, run_main, run_until_checkpoint
@@ -91,21 +92,24 @@ def snapshot_tree(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-def _fork_and_kill(args: list[str], save_dir: Path, ray_address: str) -> str:
-    """Run `args` until its run has registered a mid-epoch checkpoint past the fork point (16), kill it."""
-
+def test_a_fork_with_new_hyperparameters_killed_and_rerun_continues_its_own_run(
+        tmp_path: Path, dataset: Path, base_run: Path, ray_address: str) -> None:
+    """The guide's fine-tune, interrupted: --resume-from-checkpoint with a checkpoint folder and new
+    hyperparameters starts a new run; killed mid-epoch and run again, the very same command continues that run
+    (not the base again), with --epochs a total, the new settings applied, and the base left untouched."""
+    # The base's end-of-epoch-1 checkpoint, as a checkpoint folder whose best validation loss is 0: no validation
+    # (a cross-entropy, never below 0) beats it, so the fork keeps it as its best model by construction, and
+    # says so (raytrain_app/main.py), not by how well these few steps happen to train.
+    source = tmp_path / "base" / f"checkpoint_step={STEPS_PER_EPOCH:06d}"
+    save_checkpoint_dir(str(source), {**load_state(str(ckpt(base_run, STEPS_PER_EPOCH) / "state.pt")), "val_loss": 0.0})
+    before = snapshot_tree(base_run), snapshot_tree(source.parent)
+    args = train_args(dataset, tmp_path / "runs", 2, "--resume-from-checkpoint", str(source), "--lr", "3e-4",
+                      "--dropout", "0.0", "--weight-decay", "0.05")
     run_name = parse_config(args)[0].default_run_name()
-    run_until_checkpoint(args, ray_address, save_dir / run_name, MID_EPOCH_2 - {18})
-    assert not ckpt(save_dir / run_name, LAST_STEP).exists(), "the run finished before it was killed"
-    return run_name
-
-
-def test_a_rerun_with_resume_flag_continues_its_own_run(tmp_path: Path, dataset: Path, base_run: Path,
-                                                        ray_address: str) -> None:
-    source = ckpt(base_run, STEPS_PER_EPOCH) / "state.pt"  # end of epoch 1 of the base run
-    args = train_args(dataset, tmp_path, 2, "--resume-from-checkpoint", str(source))
-    run_name = _fork_and_kill(args, tmp_path, ray_address)
-    run_dir = tmp_path / run_name
+    run_dir = tmp_path / "runs" / run_name
+    first = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2 - {18})
+    assert not ckpt(run_dir, LAST_STEP).exists(), "the run finished before it was killed"
+    assert "✅ Resuming from epoch 1" in first and f"Epochs: {EPOCHS} (starting from epoch 2)" in first
     snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     latest_name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
     assert latest_name != ckpt(run_dir, STEPS_PER_EPOCH).name
@@ -114,50 +118,37 @@ def test_a_rerun_with_resume_flag_continues_its_own_run(tmp_path: Path, dataset:
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"Run {run_name} has checkpoints: continuing it from its latest one." in again.stdout
     assert f"Loading checkpoint from: {run_dir / latest_name / 'state.pt'}" in again.stdout
-    final = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))
-    assert final["global_step"] == LAST_STEP and final["epoch"] == EPOCHS
-
-
-def test_b_fork_with_new_hyperparameters_restores_then_overrides(tmp_path: Path, dataset: Path, base_run: Path,
-                                                                  ray_address: str) -> None:
-    # The base run's best model, with a best validation loss of 0: a fork must beat a checkpoint's best to write
-    # a best_model.pt of its own, and no validation (a cross-entropy, never below 0) beats 0. So the outcome is
-    # decided by the code, not by how well these few steps happen to train: the fork keeps the checkpoint it
-    # started from as its best model, and says so (raytrain_app/main.py).
-    source = tmp_path / "base" / "best_model.pt"
-    source.parent.mkdir()
-    torch.save({**load_state(str(base_run.parent / "best_model.pt")), "val_loss": 0.0}, source)
-    source_state = load_state(str(source))
-    before = snapshot_tree(base_run), snapshot_tree(source.parent)
-    args = train_args(dataset, tmp_path, 2, "--resume-from-checkpoint", str(source), "--lr", "3e-4",
-                      "--dropout", "0.0", "--weight-decay", "0.05")
-    result = run_main(args, ray_address)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    fork_name = run_name_of(result.stdout)
-    assert fork_name != base_run.name
+    assert run_name != base_run.name
     # The run and the checkpoint it started from are untouched (no best model written beside the checkpoint).
     assert (snapshot_tree(base_run), snapshot_tree(source.parent)) == before
-    fork_steps = sorted(int(p.name.split("=")[1]) for p in (tmp_path / fork_name).glob("checkpoint_step=*"))
-    assert fork_steps and min(fork_steps) > source_state["global_step"]  # counters continued, not reset
+    steps = sorted(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*"))
+    assert steps[0] > STEPS_PER_EPOCH  # counters continued from the checkpoint, not reset
 
-    final = load_state(str(ckpt(tmp_path / fork_name, LAST_STEP) / "state.pt"))
+    final = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))
+    assert final["global_step"] == LAST_STEP and final["epoch"] == EPOCHS  # --epochs is a total
     assert final["config"]["lr"] == 3e-4 and final["config"]["dropout"] == 0.0
     decay_group = final["optimizer_state_dict"]["param_groups"][0]
     assert decay_group["weight_decay"] == 0.05
     # The new --lr is what the optimizer used: the schedule's value for the last step at the new peak.
     assert decay_group["lr"] == lr_at(LAST_STEP - 1, peak_lr=3e-4, warmup_steps=4, total_steps=LAST_STEP)
-    assert final["val_loss"] == source_state["val_loss"] == 0.0  # best-so-far carried over, never forgotten
+    assert final["val_loss"] == 0.0  # best-so-far carried over, never forgotten
+    assert final["lineage"]["base_checkpoint"] == str(source / "state.pt")
     # Never beaten: no best_model.pt of the fork's own, and the printed best model is the checkpoint it started
-    # from, a file that exists.
-    assert not (tmp_path / "best_model.pt").exists()
-    assert f"No validation beat the best of the checkpoint this run started from: {source} stays the best model." \
-        in result.stdout
-    assert f"Best model:  {source}\n" in result.stdout and source.is_file()
+    # from (known from the lineage after the re-run), a file that exists.
+    assert not (tmp_path / "runs" / "best_model.pt").exists()
+    assert (f"No validation beat the best of the checkpoint this run started from: {source / 'state.pt'} stays the "
+            "best model.") in again.stdout
+    assert f"Best model:  {source / 'state.pt'}\n" in again.stdout
 
 
 def test_c_pt_file_from_another_tool_without_epoch_starts_at_epoch_0_with_its_weights(
-        tmp_path: Path, dataset: Path, base_run: Path, ray_address: str) -> None:
+        tmp_path: Path, dataset: Path, base_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the driver decides (in this process) and what every worker then restores from the file."""
+    from raytrain_app.checkpoint.state import restore_training_state
+    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.trainer import Trainer
+    from raytrain_app.main import prepare
+
     best = load_state(str(base_run.parent / "best_model.pt"))
     foreign = {  # only the keys the old script wrote, no 'epoch' or 'global_step', a config of its own
         "model_state_dict": best["model_state_dict"],
@@ -168,31 +159,17 @@ def test_c_pt_file_from_another_tool_without_epoch_starts_at_epoch_0_with_its_we
     }
     torch.save(foreign, tmp_path / "exported.pt")
     args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "1", "--epochs", "1",
-            "--batch-size", "16", "--eval-every", "100", "--lr", "1e-9", "--warmup-steps", "0",
-            "--resume-from-checkpoint", str(tmp_path / "exported.pt")]  # no architecture flags: from the file
-    result = run_main(args, ray_address)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "✅ Resuming from epoch 0" in result.stdout
-    assert "Epochs: 1 (starting from epoch 1)" in result.stdout
-    final = load_state(str(ckpt(tmp_path / "runs" / run_name_of(result.stdout), STEPS_PER_EPOCH) / "state.pt"))
-    assert final["epoch"] == 1 and final["global_step"] == STEPS_PER_EPOCH
-    for name, tensor in foreign["model_state_dict"].items():  # lr 1e-9: the weights are the file's
-        assert torch.allclose(final["model_state_dict"][name], tensor, atol=1e-6), name
-
-
-def test_d_epochs_is_a_total_from_a_checkpoint_folder(tmp_path: Path, dataset: Path, base_run: Path,
-                                                      ray_address: str) -> None:
-    source = ckpt(base_run, STEPS_PER_EPOCH)  # a Ray checkpoint folder at the end of epoch 1
-    args = train_args(dataset, tmp_path, 2, "--resume-from-checkpoint", str(source))
-    args[args.index("--epochs") + 1] = "2"
-    result = run_main(args, ray_address)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "✅ Resuming from epoch 1" in result.stdout
-    assert "Epochs: 2 (starting from epoch 2)" in result.stdout
-    run_dir = tmp_path / run_name_of(result.stdout)
-    steps = sorted(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*"))
-    assert steps[-1] == 2 * STEPS_PER_EPOCH  # exactly one more epoch: epoch 2
-    assert load_state(str(ckpt(run_dir, steps[-1]) / "state.pt"))["epoch"] == 2
+            "--batch-size", "16", "--lr", "1e-9", "--resume-from-checkpoint", str(tmp_path / "exported.pt")]
+    plan = prepare(args)  # no architecture flags: they come from the file
+    assert (plan.cfg.hidden_dim, plan.cfg.num_layers, plan.cfg.num_heads) == (16, 2, 2)
+    assert (plan.summary.epoch, plan.summary.global_step) == (0, 0) and start_position(plan.summary) == (0, 0)
+    assert plan.cfg.lr == 1e-9 and plan.cfg.batch_size == 16  # the command's settings, not the file's
+    model = SequenceTransformer(plan.cfg)
+    trainer = Trainer(plan.cfg, model, model, torch.device("cpu"))
+    report = restore_training_state(trainer, load_state(plan.init_from), fork=True)
+    assert report.optimizer and (trainer.epoch, trainer.global_step, trainer.batch_index) == (0, 0, 0)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in foreign["model_state_dict"].items())
+    assert not (tmp_path / "runs").exists() and capsys.readouterr().err == ""
 
 
 def test_d_nothing_left_to_train_exits_0_without_writing(tmp_path: Path, dataset: Path, base_run: Path,
@@ -204,17 +181,19 @@ def test_d_nothing_left_to_train_exits_0_without_writing(tmp_path: Path, dataset
     assert not (tmp_path / "runs").exists()
 
 
-def test_f_missing_checkpoint_warns_and_starts_fresh(tmp_path: Path, dataset: Path, ray_address: str) -> None:
+def test_f_missing_checkpoint_warns_and_starts_fresh(tmp_path: Path, dataset: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The guide's behaviour for a --resume-from-checkpoint that does not exist: a warning, then training from
+    scratch, as the driver decides it (in this process; a fresh start is what every other new run does)."""
+    from raytrain_app.main import prepare
+
     missing = tmp_path / "checkpoints" / "best_model.pt"
-    args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "1", "--epochs", "1",
-            "--batch-size", "16", "--eval-every", "100", *TINY_MODEL, "--resume-from-checkpoint", str(missing)]
-    result = run_main(args, ray_address)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"Checkpoint file not found: {missing}" in result.stdout
-    assert "Starting training from scratch" in result.stdout
-    assert "Epochs: 1 (starting from epoch 1)" in result.stdout
-    state = load_state(str(ckpt(tmp_path / "runs" / run_name_of(result.stdout), STEPS_PER_EPOCH) / "state.pt"))
-    assert state["global_step"] == STEPS_PER_EPOCH
+    plan = prepare(["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), *TINY_MODEL,
+                    "--resume-from-checkpoint", str(missing)])
+    out = capsys.readouterr().out
+    assert f"Checkpoint file not found: {missing}" in out and "Starting training from scratch" in out
+    assert plan.summary is None and plan.init_from is None and plan.lineage is None
+    assert start_position(plan.summary) == (0, 0)
 
 
 def test_g_resume_prints_a_summary(tmp_path: Path, dataset: Path, base_run: Path) -> None:

@@ -63,7 +63,7 @@ def s3_run(dataset: Path, ray_address: str, s3_endpoint: str, uninterrupted) -> 
     resumed = run_main(args, ray_address)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return {"save_dir": save_dir, "run_name": run_name, "run_dir": run_dir, "reference": uninterrupted(2),
-            "prefix": prefix,
+            "prefix": prefix, "dataset": str(dataset), "local_dir": str(dataset.parent / "unused-runs"),
             "resumed": resumed.stdout, "endpoint": s3_endpoint}
 
 
@@ -96,20 +96,37 @@ def test_s3_runs_metrics_hold_each_step_once_and_its_report_marks_the_resume(
     assert run_dir.join("loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("source", ["checkpoint_folder", "best_model", "run_folder"])
-def test_fine_tune_from_s3_locations(tmp_path: Path, dataset: Path, ray_address: str, s3_run: dict,
-                                     source: str) -> None:
+def test_every_kind_of_s3_location_resolves_to_the_checkpoint_it_names(s3_run: dict,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """What --resume-from-checkpoint accepts, on S3, as the driver reads it before any worker starts (in this
+    process): a checkpoint folder, best_model.pt, a run folder (its best checkpoint)."""
+    from raytrain_app.main import prepare
+
     save_dir = parse_location(s3_run["save_dir"])
-    folder = save_dir.join(s3_run["run_name"], f"checkpoint_step={2 * STEPS_PER_EPOCH:06d}")
-    location, state_file = {
-        "checkpoint_folder": (folder, folder.join("state.pt")),
-        "best_model": (save_dir.join("best_model.pt"), save_dir.join("best_model.pt")),
-        "run_folder": (save_dir.join(s3_run["run_name"]), None),
-    }[source]
-    location = location.uri
-    source_state = s3_state(state_file.uri) if state_file else None
-    args = ["--data", str(dataset), "--save-dir", str(tmp_path), "--num-workers", "1", "--batch-size", "16",
-            "--eval-every", "1000", "--epochs", str(EPOCHS + 1), "--lr", "2e-4", "--resume-from-checkpoint", location]
+    run_dir = save_dir.join(s3_run["run_name"])
+    folder = run_dir.join(f"checkpoint_step={2 * STEPS_PER_EPOCH:06d}")
+    best = save_dir.join("best_model.pt")
+    best_step = s3_state(best.uri)["global_step"]
+    for location, step in ((folder.uri, 2 * STEPS_PER_EPOCH), (best.uri, best_step), (run_dir.uri, best_step)):
+        plan = prepare(["--data", s3_run["dataset"], "--save-dir", s3_run["local_dir"], "--lr", "2e-4",
+                        "--epochs", str(EPOCHS + 1), "--resume-from-checkpoint", location])
+        assert plan.summary.global_step == step and plan.init_from.startswith(f"s3://runs/{s3_run['prefix']}/")
+        assert plan.lineage["base_checkpoint"] == plan.init_from and plan.run_name != s3_run["run_name"]
+    assert capsys.readouterr().err == ""
+
+
+def test_fine_tune_from_an_s3_run_folder_on_parquet_data_on_s3(tmp_path: Path, dataset: Path, ray_address: str,
+                                                               s3_run: dict) -> None:
+    """One run reads everything from the bucket: Parquet data converted there by the data command, and the
+    checkpoint it starts from named by its run folder."""
+    bucket = make_bucket(s3_run["endpoint"], "parquet")
+    data = s3_uri(bucket, "tiny", s3_run["endpoint"])
+    converted = subprocess.run([sys.executable, "-m", "raytrain_app.data", "convert", str(dataset), data],
+                               env=base_env(), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert converted.returncode == 0, converted.stderr
+    source = parse_location(s3_run["save_dir"]).join(s3_run["run_name"]).uri
+    args = ["--data", data, "--save-dir", str(tmp_path), "--num-workers", "1", "--batch-size", "16",
+            "--eval-every", "1000", "--epochs", str(EPOCHS + 1), "--lr", "2e-4", "--resume-from-checkpoint", source]
     result = run_main(args, ray_address)
     assert result.returncode == 0, result.stdout + result.stderr
     assert run_name_of(result.stdout) != s3_run["run_name"]
@@ -117,23 +134,30 @@ def test_fine_tune_from_s3_locations(tmp_path: Path, dataset: Path, ray_address:
     run_dir = tmp_path / run_name_of(result.stdout)
     steps = sorted(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*"))
     final = load_state(str(run_dir / f"checkpoint_step={steps[-1]:06d}" / "state.pt"))
-    assert final["config"]["lr"] == 2e-4
-    if source_state is not None:  # a run folder means its best checkpoint, whichever step that is
-        assert steps[0] > source_state["global_step"]
+    assert final["config"]["lr"] == 2e-4 and final["config"]["data"].startswith("s3://parquet/tiny")
+    base = s3_state(parse_location(s3_run["save_dir"]).join("best_model.pt").uri)  # the run folder's best
+    assert final["lineage"]["base_global_step"] == base["global_step"] and steps[0] > base["global_step"]
+    assert final["epoch"] == EPOCHS + 1
     total = (EPOCHS + 1) * STEPS_PER_EPOCH
     assert final["optimizer_state_dict"]["param_groups"][0]["lr"] == lr_at(
         final["global_step"] - 1, peak_lr=2e-4, warmup_steps=20, total_steps=total)
 
 
-def _fails_fast(args: list[str], expected: str, env_overrides: dict | None = None) -> None:
-    env = {**base_env(), **(env_overrides or {})}
+def _fails_fast(args: list[str], expected: str) -> None:
+    """The command refuses at once, in this process (it ends before Ray starts): one line, exit 2."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from raytrain_app.main import main
+
+    err = io.StringIO()
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "raytrain_app.main", *args], env=env, capture_output=True,
-                            text=True, timeout=60, cwd=REPO_ROOT)
-    assert time.monotonic() - started < 30
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        code = main(args)
+    assert time.monotonic() - started < 30  # no retrying against storage that is not there
+    assert code == 2, err.getvalue()
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err.getvalue()
 
 
 def test_unreachable_endpoint(tmp_path: Path, dataset: Path) -> None:
@@ -175,21 +199,6 @@ def test_data_uri_without_parquet_files(tmp_path: Path, s3_endpoint: str) -> Non
     data = s3_uri(bucket, "empty", s3_endpoint)
     _fails_fast(["--data", data, "--save-dir", str(tmp_path / "runs")], "is a folder without Parquet files")
     assert not (tmp_path / "runs").exists()
-
-
-def test_parquet_data_on_s3_trains(tmp_path: Path, dataset: Path, ray_address: str, s3_endpoint: str) -> None:
-    bucket = make_bucket(s3_endpoint, "parquet")
-    data = s3_uri(bucket, "tiny", s3_endpoint)
-    converted = subprocess.run([sys.executable, "-m", "raytrain_app.data", "convert", str(dataset), data],
-                               env=base_env(), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert converted.returncode == 0, converted.stderr
-    args = ["--data", data, "--save-dir", str(tmp_path), "--num-workers", "2", "--batch-size", "8", "--epochs", "1",
-            "--eval-every", "1000"]
-    result = run_main(args, ray_address)
-    assert result.returncode == 0, result.stdout + result.stderr
-    state = load_state(str(tmp_path / run_name_of(result.stdout) / f"checkpoint_step={STEPS_PER_EPOCH:06d}"
-                           / "state.pt"))
-    assert state["epoch"] == 1 and state["config"]["data"].startswith("s3://parquet/tiny")
 
 
 def test_pickle_dataset_read_from_s3(dataset: Path, s3_endpoint: str) -> None:
