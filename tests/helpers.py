@@ -18,8 +18,9 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -272,3 +273,22 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["two-node-cluster"] or len(sys.argv) != 3:
         sys.exit("usage: python -m tests.helpers two-node-cluster TEMP_DIR")
     two_node_cluster(sys.argv[2])
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_in_process(main: Callable[[list[str]], int], args: list[str], cwd: Path | None = None) -> Any:
+    """A command's `main` run in this process, for commands that end before any Ray process starts: what
+    `python -m` would give (returncode, stdout, stderr) without a process start and its imports each time."""
+    import contextlib
+    import io
+    import types
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd or REPO_ROOT):
+        try:
+            code = main(args)
+        except SystemExit as e:  # argparse's own errors
+            code = e.code if isinstance(e.code, int) else 1
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -12,7 +12,9 @@ import yaml
 from jsonschema import ValidationError
 
 from raytrain_app.cli.flags import parse_config
-from tests.conftest import REPO_ROOT, run_jobs
+from raytrain_app.jobs import main as jobs_main
+from tests.conftest import REPO_ROOT
+from tests.helpers import run_in_process
 
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
 RAYJOB_YAML = REPO_ROOT / "jobs" / "rayjob.yaml"
@@ -115,7 +117,7 @@ def test_runtime_env_lets_the_driver_save_on_stop() -> None:
 ])
 def test_submit_refuses_what_cannot_work_with_one_line_before_submitting(args: list[str], message: str) -> None:
     # The address points nowhere: a bad command is refused before the helper tries it.
-    result = run_jobs("submit", "--address", "http://127.0.0.1:9", "--", *args)
+    result = run_in_process(jobs_main, ["submit", "--address", "http://127.0.0.1:9", "--", *args])
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()  # one line, no traceback
     assert line.startswith("error: ") and message in line
@@ -141,8 +143,8 @@ def test_submit_pins_the_run_or_sweep_name_every_attempt_continues() -> None:
 
 
 def test_submit_from_outside_the_repository_refuses_to_upload_the_wrong_folder(tmp_path: Path) -> None:
-    result = run_jobs("submit", "--address", "http://127.0.0.1:9", "--", "--data", "/d.pkl", "--save-dir", "/abs",
-                      cwd=tmp_path)
+    result = run_in_process(jobs_main, ["submit", "--address", "http://127.0.0.1:9", "--", "--data", "/d.pkl",
+                                        "--save-dir", "/abs"], cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line == (f"error: the runtime env's working_dir '.' is {tmp_path}, which does not hold raytrain_app/: "

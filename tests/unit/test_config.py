@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from raytrain_app.cli.flags import parse_config
 from raytrain_app.core.config import ConfigError, TrainConfig
-from tests.conftest import REPO_ROOT
+from raytrain_app.main import main
+from tests.helpers import run_in_process
 
 USER_FLAGS = [  # fixed names: users' scripts already use them
     "--data", "--epochs", "--lr", "--weight-decay", "--dropout", "--batch-size", "--grad-accum-steps", "--use-amp",
@@ -24,8 +23,7 @@ SERVICE_FLAGS = [
 
 
 def test_help_lists_every_flag() -> None:
-    result = subprocess.run([sys.executable, "-m", "raytrain_app.main", "--help"], capture_output=True, text=True,
-                            cwd=REPO_ROOT, timeout=60)
+    result = run_in_process(main, ["--help"])
     assert result.returncode == 0
     for flag in USER_FLAGS + SERVICE_FLAGS:
         assert f"{flag} " in result.stdout or f"{flag}\n" in result.stdout, flag
@@ -78,8 +76,7 @@ def test_invalid_values_name_the_flag(flags: list[str], message: str) -> None:
 
 
 def test_invalid_value_on_the_command_line_is_one_line_exit_2(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "raytrain_app.main", "--lr", "-1", "--save-dir", str(tmp_path / "s")]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    result = run_in_process(main, ["--lr", "-1", "--save-dir", str(tmp_path / "s")])
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --lr must be positive, got -1.0"
     assert not (tmp_path / "s").exists()

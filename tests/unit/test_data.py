@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from raytrain_app.data import main as data_main
 from raytrain_app.datasets.augment import augment
 from raytrain_app.datasets.dataset import DataError
 from raytrain_app.datasets.formats import load_dataset, make_synthetic
 from raytrain_app.datasets.order import batches_per_epoch, eval_batches, shard_batches
-from tests.conftest import REPO_ROOT
+from tests.helpers import run_in_process
 
 
 def dump(path: Path, obj: object, protocol: int = 4) -> Path:
@@ -136,9 +135,8 @@ def load_split(n: int):  # noqa: ANN201
 
 def test_synth_cli_writes_a_loadable_dataset(tmp_path: Path) -> None:
     out = tmp_path / "synth.pkl"
-    result = subprocess.run([sys.executable, "-m", "raytrain_app.data", "synth", "--out", str(out), "--num-train",
-                             "50", "--num-val", "10", "--seq-len", "6", "--feature-dim", "2", "--per-step"],
-                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    result = run_in_process(data_main, ["synth", "--out", str(out), "--num-train", "50", "--num-val", "10",
+                                        "--seq-len", "6", "--feature-dim", "2", "--per-step"])
     assert result.returncode == 0, result.stderr
     ds = load_dataset(str(out))
     assert (len(ds.train), len(ds.val), ds.seq_len, ds.feature_dim, ds.per_step) == (50, 10, 6, 2, True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raytrain_app.data import main as data_main
 from raytrain_app.datasets.dataset import DataError
 from raytrain_app.datasets.formats import load_dataset, make_synthetic, open_dataset
 from raytrain_app.datasets.order import ORDER_BLOCK_ROWS, eval_batches, shard_batches
 from raytrain_app.datasets.parquet import _table
-from tests.conftest import REPO_ROOT, write_dataset
+from tests.conftest import write_dataset
+from tests.helpers import run_in_process
 
 
 def convert(pickle_path: Path, out: Path, *extra: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "raytrain_app.data", "convert", str(pickle_path), str(out),
-                             *extra], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    result = run_in_process(data_main, ["convert", str(pickle_path), str(out), *extra])
     assert result.returncode == 0, result.stderr
 
 
@@ -74,9 +73,8 @@ def test_parquet_without_val_holds_out_the_last_rows(tmp_path: Path) -> None:
 
 
 def test_synth_parquet_cli(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "raytrain_app.data", "synth", "--format", "parquet", "--out",
-                             str(tmp_path / "s"), "--num-train", "64", "--num-val", "8"],
-                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    result = run_in_process(data_main, ["synth", "--format", "parquet", "--out", str(tmp_path / "s"), "--num-train",
+                                        "64", "--num-val", "8"])
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["train.parquet", "val.parquet"]
     ds = open_dataset(str(tmp_path / "s"))

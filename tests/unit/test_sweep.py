@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from raytrain_app.ray_adapter.capacity import how_many_fit
 from raytrain_app.ray_adapter.sweep_trial import tune_metrics
 from raytrain_app.tune import plan_sweep
 from tests.conftest import REPO_ROOT, base_env
-from tests.helpers import TINY_MODEL
+from tests.helpers import TINY_MODEL, run_in_process
 
 BASE = ["--base-checkpoint", "base.pt"]
 
@@ -146,9 +147,11 @@ def test_plan_counts_each_trials_steps_and_names_the_sweep(base_pt: Path, datase
     assert other.name != plan.name
 
 
-def run_tune_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raytrain_app.tune", *args], env=base_env(), capture_output=True,
-                          text=True, timeout=120, cwd=REPO_ROOT)
+def run_tune_cli(args: list[str]) -> Any:
+    """`python -m raytrain_app.tune` in this process: these mistakes are found before Ray starts."""
+    from raytrain_app.tune import main
+
+    return run_in_process(main, args)
 
 
 @pytest.mark.parametrize("extra, message", [
