@@ -40,7 +40,7 @@ docs: $(VENV)/.installed
 	$(PY) -m raytrain_app.cli.reference > docs/cli.md
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check raytrain_app tests
+	$(VENV)/bin/ruff check raytrain_app tests benchmarks
 
 clean:
 	rm -rf $(VENV) checkpoints data .pytest_cache .import_linter_cache

@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from raytrain_app.checkpoint.state import training_state
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
 from raytrain_app.checkpoint.format import save_checkpoint_dir
+from raytrain_app.checkpoint.state import training_state
 from raytrain_app.checkpoint.writer import CheckpointWriter
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.model import SequenceTransformer

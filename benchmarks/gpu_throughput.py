@@ -3,8 +3,9 @@ large configuration on one GPU; and the checkpoint's save and load rates in GB/s
 
 It runs the project's own training step (`Trainer.train_step`: autocast, GradScaler for fp16, fused AdamW,
 gradient clipping) in this process, with no Ray: it needs torch and this repository, not a cluster. MFU counts
-6 FLOPs per parameter and token plus attention's (raytrain_app.observability.metrics.flops_per_token) against the GPU's dense
-bf16 peak (raytrain_app.observability.metrics.PEAK_FLOPS); it is left out on devices whose peak is not known (CPUs).
+6 FLOPs per parameter and token plus attention's (raytrain_app.observability.metrics.flops_per_token) against
+the GPU's dense bf16 peak (raytrain_app.observability.metrics.PEAK_FLOPS); it is left out on devices whose peak
+is not known (CPUs).
 
     python benchmarks/gpu_throughput.py                     # the large configuration: hidden 2048, 24 layers
     python benchmarks/gpu_throughput.py --hidden-dim 64 --num-layers 2 --seq-len 32 --batch-size 4 --steps 3
@@ -20,14 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from raytrain_app.checkpoint.state import training_state
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
 from raytrain_app.checkpoint.format import load_state, save_checkpoint_dir
+from raytrain_app.checkpoint.state import training_state
 from raytrain_app.checkpoint.writer import CheckpointWriter
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.model import SequenceTransformer

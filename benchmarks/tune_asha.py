@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from raytrain_app.checkpoint.state import with_training_state
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from raytrain_app.checkpoint.state import with_training_state
 
 
 def run(module: str, argv: list[str]) -> float:

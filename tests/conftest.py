@@ -228,6 +228,16 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def parquet_dataset(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
+    """The session's pickle dataset converted to Parquet (train.parquet, val.parquet)."""
+    out = tmp_path_factory.mktemp("parquet") / "tiny"
+    result = subprocess.run([sys.executable, "-m", "raytrain_app.data", "convert", str(dataset), str(out)],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def uninterrupted(shared_tmp: Path, dataset: Path, ray_address: str):  # noqa: ANN201
     """The final state.pt of an uninterrupted run of `tests.helpers.train_args` from the pickle, per worker count
     (trained once per test session, on first use, whichever pytest worker needs it first): what the resume, fault

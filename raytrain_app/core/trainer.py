@@ -25,6 +25,7 @@ from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.distributed import LazyHostValue, all_reduce_sum, world
 from raytrain_app.core.interrupts import CONTINUE, SAVE, STOP, Agreement, InterruptFn
 from raytrain_app.core.model import loss_fn
+from raytrain_app.core.optim import build_optimizer
 from raytrain_app.core.schedule import WarmupCosineSchedule
 from raytrain_app.datasets.augment import augment
 from raytrain_app.datasets.dataset import Dataset
@@ -90,13 +91,7 @@ class Trainer:
         self._agreement = Agreement(self.world_size)
         self.saved_step = 0  # the global step of the newest checkpoint (step 0: nothing to lose yet)
         self.ddp = train_model if isinstance(train_model, DistributedDataParallel) else None
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            # Fused on every device: its kernel skips a step flagged non-finite on the device (see train_step).
-            lr=cfg.lr, betas=(0.9, 0.95), fused=True,
-        )
+        self.optimizer = build_optimizer(cfg, model)
         self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.use_amp and cfg.amp_dtype == "fp16")
