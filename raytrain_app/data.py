@@ -1,12 +1,10 @@
-"""Datasets in the "new format": load safely, validate, shard per worker, and write synthetic ones.
+"""Datasets from the command line: `python -m raytrain_app.data synth|convert`.
 
-Format: a pickled dict {"train": {"x": X, "y": Y}, "val": {"x": X, "y": Y}, "num_classes": C (optional)} with
-X float [N, T, F] and Y int [N] (one class per sequence) or [N, T] (one class per step), numpy or torch.
+    python -m raytrain_app.data synth --out data/demo.pkl                 # a synthetic, learnable dataset
+    python -m raytrain_app.data synth --format parquet --out data/demo    # the same as Parquet files
+    python -m raytrain_app.data convert data/demo.pkl data/demo-parquet   # a pickle's splits as Parquet
 
-Order and sharding are pure functions: the epoch's permutation depends only on (seed, epoch) and a worker's
-shard only on (rank, world size), so a resumed run sees exactly the batches the uninterrupted one would.
-
-    python -m raytrain_app.data synth --out data/demo.pkl
+The format itself, its safe loading, order and sharding: raytrain_app.datasets (docs/data.md).
 """
 
 from __future__ import annotations
@@ -17,18 +15,6 @@ import sys
 from raytrain_app.cli.errors import run_command
 from raytrain_app.datasets.dataset import Split
 from raytrain_app.datasets.formats import load_dataset, make_synthetic, write_pickle_atomic
-
-# --- augmentation -------------------------------------------------------------------------------------------
-
-
-
-
-# --- synthetic data -----------------------------------------------------------------------------------------
-
-
-
-
-
 
 
 def _add_size_flags(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raytrain_app.cli.errors import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_USER_ERROR, run_command
+from raytrain_app.cli.errors import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_USER_ERROR, first_line, run_command
 from raytrain_app.cli.flags import parse_config, parse_sweep_config
 from raytrain_app.core.config import sweep_identity_hash
 from raytrain_app.core.errors import UserError
@@ -48,11 +48,6 @@ class JobsError(UserError):
     def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass
@@ -117,7 +112,7 @@ def connect(address: str | None) -> Any:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - unreachable, refused, unauthorised: one line
         shown = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "auto"
-        raise JobsError(f"cannot reach the Ray job API at {shown}: {first_line(e)} (start the "
+        raise JobsError(f"cannot reach the Ray job API at {shown}: {first_line(e, type(e).__name__)} (start the "
                         "cluster, open its tunnel with `ray dashboard cluster.yaml`, or pass --address)") from None
 
 
@@ -252,7 +247,7 @@ def _submit(client: Any, entry: Entry, submission_id: str, runtime_env: dict[str
                               metadata={RUN_KEY: entry.run, ATTEMPT_KEY: str(attempt)})
             return
         except Exception as e:  # noqa: BLE001 - refused (bad runtime env, auth) or unreachable: one line
-            reason = first_line(e)
+            reason = first_line(e, type(e).__name__)
             if last_try or not _is_connection_error(e):
                 raise JobsError(f"submitting {submission_id} failed: {reason}") from None
             print(f"[jobs] the job API did not answer ({reason}); waiting up to {reconnect_timeout:.0f} s",
@@ -352,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
     # A JobsError carries its own exit code; an error from the job API (auth, a lost head) is one line.
     return run_command(lambda: args.func(args), describe=lambda e: f"the Ray job API failed: {type(e).__name__}: "
-                                                                   f"{first_line(e)}",
+                                                                   f"{first_line(e, type(e).__name__)}",
                        interrupted="\n[jobs] stopped following; the job keeps running. Follow it again with "
                                    "`python -m raytrain_app.jobs logs --follow RUN`, stop it with `... jobs stop RUN`.")
 

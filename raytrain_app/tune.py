@@ -219,14 +219,6 @@ def start_record(plan: SweepPlan) -> None:
         raise StorageError(f"could not write the sweep into {plan.sweep_dir}: {e}") from None
 
 
-
-
-
-
-
-
-
-
 def continue_command(plan: SweepPlan, best: sweep_results.TrialResult) -> str:
     """The command that trains the best trial further: its best weights, its learning rate, more epochs."""
     args = ["--data", plan.cfg.data, "--resume-from-checkpoint", best.best_checkpoint, "--lr", repr(best.lr),

@@ -47,26 +47,12 @@ from raytrain_app.storage.location import Location, parse_location
 from raytrain_app.storage.publish import publish_bytes_from, publish_file
 
 FORMAT_VERSION = 2
-
-
 MANIFEST_VERSION_SINCE = 2  # format versions from this one on are written with a manifest
-
-
 STATE_FILE = "state.pt"
-
-
 META_FILE = "meta.json"
-
-
 MANIFEST_FILE = "manifest.json"
-
-
 BEST_MODEL_FILE = "best_model.pt"
-
-
 RUN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
-
-
 CHECKPOINT_PREFIX = "checkpoint_step="
 
 

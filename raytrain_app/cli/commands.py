@@ -1,5 +1,4 @@
-"""The commands this tool prints for users to copy (resume, fine-tune, continue a sweep's best trial).
-"""
+"""The commands this tool prints for users to copy (resume, fine-tune, continue a sweep's best trial)."""
 
 from __future__ import annotations
 

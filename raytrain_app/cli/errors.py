@@ -23,9 +23,10 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 USER_ERRORS = (UserError, ConfigError, DataError, CheckpointError, StorageError)
 
 
-def first_line(e: BaseException) -> str:
+def first_line(e: BaseException, default: str = "") -> str:
+    """The first line of an error's message (`default` when it has none)."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else ""
+    return text.splitlines()[0] if text else default
 
 
 def unforeseen(e: BaseException) -> str:

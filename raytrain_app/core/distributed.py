@@ -1,5 +1,4 @@
-"""torch.distributed helpers that are no-ops in a single process, and device values read without a sync.
-"""
+"""torch.distributed helpers that are no-ops in a single process, and device values read without a sync."""
 
 from __future__ import annotations
 

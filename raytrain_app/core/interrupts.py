@@ -1,5 +1,4 @@
-"""Interrupts at optimizer-step boundaries, and how every rank agrees on one.
-"""
+"""Interrupts at optimizer-step boundaries, and how every rank agrees on one."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ CONTINUE, SAVE, STOP = 0, 1, 2  # SAVE: checkpoint this step and go on (preempti
 
 
 InterruptFn = Callable[[], int]
-
 
 
 class Agreement:

@@ -1,5 +1,4 @@
-"""Random-number generator states: seeded per rank, captured into checkpoints, restored exactly.
-"""
+"""Random-number generator states: seeded per rank, captured into checkpoints, restored exactly."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The learning-rate schedule: a pure function of the optimizer step, so resuming needs only the step.
-"""
+"""The learning-rate schedule: a pure function of the optimizer step, so resuming needs only the step."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Training-time augmentation, deterministic in (seed, epoch, rank, batch).
-"""
+"""Training-time augmentation, deterministic in (seed, epoch, rank, batch)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""A dataset in memory or streamed: its splits, shapes and the one error type of data problems.
-"""
+"""A dataset in memory or streamed: its splits, shapes and the one error type of data problems."""
 
 from __future__ import annotations
 

@@ -34,11 +34,7 @@ from raytrain_app.storage.location import Location
 from raytrain_app.storage.publish import publish_bytes
 
 METRICS_FILE = "metrics.jsonl"
-
-
 WANDB_FLUSH_INTERVAL_S = 1.0
-
-
 DATA_ROW_KINDS = ("train", "checkpoint")
 
 

@@ -18,8 +18,6 @@ import torch
 from raytrain_app.core.distributed import LazyHostValue
 
 PUSH_INTERVAL_S = 1.0  # how often rank 0 sends its progress (more often when --progress-every asks for it)
-
-
 MIN_PUSH_INTERVAL_S = 0.1
 
 

@@ -1,5 +1,4 @@
-"""A run's report for people: a summary of its metrics.jsonl, and loss.png.
-"""
+"""A run's report for people: a summary of its metrics.jsonl, and loss.png."""
 
 from __future__ import annotations
 
@@ -11,8 +10,6 @@ from raytrain_app.core.config import as_flags
 from raytrain_app.storage.location import Location
 
 PLOT_FILE = "loss.png"
-
-
 SHOWN_SETTINGS = ("data", "hidden_dim", "num_layers", "num_heads", "epochs", "lr", "batch_size", "grad_accum_steps",
                   "num_workers", "use_amp", "amp_dtype", "compile", "seed")
 

@@ -22,11 +22,7 @@ def trial_id_of(trial_dir: str) -> str:
 
 
 RESULTS_FILE = "results.csv"
-
-
 PLOT_FILE = "sweep.png"
-
-
 CSV_COLUMNS = ("lr", "best_val_loss", "final_val_loss", "steps_trained", "status", "trial_id", "best_checkpoint")
 
 

@@ -38,8 +38,6 @@ def how_many_fit(need: dict[str, float], capacity: dict[str, float]) -> int:
 def check_cluster_fits(cfg: TrainConfig) -> None:
     """Fail fast, before a worker starts, when the cluster (as far as it can ever grow) cannot place the run's
     workers: Ray would otherwise wait for them forever."""
-    from raytrain_app.ray_adapter.capacity import cluster_capacity, how_many_fit
-
     capacity, autoscaling = cluster_capacity()
     where = "this cluster can grow to" if autoscaling else "this cluster has"
     shown = ", ".join(f"{k} {v:g}" for k, v in sorted(capacity.items()) if k in ("CPU", "GPU") and v) or "nothing"

@@ -30,8 +30,6 @@ from raytrain_app.core.interrupts import CONTINUE, SAVE, STOP
 from raytrain_app.ray_adapter import ray_compat
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
 POLL_INTERVAL_S = 0.5  # how often each worker asks the driver whether to stop
 
 

@@ -1,5 +1,4 @@
-"""Running a sweep's trials with Ray Tune: a new Tuner, or the restored one of an interrupted sweep.
-"""
+"""Running a sweep's trials with Ray Tune: a new Tuner, or the restored one of an interrupted sweep."""
 
 from __future__ import annotations
 
@@ -11,8 +10,6 @@ from raytrain_app.ray_adapter.sweep_trial import TRIAL_DRIVER_CPUS, train_trial
 from raytrain_app.storage.location import Location, parse_location
 
 SWEEP_FILE = "sweep.json"  # the sweep's settings, so a re-run can tell it is the same sweep
-
-
 BASE_FILE = "base_checkpoint.pt"  # the sweep's own copy of the base: every trial starts from these exact bytes
 
 

@@ -26,8 +26,6 @@ TRAIN_FAILED_MARK = "training_failed.json"  # {"max_failures", "global_step", "e
 # What Tune reserves for the trial itself (the process that drives the TorchTrainer); the Train workers
 # reserve their own. Tune rejects 0.
 TRIAL_DRIVER_CPUS = 0.1
-
-
 LOSS_KEYS = ("val_loss", "best_val_loss", "train_ema_loss")
 
 

@@ -30,8 +30,6 @@ FORWARDED_ENV_VARS = (
 
 # A wrong endpoint must fail in seconds, not after pyarrow's default minutes of retries.
 CONNECT_TIMEOUT_S = 5.0
-
-
 REQUEST_TIMEOUT_S = 20.0
 
 

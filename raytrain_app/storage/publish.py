@@ -1,5 +1,4 @@
-"""Atomic publishing: readers of any storage see a whole file or none, never a part.
-"""
+"""Atomic publishing: readers of any storage see a whole file or none, never a part."""
 
 from __future__ import annotations
 
