@@ -9,7 +9,6 @@ DEMO_DATA := data/demo.pkl
 # Recreated when pyproject.toml changes. torch==2.13.0 is the CPU wheel pinned in pyproject.toml.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 

@@ -202,14 +202,14 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_on
 
 def test_a_damaged_latest_checkpoint_falls_back_and_the_run_ends_bit_exact(
         tmp_path: Path, parquet_dataset: Path, ray_address: str, uninterrupted) -> None:  # noqa: ANN001
-    """One worker reading the Parquet copy of the data is killed after a mid-epoch checkpoint; the checkpoint
+    """Two workers reading the Parquet copy of the data are killed after a mid-epoch checkpoint; the checkpoint
     Ray's record names as the latest then has one byte flipped (storage rot). The re-run names it, continues
     mid-epoch from the checkpoint before it (and Ray restores that one too), and ends with the same bits as an
     uninterrupted run from the pickle (both formats serve the same rows in the same order)."""
-    reference = uninterrupted(1)
+    reference = uninterrupted(2)
     # Every checkpoint kept (not what is trained): the one before the damaged one is in Ray's record, inside
     # epoch 2 since the kill comes at step 21 or later.
-    args = train_args(parquet_dataset, tmp_path / "runs", 1)
+    args = train_args(parquet_dataset, tmp_path / "runs", 2)
     args[args.index("--keep-checkpoints") + 1] = "100"
     run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
     run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2 - {18})
@@ -242,7 +242,7 @@ def test_a_diverging_fine_tune_stops_and_says_how_to_resume_from_the_last_good_c
     weights overflow, every later loss is non-finite and its step skipped, on both ranks alike. Three in a row stop
     the run (exit 3), naming the steps; the new run has no checkpoint with a finite validation loss, so the printed
     command forks again from the checkpoint it started from, with half the learning rate."""
-    base = uninterrupted(1).parent
+    base = uninterrupted(2).parent  # a trained model's last checkpoint folder
     args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--num-workers", "2", "--batch-size", "8",
             "--epochs", "4", "--eval-every", "1", "--lr", "1e30", "--max-skipped-steps", "3",
             "--resume-from-checkpoint", str(base)]

@@ -39,8 +39,8 @@ pytestmark = pytest.mark.e2e
 def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, ray_address: str,
                                       uninterrupted) -> None:  # noqa: ANN001
     """Two workers, the pickle: killed after a mid-epoch checkpoint, the same command resumes mid-epoch and ends
-    with an uninterrupted run's bits. (One worker reading Parquet is killed, damaged and resumed in
-    test_faults_e2e.py.)"""
+    with an uninterrupted run's bits. (The Parquet copy is killed, damaged and resumed in test_faults_e2e.py; one
+    worker is killed and resumed in the jobs, observability and faults tests.)"""
     workers = 2
     reference = uninterrupted(workers)
     args = train_args(dataset, tmp_path / "interrupted", workers)
