@@ -6,19 +6,22 @@ a run folder meaning its best checkpoint; local paths or URIs).
 
 `show` prints the epoch, global step, validation losses, settings, size, lineage and whether the folder matches
 its manifest. `export` writes the model's weights alone, for inference: a safetensors file (with the settings
-that build the model in its metadata) or a .pt holding `model_state_dict` and `config`.
+that build the model in its metadata) or a .pt holding `model_state_dict` and `config`; a sharded checkpoint's
+shards are gathered into one file (this process then holds the whole weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from typing import Any
 
 from raytrain_app.checkpoint.format import MANIFEST_FILE, STATE_FILE, CheckpointError, checkpoint_problem, load_state
-from raytrain_app.checkpoint.resolve import parent_location, resolve_checkpoint
+from raytrain_app.checkpoint.resolve import parent_location, resolve_checkpoint, summarize
+from raytrain_app.checkpoint.sharded import read_full_weights
 from raytrain_app.cli.errors import run_command
 from raytrain_app.core.config import as_flags
 from raytrain_app.storage.location import Location, parse_location
@@ -54,7 +57,9 @@ def _loss(value: Any) -> str:
 def show(where: str) -> list[str]:
     state_file = _resolve(where, verify=False)  # a damaged folder is shown with what is wrong with it
     state = load_state(state_file, mmap=True)
-    params = sum(t.numel() for t in state["model_state_dict"].values())
+    summary = summarize(state_file)
+    params = sum(math.prod(shape) for shape in summary.model_shapes.values())
+    sharded = state.get("sharded")
     config = state.get("config") or {}
     batches = (state.get("data_position") or {}).get("batch_index", 0)  # a mid-epoch checkpoint's place
     lines = [f"Checkpoint: {where}" + (f" ({state_file.uri})" if state_file.uri != where else ""),
@@ -64,7 +69,8 @@ def show(where: str) -> list[str]:
              f"Validation loss at this checkpoint: {_loss(state.get('eval_val_loss'))}; best so far: "
              f"{_loss(state.get('val_loss'))}; train EMA loss: {_loss(state.get('train_ema_loss'))}",
              f"Model: {params:,} parameters; state file {_size(state_file.info().size)}"
-             + ("; optimizer state" if state.get("optimizer_state_dict") else "; no optimizer state"),
+             + (f"; weights and optimizer state sharded by {sharded['world_size']} worker(s) in {sharded['dir']}/"
+                if sharded else "; optimizer state" if summary.has_optimizer else "; no optimizer state"),
              f"Settings: {as_flags(config)}",
              f"Manifest: {manifest_status(state_file)}"]
     lineage = state.get("lineage")
@@ -85,8 +91,13 @@ def export(where: str, fmt: str, out: str) -> str:
     """Write the weights of the checkpoint at `where` to `out` (local or URI); returns what was written."""
     import torch
 
-    state = load_state(_resolve(where))
-    weights = {k: v.contiguous() for k, v in state["model_state_dict"].items()}
+    state_file = _resolve(where)
+    state = load_state(state_file)
+    if "sharded" in state:  # gathered here from every worker's shard: this process holds the whole weights
+        with parent_location(state_file).local_copy() as checkpoint_dir:
+            weights = read_full_weights(f"{checkpoint_dir}/{state['sharded']['dir']}", state["model_shapes"])
+    else:
+        weights = {k: v.contiguous() for k, v in state["model_state_dict"].items()}
     config = state.get("config") or {}
     target = parse_location(out, flag="OUT")
     with tempfile.TemporaryDirectory(prefix="raytrain-export-") as tmp:

@@ -10,7 +10,6 @@ unfinished ones continue from their own latest checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -147,8 +146,6 @@ def plan_sweep(argv: list[str]) -> SweepPlan:
         steps = trial_steps(cfg, data.train.num_rows, summary)
         grace = check_schedule(sweep, cfg, summary, steps)
         lineage = record["lineage"] if record else fork_lineage(base, summary, sha256=base_sha256)
-        # The weights were needed only for the checks: drop them (they map the copy, or hold a download).
-        summary = dataclasses.replace(summary, model_state_dict={})
     except BaseException:
         _remove_base_copy(base_copy)
         raise

@@ -17,9 +17,9 @@ def fit_to_checkpoint(
     """Take architecture fields from the checkpoint; a flag given with another value is an error (exit 2).
 
     `num_classes_given`: the dataset states its class count (else it is max label + 1 and may be smaller)."""
-    from raytrain_app.core.model import arch_from_state_dict
+    from raytrain_app.core.model import arch_from_shapes
 
-    saved = {**arch_from_state_dict(summary.model_state_dict), **summary.config}
+    saved = {**arch_from_shapes(summary.model_shapes), **summary.config}
     changes: dict[str, Any] = {}
     mismatches = []
     for name in ARCH_FIELDS:
@@ -59,7 +59,7 @@ def check_weights_fit(cfg: TrainConfig, summary: StateSummary) -> None:
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in SequenceTransformer(cfg).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in summary.model_state_dict.items()}
+    found = summary.model_shapes
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     wrong = [f"{k} {found[k]} vs {expected[k]}" for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
     if missing or unexpected or wrong:

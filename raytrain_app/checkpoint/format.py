@@ -2,10 +2,19 @@
 
 A checkpoint is a Ray `Checkpoint` directory named `checkpoint_step=000123` holding
   state.pt       torch.save of the training state (keys below), loadable with weights_only=True
-  meta.json      the few numbers needed to choose between checkpoints without loading state.pt
-  manifest.json  size and SHA-256 of the two files above, written last: a folder whose files do not match it
+  meta.json      what is needed to choose between checkpoints and to check a run against one (counters, losses,
+                 config, lineage) without loading state.pt
+  manifest.json  size and SHA-256 of the files above, written last: a folder whose files do not match it
                  (a write cut off, a lost or damaged object) is never loaded
 and `<save-dir>/best_model.pt` is the same state as one file, replaced atomically whenever validation improves.
+
+A sharded checkpoint (--strategy fsdp, see raytrain_app.checkpoint.sharded) has the same three files, but its
+state.pt holds everything except the weights and AdamW moments (`sharded`, `model_shapes` and
+`optimizer_param_groups` instead of model_state_dict and optimizer_state_dict); those are in
+  shards/                 every worker's part (`__<rank>_0.distcp`) and rank 0's index of them (`.metadata`)
+  manifest.rank<r>.json   worker r's files, with size and SHA-256, for every worker but rank 0
+and manifest.json lists the rank manifests too: the folder is whole when every worker's files are. best_model.pt
+of a sharded run is consolidated: the same keys as a DDP run's (see docs/sharding.md).
 
 A run folder also holds Ray Train's record of its checkpoints (checkpoint_manager_snapshot.json). Before a run
 continues, `recover_run` verifies the checkpoint that record names as the latest and, when it is not whole,
@@ -54,6 +63,7 @@ MANIFEST_FILE = "manifest.json"
 BEST_MODEL_FILE = "best_model.pt"
 RUN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 CHECKPOINT_PREFIX = "checkpoint_step="
+SHARDS_DIR = "shards"  # a sharded checkpoint's weights and moments (raytrain_app.checkpoint.sharded)
 
 
 class CheckpointError(ValueError):
@@ -73,6 +83,8 @@ def _meta(state: dict[str, Any]) -> dict[str, Any]:
         "best_val_loss": state["val_loss"],
         "data_position": state.get("data_position"),
         "lineage": state.get("lineage"),
+        "config": state.get("config"),
+        "sharded": state.get("sharded"),
     }
 
 
@@ -115,6 +127,60 @@ def save_checkpoint_dir(checkpoint_dir: str, state: dict[str, Any]) -> None:
         json.dump({"format_version": FORMAT_VERSION, "files": files}, f, indent=1)
 
 
+def rank_manifest_name(rank: int) -> str:
+    return f"manifest.rank{rank}.json"
+
+
+def _hash_local(path: str) -> dict[str, Any]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def finish_sharded_dir(checkpoint_dir: str, index: dict[str, Any] | None, *, rank: int, world_size: int) -> None:
+    """After this worker's shards are written into `checkpoint_dir/shards`: its manifest (rank r > 0), or rank 0's
+    state.pt (`index`), meta.json and, last, manifest.json naming every rank's manifest. Ray uploads every
+    worker's folder into the same checkpoint folder."""
+    # This worker's own files only (DCP names them `__<rank>_<n>.distcp`; rank 0 also writes `.metadata`), so
+    # that workers sharing one folder (one machine, a shared filesystem) never hash each other's.
+    shards_dir = os.path.join(checkpoint_dir, SHARDS_DIR)
+    mine = [n for n in os.listdir(shards_dir) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
+    files = {f"{SHARDS_DIR}/{name}": _hash_local(os.path.join(shards_dir, name)) for name in sorted(mine)}
+    if rank != 0:
+        with open(os.path.join(checkpoint_dir, rank_manifest_name(rank)), "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, "rank": rank, "files": files}, f, indent=1)
+        return
+    assert index is not None
+    files[STATE_FILE] = _write_local(os.path.join(checkpoint_dir, STATE_FILE), lambda f: torch.save(index, f))
+    files[META_FILE] = _write_local(os.path.join(checkpoint_dir, META_FILE),
+                                    lambda f: f.write(json.dumps(_meta(index), indent=1).encode()))
+    with open(os.path.join(checkpoint_dir, MANIFEST_FILE), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, "files": files,
+                   "rank_manifests": [rank_manifest_name(r) for r in range(1, world_size)]}, f, indent=1)
+
+
+def _valid_files(files: Any) -> bool:
+    return isinstance(files, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for e in files.values())
+
+
+def _files_problem(where: Location, files: dict[str, Any]) -> str | None:
+    for name, expected in sorted(files.items()):
+        item = where.join(name)
+        info = item.info()
+        if info.type != pafs.FileType.File:
+            return f"{name} is missing"
+        if info.size != expected["size"]:
+            return f"{name} is {info.size} bytes, its manifest says {expected['size']} (cut off or damaged)"
+        if item.sha256() != expected["sha256"]:
+            return f"{name} does not match the SHA-256 in its manifest (damaged)"
+    return None
+
+
 def checkpoint_problem(checkpoint_dir: Location | str) -> str | None:
     """Why the checkpoint folder is not whole (missing, cut off, damaged), or None when it is: every file its
     manifest lists is there with the listed size and SHA-256. A folder written before manifests (format 1) is
@@ -129,20 +195,20 @@ def checkpoint_problem(checkpoint_dir: Location | str) -> str | None:
             return "it does not exist"
         return f"it has no {MANIFEST_FILE} (its write never finished)"
     files = manifest.get("files")
-    if not (isinstance(files, dict) and STATE_FILE in files and all(
-            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
-            for e in files.values())):
+    rank_manifests = manifest.get("rank_manifests", [])
+    if not (_valid_files(files) and STATE_FILE in files and isinstance(rank_manifests, list)):
         return f"its {MANIFEST_FILE} is damaged"
-    for name, expected in sorted(files.items()):
-        item = where.join(name)
-        info = item.info()
-        if info.type != pafs.FileType.File:
-            return f"{name} is missing"
-        if info.size != expected["size"]:
-            return f"{name} is {info.size} bytes, its manifest says {expected['size']} (cut off or damaged)"
-        if item.sha256() != expected["sha256"]:
-            return f"{name} does not match the SHA-256 in its manifest (damaged)"
-    return None
+    problem = _files_problem(where, files)
+    for name in rank_manifests:  # a sharded checkpoint: every other worker's files
+        if problem:
+            return problem
+        shard_manifest = read_json(where.join(str(name)))
+        if shard_manifest is None:
+            return f"{name} is missing or damaged (a worker's shard of the checkpoint)"
+        if not _valid_files(shard_manifest.get("files")):
+            return f"{name} is damaged"
+        problem = _files_problem(where, shard_manifest["files"])
+    return problem
 
 
 def verify_checkpoint_dir(checkpoint_dir: Location | str, label: str | None = None) -> None:
@@ -197,7 +263,7 @@ def _load_local(path: str, label: str, *, mmap: bool) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - truncated, foreign or unsafe files all end here
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{label} is not a readable checkpoint ({first_line})") from None
-    if not isinstance(state, dict) or "model_state_dict" not in state:
+    if not isinstance(state, dict) or not ("model_state_dict" in state or "sharded" in state):
         raise CheckpointError(f"{label} is not a training checkpoint: it has no 'model_state_dict'")
     return state
 

@@ -125,7 +125,7 @@ class StateSummary:
     has_optimizer: bool
     has_scaler: bool
     data_position: dict[str, Any] | None
-    model_state_dict: dict[str, torch.Tensor]
+    model_shapes: dict[str, tuple[int, ...]]  # every weight's (full) shape, by name
     lineage: dict[str, Any] | None = None
     eval_val_loss: float | None = None  # measured at this checkpoint (best_val_loss is the run's best so far)
 
@@ -142,13 +142,19 @@ def summarize(location: Location, label: str | None = None) -> StateSummary:
         best_val_loss=_float_or_none(state.get("val_loss")),
         train_ema_loss=_float_or_none(state.get("train_ema_loss")),
         config=dict(state.get("config") or {}),
-        has_optimizer=bool(state.get("optimizer_state_dict")),
+        has_optimizer=bool(state.get("optimizer_state_dict") or state.get("optimizer_param_groups")),
         has_scaler=bool(state.get("scaler_state_dict")),
         data_position=position if isinstance(position, dict) else None,
-        model_state_dict=state["model_state_dict"],
+        model_shapes=_shapes(state),
         lineage=state.get("lineage") if isinstance(state.get("lineage"), dict) else None,
         eval_val_loss=_float_or_none(state.get("eval_val_loss")),
     )
+
+
+def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    if "sharded" in state:  # the weights are in the shards; the state file lists their shapes
+        return {name: tuple(shape) for name, shape in (state.get("model_shapes") or {}).items()}
+    return {name: tuple(t.shape) for name, t in state["model_state_dict"].items()}
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -9,13 +9,23 @@ validation loss the fork has to beat. The keys are listed in `raytrain_app.check
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from raytrain_app.checkpoint.format import FORMAT_VERSION
+from raytrain_app.checkpoint.format import FORMAT_VERSION, CheckpointError, finish_sharded_dir, save_checkpoint_dir
+from raytrain_app.checkpoint.sharded import (
+    SHARDS_DIR,
+    gather_full_state,
+    load_full_into_sharded,
+    load_sharded,
+    model_shapes,
+    save_shards,
+    sharded_tensors,
+)
 from raytrain_app.core.distributed import all_gather
 from raytrain_app.core.rng import capture_rng_state, restore_rng_state, seed_everything
 from raytrain_app.core.trainer import CheckpointFn, Trainer, resume_batch_index
@@ -33,18 +43,62 @@ class LoadReport:
     reset: bool = False  # --reset-optimizer discarded the optimizer and scaler state the checkpoint held
 
 
-def training_state(trainer: Trainer, eval_val_loss: float | None = None) -> dict[str, Any] | None:
-    """The full training state on rank 0, None elsewhere. Collective: every rank must call it."""
+@dataclass
+class ShardedState:
+    """A sharded checkpoint's state as one worker holds it (--strategy fsdp): `index` (rank 0 only, else None)
+    is everything but the weights and moments, written as the checkpoint's small state.pt; `tensors` are this
+    worker's shards of them (see raytrain_app.checkpoint.sharded)."""
+
+    index: dict[str, Any] | None
+    tensors: dict[str, Any]
+
+
+def training_state(trainer: Trainer, eval_val_loss: float | None = None) -> dict[str, Any] | ShardedState | None:
+    """The training state at this step. Collective: every rank must call it.
+
+    A whole model (DDP): the full state on rank 0, None elsewhere. A sharded model (FSDP): a `ShardedState` on
+    every rank; nothing is gathered."""
     per_rank = all_gather({"rng": capture_rng_state(), "ema": trainer.ema.item(),
                              "ema_started": bool(trainer.ema_started)})
+    if trainer.sharded:
+        tensors, param_groups = sharded_tensors(trainer.model, trainer.optimizer)
+        index = None
+        if trainer.rank == 0:
+            index = {**_counters(trainer, per_rank, eval_val_loss), "optimizer_param_groups": param_groups,
+                     "model_shapes": model_shapes(trainer.model),
+                     "sharded": {"strategy": trainer.cfg.strategy, "world_size": trainer.world_size,
+                                 "dir": SHARDS_DIR}}
+        return ShardedState(index, tensors)
     if trainer.rank != 0:
         return None
+    return {
+        **_counters(trainer, per_rank, eval_val_loss),
+        "model_state_dict": trainer.model.state_dict(),
+        "optimizer_state_dict": trainer.optimizer.state_dict(),
+    }
+
+
+def consolidated_state(trainer: Trainer, eval_val_loss: float | None, *, with_optimizer: bool
+                       ) -> dict[str, Any] | None:
+    """A sharded model's state as one full state (the keys of a DDP checkpoint's state.pt) on rank 0, gathered
+    one tensor at a time into host memory: best_model.pt of an FSDP run. Collective; None on other ranks."""
+    per_rank = all_gather({"rng": capture_rng_state(), "ema": trainer.ema.item(),
+                           "ema_started": bool(trainer.ema_started)})
+    weights, optimizer_state = gather_full_state(trainer.model, trainer.optimizer if with_optimizer else None)
+    if weights is None:
+        return None
+    state = {**_counters(trainer, per_rank, eval_val_loss), "model_state_dict": weights}
+    if optimizer_state is not None:
+        state["optimizer_state_dict"] = optimizer_state
+    return state
+
+
+def _counters(trainer: Trainer, per_rank: list[dict[str, Any]], eval_val_loss: float | None) -> dict[str, Any]:
+    """Every key of the state but the weights and the optimizer's moments."""
     return {
         "format_version": FORMAT_VERSION,
         "epoch": trainer.epoch,
         "global_step": trainer.global_step,
-        "model_state_dict": trainer.model.state_dict(),
-        "optimizer_state_dict": trainer.optimizer.state_dict(),
         "scaler_state_dict": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else {},
         "scheduler_state_dict": trainer.schedule.state_dict(),
         "val_loss": trainer.best_val_loss,
@@ -62,21 +116,34 @@ def training_state(trainer: Trainer, eval_val_loss: float | None = None) -> dict
 
 
 def restore_training_state(trainer: Trainer, state: dict[str, Any], *, fork: bool = False,
-                           fork_keeps_best: bool = True) -> LoadReport:
+                           fork_keeps_best: bool = True, checkpoint_dir: str | None = None) -> LoadReport:
     """Restore everything the state holds, then apply the current config's overrides (lr, weight decay,
     dropout were already applied when the model was built). Missing parts start fresh.
 
     `fork`: the state is another run's checkpoint this run starts from (not this run's own), so
     --reset-optimizer and --restart-schedule apply and the lineage is the caller's. `fork_keeps_best=False`:
     the fork tracks the best of its own validations only (a sweep trial, whose best_model.pt is its own)
-    instead of having to beat the base's best (a fine-tune sharing the base's best_model.pt)."""
+    instead of having to beat the base's best (a fine-tune sharing the base's best_model.pt).
+
+    A sharded checkpoint's weights and moments are read from `checkpoint_dir` (the local folder of its state.pt),
+    into this run's layout, whatever layout and worker count wrote them. Collective when either side is sharded."""
     report = LoadReport()
-    trainer.model.load_state_dict(state["model_state_dict"])
     reset = fork and trainer.cfg.reset_optimizer
-    report.reset = reset and bool(state.get("optimizer_state_dict"))
-    if state.get("optimizer_state_dict") and not reset:
-        trainer.optimizer.load_state_dict(state["optimizer_state_dict"])
-        report.optimizer = True
+    has_optimizer = bool(state.get("optimizer_state_dict") or state.get("optimizer_param_groups"))
+    report.reset = reset and has_optimizer
+    report.optimizer = has_optimizer and not reset
+    optimizer = trainer.optimizer if report.optimizer else None
+    if "sharded" in state:
+        if checkpoint_dir is None:
+            raise CheckpointError("a sharded checkpoint is loaded from its folder, not from its state.pt alone")
+        load_sharded(trainer.model, optimizer, os.path.join(checkpoint_dir, state["sharded"]["dir"]),
+                     state.get("optimizer_param_groups"))
+    elif trainer.sharded:
+        load_full_into_sharded(trainer.model, optimizer, state["model_state_dict"], state.get("optimizer_state_dict"))
+    else:
+        trainer.model.load_state_dict(state["model_state_dict"])
+        if optimizer is not None:
+            trainer.optimizer.load_state_dict(state["optimizer_state_dict"])
     # Hyperparameters come from the current config, not the checkpoint (fine-tuning overrides).
     trainer.optimizer.param_groups[0]["weight_decay"] = trainer.cfg.weight_decay
     for group in trainer.optimizer.param_groups:
@@ -122,7 +189,17 @@ def _load_ema(trainer: Trainer, state: dict[str, Any]) -> None:
     trainer.ema_started = torch.tensor(bool(started), device=trainer.device)
 
 
-# --- step, evaluation, loop ---------------------------------------------------------------------------
+def save_training_state(trainer: Trainer, checkpoint_dir: str, eval_val_loss: float | None = None,
+                        group: Any = None) -> None:
+    """Write this step's checkpoint folder here and now, without Ray (tools, tests, benchmarks): rank 0's
+    state.pt, meta.json and manifest, and for a sharded model every worker's shard (the folder must be one all
+    workers can write, such as a local one on one machine). Collective."""
+    state = training_state(trainer, eval_val_loss)
+    if isinstance(state, ShardedState):
+        save_shards(state.tensors, os.path.join(checkpoint_dir, SHARDS_DIR), group)
+        finish_sharded_dir(checkpoint_dir, state.index, rank=trainer.rank, world_size=trainer.world_size)
+    elif state is not None:
+        save_checkpoint_dir(checkpoint_dir, state)
 
 
 def with_training_state(trainer: Trainer, on_checkpoint: StateCheckpointFn) -> CheckpointFn:

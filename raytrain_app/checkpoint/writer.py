@@ -1,17 +1,18 @@
 """Checkpoints written off the training path.
 
-At a checkpoint the loop blocks only while rank 0 copies the training state into host memory (on CUDA, pinned
-buffers filled by non-blocking copies, one synchronisation); a background thread then serialises it into a
-local folder, hashes it into its manifest and writes best_model.pt. The checkpoint is reported once that is done;
-Ray then copies the folder to the run's storage (in its own thread, except for preemption and stop saves) and
-registers it once it is there. A process killed before then leaves Ray's record at the previous checkpoint,
-which a restart resumes from exactly as before.
+At a checkpoint the loop blocks only while the state is copied into host memory (on CUDA, pinned buffers filled
+by non-blocking copies, one synchronisation); a background thread then serialises it into a local folder, hashes
+it into its manifest and writes best_model.pt. A whole model's state (DDP) is copied and written by rank 0; a
+sharded one's (FSDP) by every worker, each its own shard (`stage` is then torch.distributed.checkpoint's). The
+checkpoint is reported once that is done; Ray then copies the folder to the run's storage (in its own thread,
+except for preemption and stop saves) and registers it once it is there. A process killed before then leaves
+Ray's record at the previous checkpoint, which a restart resumes from exactly as before.
 
-`ray.train.report` is a barrier: every rank reports the same checkpoint at the same step. Rank 0 says when its
-write is done through the loop's per-step agreement (the same tiny all-reduce the interrupts use), and every
-rank reports at that step. At most one checkpoint is in flight: the next one, a preemption save, a stop and the
-end of training first wait for it (and for Ray to have uploaded and deleted its folder), so host memory holds
-at most one copy of the state, whose buffers are reused from one checkpoint to the next.
+`ray.train.report` is a barrier: every rank reports the same checkpoint at the same step. Every rank says whether
+its write is done through the loop's per-step agreement (the same tiny all-reduce the interrupts use), and every
+rank reports at the first step at which all are. At most one checkpoint is in flight: the next one, a preemption
+save, a stop and the end of training first wait for it (and for Ray to have uploaded and deleted its folder), so
+host memory holds at most one copy of the state, whose buffers are reused from one checkpoint to the next.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 
 import torch
 
-WriteFn = Callable[[dict[str, Any], bool, str], Any]  # (state snapshot, is_best, dir name) -> what report takes
+WriteFn = Callable[[Any, bool, str], Any]  # (staged state, is_best, dir name) -> what report takes
+StageFn = Callable[[Any], Any]  # (state) -> its copy in host memory, taken on the training thread
 
 
 # (metrics, written checkpoint or None, dir name, urgent: uploaded before returning, a preemption or stop save)
@@ -44,15 +46,17 @@ class _InFlight:
 
 
 class CheckpointWriter:
-    """One per worker. `write` runs on rank 0 (in a background thread unless `asynchronous` is False); `report`
-    runs on every rank, on the training thread, at the same step."""
+    """One per worker. `stage` (default: `snapshot`) then `write` run on every rank that has a state to save
+    (rank 0 for a whole model), `write` in a background thread unless `asynchronous` is False; `report` runs on
+    every rank, on the training thread, at the same step."""
 
     def __init__(self, write: WriteFn, report: ReportFn, *, rank: int, asynchronous: bool = True,
-                 wait_uploaded: Callable[[float], None] | None = None) -> None:
+                 wait_uploaded: Callable[[float], None] | None = None, stage: StageFn | None = None) -> None:
         """`wait_uploaded(timeout_s)`: returns once every checkpoint reported so far is uploaded (Ray uploads in
         the background, then deletes the local files); the next write waits for it, so one checkpoint's files at
         most are on this machine's disk or in its memory."""
         self.write, self.report, self.rank, self.asynchronous = write, report, rank, asynchronous
+        self.stage = stage or self.snapshot
         self.wait_uploaded = wait_uploaded
         self.uploading: Any = None  # the last reported checkpoint, until it is known to be uploaded
         self.in_flight: _InFlight | None = None
@@ -64,14 +68,15 @@ class CheckpointWriter:
         self.checkpoints = 0
 
     # --- the training thread ---------------------------------------------------------------------------------
-    def submit(self, metrics: dict[str, Any], state: dict[str, Any] | None, is_best: bool, dir_name: str) -> None:
-        """Start checkpoint `dir_name` (`state`: rank 0's, None elsewhere). Every rank calls it at the same step."""
+    def submit(self, metrics: dict[str, Any], state: Any, is_best: bool, dir_name: str) -> None:
+        """Start checkpoint `dir_name` (`state`: None on a rank with nothing to write). Every rank calls it at the
+        same step."""
         self.flush()  # the one in flight first (each wait is counted where it happens)
         self._wait_for_upload()
         started = time.perf_counter()
         job = _InFlight(metrics, dir_name)
         if state is not None:
-            snapshot = self.snapshot(state)
+            snapshot = self.stage(state)
             job.thread = threading.Thread(target=self._write, args=(job, snapshot, is_best), daemon=True,
                                           name=f"checkpoint-{dir_name}")
             if self.asynchronous:
@@ -85,9 +90,10 @@ class CheckpointWriter:
             self.flush()
 
     def ready(self) -> bool:
-        """Rank 0: whether the checkpoint in flight is written (others: False; the loop takes rank 0's word)."""
+        """Whether this rank's part of the checkpoint in flight is written (a rank with nothing to write: at
+        once); the loop reports it once every rank says so."""
         job = self.in_flight
-        return job is not None and self.rank == 0 and (job.thread is None or not job.thread.is_alive())
+        return job is not None and (job.thread is None or not job.thread.is_alive())
 
     def pending(self) -> bool:
         return self.in_flight is not None

@@ -73,7 +73,25 @@ class TrainConfig:
     amp_dtype: str = _opt(
         "bf16", "Autocast dtype with --use-amp; fp16 also uses a GradScaler.", choices=("bf16", "fp16")
     )
-    compile: bool = _opt(False, "torch.compile the model.")
+    compile: bool = _opt(False, "torch.compile the model (under --strategy fsdp: each Transformer block).")
+    strategy: str = _opt(
+        "ddp", "ddp: every worker holds the whole model and optimizer, rank 0 writes one state file; fsdp: "
+        "parameters, gradients and optimizer state sharded across workers (FSDP2), every worker writes its shard. "
+        "A run may change it when it resumes (see docs/sharding.md).", choices=("ddp", "fsdp"), identity=False,
+        added_later=True)
+    activation_checkpointing: bool = _opt(
+        False, "Recompute each Transformer block's activations in the backward pass instead of keeping them "
+        "(less memory, about a third more compute; results unchanged).", identity=False, added_later=True)
+    grad_compression: str = _opt(
+        "none", "DDP: all-reduce gradients in bf16 (half the traffic, rounding in the sum) instead of fp32.",
+        choices=("none", "bf16"), added_later=True)
+    best_model: str = _opt(
+        "full", "What best_model.pt holds for --strategy fsdp: full (weights, optimizer and counters, resumable) "
+        "or weights (weights and counters: a third of the host memory and file size). DDP runs always write full.",
+        choices=("full", "weights"), identity=False, added_later=True)
+    gpu_memory_gb: float | None = _opt(
+        None, "Memory of each GPU in GB for the memory plan that refuses a run that cannot fit (default: from the "
+        "cluster's accelerator type; see python -m raytrain_app.plan).", identity=False, added_later=True)
 
     # --- cluster and run ---
     num_workers: int = _opt(
@@ -156,6 +174,12 @@ class TrainConfig:
             raise ConfigError(f"--wandb-mode must be online, offline or disabled, got {self.wandb_mode!r}")
         if self.amp_dtype not in ("bf16", "fp16"):
             raise ConfigError(f"--amp-dtype must be bf16 or fp16, got {self.amp_dtype!r}")
+        for name, allowed in (("strategy", ("ddp", "fsdp")), ("grad_compression", ("none", "bf16")),
+                              ("best_model", ("full", "weights"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{flag_name(name)} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            raise ConfigError(f"--gpu-memory-gb must be positive, got {self.gpu_memory_gb}")
 
     def _split_worker_range(self) -> None:
         """--num-workers is N or MIN-MAX (a string from the CLI or a config file); MIN lands in min_workers."""

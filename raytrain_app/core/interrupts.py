@@ -16,9 +16,9 @@ InterruptFn = Callable[[], int]
 
 
 class Agreement:
-    """What every rank acts on at a step boundary: the largest interrupt code any rank saw, and whether any rank
-    saw the run diverge or (rank 0) its checkpoint in flight written. One tiny all-reduce per optimizer step, on
-    a gloo group: a CPU collective, so no GPU sync on the training path."""
+    """What every rank acts on at a step boundary: the largest interrupt code any rank saw, whether any rank
+    saw the run diverge, and whether every rank has written its part of the checkpoint in flight. One tiny
+    all-reduce per optimizer step, on a gloo group: a CPU collective, so no GPU sync on the training path."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
@@ -29,6 +29,6 @@ class Agreement:
         """(code, diverged, written) as every rank will act on them."""
         if self.world_size == 1:
             return code, diverged, written
-        t = torch.tensor([code, int(diverged), int(written)], dtype=torch.int32)
+        t = torch.tensor([code, int(diverged), int(not written)], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t[0]), bool(t[1]), bool(t[2])
+        return int(t[0]), bool(t[1]), not t[2]

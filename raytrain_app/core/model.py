@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from raytrain_app.core.config import TrainConfig
 
@@ -55,6 +56,8 @@ class SequenceTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.hidden_dim, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_dim)
         self.head = nn.Linear(cfg.hidden_dim, cfg.num_classes)
+        # Set by raytrain_app.core.parallel (--activation-checkpointing); not part of the state dict.
+        self.activation_checkpointing = False
         self.apply(_init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
 
@@ -62,7 +65,12 @@ class SequenceTransformer(nn.Module):
         """x [B, T, F] -> logits [B, C] (per sequence) or [B, T, C] (per step)."""
         h = self.drop(self.input_proj(x) + self.pos_emb[:, : x.shape[1]])
         for block in self.blocks:
-            h = block(h)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keeps only the block's input; the backward pass runs the block again (with the same dropout
+                # masks: the RNG state is saved and restored), so results are unchanged.
+                h = checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
         h = self.ln_f(h)
         return self.head(h if self.per_step else h.mean(dim=1))
 
@@ -77,16 +85,17 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> t
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction=reduction)
 
 
-def arch_from_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, int]:
-    """The architecture fields readable from tensor shapes (all but num_heads), for checkpoints without a config."""
+def arch_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """The architecture fields readable from the weights' shapes (all but num_heads), for checkpoints without a
+    config."""
     arch: dict[str, int] = {}
-    if "input_proj.weight" in weights:
-        arch["hidden_dim"], arch["feature_dim"] = tuple(weights["input_proj.weight"].shape)
-    if "pos_emb" in weights:
-        arch["seq_len"] = weights["pos_emb"].shape[1]
-    if "head.weight" in weights:
-        arch["num_classes"] = weights["head.weight"].shape[0]
-    layers = {k.split(".")[1] for k in weights if k.startswith("blocks.")}
+    if "input_proj.weight" in shapes:
+        arch["hidden_dim"], arch["feature_dim"] = tuple(shapes["input_proj.weight"])
+    if "pos_emb" in shapes:
+        arch["seq_len"] = shapes["pos_emb"][1]
+    if "head.weight" in shapes:
+        arch["num_classes"] = shapes["head.weight"][0]
+    layers = {k.split(".")[1] for k in shapes if k.startswith("blocks.")}
     if layers:
         arch["num_layers"] = len(layers)
     return arch

@@ -13,19 +13,18 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.distributed import LazyHostValue, all_reduce_sum, world
 from raytrain_app.core.interrupts import CONTINUE, SAVE, STOP, Agreement, InterruptFn
 from raytrain_app.core.model import loss_fn
 from raytrain_app.core.optim import build_optimizer
+from raytrain_app.core.parallel import full_value, is_sharded, set_gradient_sync
 from raytrain_app.core.schedule import WarmupCosineSchedule
 from raytrain_app.datasets.augment import augment
 from raytrain_app.datasets.dataset import Dataset
@@ -47,6 +46,20 @@ def resume_batch_index(position: dict[str, Any] | None, epoch: int, batch_size: 
     return index
 
 
+def eval_forwards(num_rows: int, world_size: int, batch_size: int) -> int:
+    """The most forward passes any rank runs over a split of `num_rows` in evaluation (see `eval_batches`)."""
+    largest_share = -(-num_rows // world_size)
+    return -(-largest_share // batch_size)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device`. To a GPU it goes from pinned memory, so the copy is asynchronous and overlaps with the
+    work already queued."""
+    if device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=device.type == "cuda")
+
+
 def _steps_per_epoch(data: Dataset, batch_size: int, world_size: int, grad_accum: int) -> int:
     return math.ceil(batches_per_epoch(data.train.num_rows, batch_size, world_size) / grad_accum)
 
@@ -58,8 +71,8 @@ CheckpointFn = Callable[[dict[str, float], "float | None", bool], None]
 
 
 class PendingCheckpoints(Protocol):
-    """Checkpoints written off the training path (raytrain_app.checkpoint.writer): the loop asks whether rank 0
-    has finished the one in flight, and has every rank report it at the same step."""
+    """Checkpoints written off the training path (raytrain_app.checkpoint.writer): the loop asks whether every
+    rank has finished its part of the one in flight, and has every rank report it at the same step."""
 
     def ready(self) -> bool: ...
 
@@ -83,14 +96,15 @@ class Divergence:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_model: nn.Module, device: torch.device) -> None:
-        """`model` is the plain module (its state_dict is what we save); `train_model` is what runs forward
-        in training: the same module, possibly compiled and/or wrapped in DDP."""
+        """`model` is the module whose state is saved; `train_model` is what runs forward in training
+        (`raytrain_app.core.parallel.parallelize`): the same module, possibly compiled and/or wrapped in DDP, or
+        `model` itself when it is sharded (FSDP)."""
         self.cfg, self.model, self.train_model, self.device = cfg, model, train_model, device
         self.rank, self.world_size = world()
         self.grad_accum = cfg.grad_accum_for(self.world_size)  # more per worker when an elastic run has fewer
         self._agreement = Agreement(self.world_size)
         self.saved_step = 0  # the global step of the newest checkpoint (step 0: nothing to lose yet)
-        self.ddp = train_model if isinstance(train_model, DistributedDataParallel) else None
+        self.sharded = is_sharded(model)  # --strategy fsdp: parameters are DTensor shards
         self.optimizer = build_optimizer(cfg, model)
         self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
@@ -107,6 +121,7 @@ class Trainer:
         self.skip_streak = torch.zeros((), dtype=torch.int64, device=device)
         self._streak_reader = LazyHostValue(device)
         self.diverged: Divergence | None = None
+        self.last_loss = torch.zeros((), device=device)
         self.data_wait_s = 0.0  # host time spent waiting for the next micro-batch (for the metrics)
         # Where this run's weights came from (a fork's base checkpoint, a sweep trial's ids); saved with every
         # checkpoint, set by the caller for a fork and restored from the run's own checkpoints.
@@ -124,11 +139,10 @@ class Trainer:
         self.train_model.train()
         step_loss = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro_batches):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = to_device(x, self.device), to_device(y, self.device)
             last = i == len(micro_batches) - 1
-            # Skip DDP's gradient all-reduce on all but the last micro-batch: one all-reduce per step.
-            sync = nullcontext() if last or self.ddp is None else self.ddp.no_sync()
-            with sync:
+            # Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last micro-batch.
+            with set_gradient_sync(self.train_model, last):
                 with self._autocast():
                     loss = loss_fn(self.train_model(x), y) / len(micro_batches)
                 self.scaler.scale(loss).backward()
@@ -139,8 +153,10 @@ class Trainer:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         else:
             grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        grad_norm = full_value(grad_norm)  # sharded: the norm over every worker's shard
         # A non-finite loss makes non-finite gradients, and so does an overflow. After DDP's all-reduce every
-        # rank has the same gradients, so every rank skips the same steps. Decided on the device: no host sync.
+        # rank has the same gradients (FSDP: the same global norm), so every rank skips the same steps. Decided
+        # on the device: no host sync.
         bad = ~torch.isfinite(grad_norm)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # fp16: the scaler skips the step (and lowers its scale) itself
@@ -153,6 +169,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        self.last_loss = step_loss  # this step's mean training loss, on the device (read it only off the hot path)
         self.skipped_steps += bad
         self.skip_streak = (self.skip_streak + 1) * bad
         self._streak_reader.push(self.skip_streak)
@@ -165,14 +182,24 @@ class Trainer:
         """Mean validation loss over every sample of the split, across all ranks."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        forwards = 0
         # The training batch size is known to fit in memory; evaluation needs less (no activations kept).
         for x, y in eval_batches(data.val, rank=self.rank, world_size=self.world_size,
                                  batch_size=self.cfg.batch_size):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = to_device(x, self.device), to_device(y, self.device)
             with self._autocast():
                 logits = self.model(x)
             totals[0] += loss_fn(logits, y, reduction="sum").double()
             totals[1] += y.numel()
+            forwards += 1
+        if self.sharded:
+            # Each forward all-gathers the blocks' weights: a rank with a smaller share of the split runs
+            # forwards whose output is not used, until every rank has run as many.
+            most = eval_forwards(data.val.num_rows, self.world_size, self.cfg.batch_size)
+            x_pad = data.val.read_rows(0, 1)[0].to(self.device)
+            for _ in range(most - forwards):
+                with self._autocast():
+                    self.model(x_pad)
         all_reduce_sum(totals)
         return (totals[0] / totals[1]).item()
 
@@ -212,7 +239,7 @@ class Trainer:
         return self._agreement.agree(
             interrupt() if interrupt is not None else CONTINUE,
             diverged=bool(self.cfg.max_skipped_steps) and (streak or 0) >= self.cfg.max_skipped_steps,
-            written=self.checkpoints is not None and self.checkpoints.ready())  # only rank 0 can say True
+            written=self.checkpoints is not None and self.checkpoints.ready())
 
     def _interrupted(self, interrupt: InterruptFn | None, on_checkpoint: CheckpointFn) -> bool:
         """Act on an interrupt at an optimizer-step boundary; True when training must stop now."""

@@ -12,24 +12,36 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray.train
 import ray.train.torch
-import torch
+import torch.distributed as dist
 
 from raytrain_app.checkpoint.format import (
     STATE_FILE,
     checkpoint_dir_name,
+    finish_sharded_dir,
     load_state,
     save_checkpoint_dir,
     verify_checkpoint_dir,
     write_best_model,
 )
-from raytrain_app.checkpoint.state import LoadReport, restore_training_state, training_state
+from raytrain_app.checkpoint.resolve import parent_location
+from raytrain_app.checkpoint.sharded import SHARDS_DIR, stage_shards
+from raytrain_app.checkpoint.state import (
+    LoadReport,
+    ShardedState,
+    consolidated_state,
+    restore_training_state,
+    training_state,
+)
 from raytrain_app.checkpoint.writer import CheckpointWriter
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.parallel import parallelize
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import UNVALIDATED_LOSS, Trainer
 from raytrain_app.datasets.dataset import Dataset
@@ -48,20 +60,24 @@ def train_func(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     seed_everything(cfg.seed, rank)
     data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_labels=False)
-    state, source, fork = restore(loop_config)
     run = WorkerRun(cfg, loop_config, rank, build_trainer(cfg, loop_config))
-    restored = state is not None
-    if restored:
-        run.load(state, source, fork)
+    with restored_state(loop_config) as (state, source, fork, checkpoint_dir):
+        restored = state is not None
+        if restored:
+            run.load(state, source, fork, checkpoint_dir)
         del state  # the weights are in the model now: free the loaded copy before training
     run.start_metrics(restored=restored, fork=fork)
     completed = run.train(data)
     run.finish(completed)
 
 
-def restore(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, bool]:
-    """(state, where it came from, is it a fork). The run's own latest checkpoint wins (restart, resubmission);
-    else the checkpoint this run was forked from; else (None, None, False): training from scratch."""
+@contextmanager
+def restored_state(loop_config: dict[str, Any]) -> Iterator[tuple[dict[str, Any] | None, str | None, bool,
+                                                                    str | None]]:
+    """(state, where it came from, is it a fork, the local folder it is in), valid inside the block. The run's
+    own latest checkpoint wins (restart, resubmission); else the checkpoint this run was forked from; else
+    (None, None, False, None): training from scratch. The folder is where a sharded checkpoint's shards are read
+    from: on remote storage, a download, deleted after the block."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
@@ -69,20 +85,27 @@ def restore(loop_config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | N
             verify_checkpoint_dir(checkpoint_dir, label=checkpoint.path)
             path = os.path.join(checkpoint_dir, STATE_FILE)
             # mmap: tensors are read as they are copied into the model, not all held in memory per worker.
-            return load_state(path, mmap=True), checkpoint.path, False
+            yield load_state(path, mmap=True), checkpoint.path, False, checkpoint_dir
+        return
     init_from = loop_config.get("init_from")
-    if init_from:
-        return load_state(init_from, mmap=True), init_from, True
-    return None, None, False
+    if not init_from:
+        yield None, None, False, None
+        return
+    location = parse_location(init_from)
+    state = load_state(location, mmap=True)
+    if "sharded" not in state:
+        yield state, init_from, True, None
+        return
+    with parent_location(location).local_copy() as checkpoint_dir:  # the driver verified the folder
+        yield state, init_from, True, checkpoint_dir
 
 
 def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any]) -> Trainer:
-    """The model (from the current config: a new --dropout applies), compiled and wrapped in DDP as asked, and
-    the Trainer around it."""
+    """The model (from the current config: a new --dropout applies), compiled and wrapped in DDP or sharded
+    (--strategy), and the Trainer around it."""
     device = ray.train.torch.get_device()
     model = SequenceTransformer(cfg).to(device)
-    train_model = torch.compile(model) if cfg.compile else model
-    train_model = ray.train.torch.prepare_model(train_model, move_to_device=False)  # DDP when world size > 1
+    train_model = parallelize(cfg, model, device, ray.train.get_context().get_world_size())
     trainer = Trainer(cfg, model, train_model, device)
     trainer.lineage = loop_config.get("lineage")  # a fork's; the run's own checkpoint restores its own
     return trainer
@@ -100,15 +123,23 @@ class WorkerRun:
         self.save_dir = parse_location(cfg.save_dir)  # canonical: the driver's endpoint is written into the URI
         self.recorder: RunMetrics | None = None
         self.sender: ProgressSender | None = None
-        # The next checkpoint is written once Ray has uploaded the previous one.
-        self.writer = CheckpointWriter(self.write, self.report, rank=rank, asynchronous=cfg.async_checkpoint,
-                                       wait_uploaded=wait_uploaded)
+        # The next checkpoint is written once Ray has uploaded the previous one. Sharded: every worker writes its
+        # shard (torch.distributed.checkpoint), with collectives of its own on a group of their own.
+        if trainer.sharded:
+            self.shard_group = dist.new_group(backend="gloo") if trainer.world_size > 1 else None
+            self.writer = CheckpointWriter(self.write_sharded, self.report, rank=rank,
+                                           asynchronous=cfg.async_checkpoint, wait_uploaded=wait_uploaded,
+                                           stage=self.stage_sharded)
+        else:
+            self.writer = CheckpointWriter(self.write, self.report, rank=rank, asynchronous=cfg.async_checkpoint,
+                                           wait_uploaded=wait_uploaded)
         trainer.checkpoints = self.writer
 
     # --- the steps ---------------------------------------------------------------------------------------------
-    def load(self, state: dict[str, Any], source: str | None, fork: bool) -> None:
+    def load(self, state: dict[str, Any], source: str | None, fork: bool, checkpoint_dir: str | None) -> None:
         report = restore_training_state(self.trainer, state, fork=fork,
-                                        fork_keeps_best=self.loop_config.get("fork_keeps_best", True))
+                                        fork_keeps_best=self.loop_config.get("fork_keeps_best", True),
+                                        checkpoint_dir=checkpoint_dir)
         if self.rank == 0:
             self._print_load_report(str(source), report)
 
@@ -165,7 +196,12 @@ class WorkerRun:
 
     def on_checkpoint(self, metrics: dict[str, Any], eval_val_loss: float | None, is_best: bool) -> None:
         """Every rank, at every validation and every save an interrupt asks for."""
-        state = training_state(self.trainer, eval_val_loss)  # a collective: rank 0 gets the state
+        state = training_state(self.trainer, eval_val_loss)  # a collective (DDP: rank 0 gets the state)
+        if self.trainer.sharded:
+            # best_model.pt is one consolidated file: gathered now (a collective), written in the background.
+            best = consolidated_state(self.trainer, eval_val_loss, with_optimizer=self.cfg.best_model == "full"
+                                      ) if is_best else None
+            state = (state, best)
         if self.rank == 0:
             print(self.log_prefix + validation_line(metrics, self.cfg.epochs), flush=True)
         if self.recorder is not None:
@@ -196,6 +232,33 @@ class WorkerRun:
             save_checkpoint_dir(local_dir, snapshot)
             if is_best:  # the state file just written, copied: serialising a large model once is enough
                 write_best_model(self.save_dir, os.path.join(local_dir, STATE_FILE))
+        except BaseException:
+            shutil.rmtree(local_dir, ignore_errors=True)
+            raise
+        return ray.train.Checkpoint.from_directory(local_dir)
+
+    def stage_sharded(self, state: tuple[ShardedState, dict[str, Any] | None]) -> tuple:
+        """Every worker, on the training thread: its shards copied to host memory and their write started, rank
+        0's small state copied (see `write_sharded`)."""
+        sharded, best = state
+        local_dir = tempfile.mkdtemp(prefix="raytrain-ckpt-")
+        try:
+            written = stage_shards(sharded.tensors, os.path.join(local_dir, SHARDS_DIR), self.shard_group)
+        except BaseException:
+            shutil.rmtree(local_dir, ignore_errors=True)
+            raise
+        index = self.writer.snapshot(sharded.index) if sharded.index is not None else None
+        return local_dir, written, index, best
+
+    def write_sharded(self, staged: tuple, is_best: bool, dir_name: str) -> Any:
+        """Every worker, in the background: its shard written, then its manifest (rank 0: state.pt, meta.json,
+        manifest.json and best_model.pt). Ray copies every worker's folder into the one checkpoint folder."""
+        local_dir, written, index, best = staged
+        try:
+            written.result()
+            finish_sharded_dir(local_dir, index, rank=self.rank, world_size=self.trainer.world_size)
+            if best is not None:
+                write_best_model(self.save_dir, best)
         except BaseException:
             shutil.rmtree(local_dir, ignore_errors=True)
             raise

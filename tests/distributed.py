@@ -1,0 +1,98 @@
+"""Training on several processes without Ray: the plain-PyTorch loop under torch.distributed (gloo, CPU), for the
+sharding tests. `train(...)` starts `world_size` processes, each running `_worker`: build the model in the
+requested layout (DDP or FSDP), optionally restore a checkpoint folder, train with checkpoints written by
+`save_training_state`, and stop at a chosen step the way a preemption does. Rank 0 writes what the test compares:
+every step's training loss and the final weights, gathered whole.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# On one machine: gloo's sockets on loopback, whatever the machine's network address.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def train(tmp_path: Path, name: str, *, world_size: int, config: dict[str, Any], resume: Path | None = None,
+          stop_at_step: int | None = None, timeout_s: float = 240) -> dict[str, Any]:
+    """Train in `world_size` processes; checkpoints go to `tmp_path/name/checkpoint_step=N`. Returns rank 0's
+    results: {"losses": {step: loss}, "weights": {name: tensor}, "checkpoints": [dir names]}."""
+    out_dir = tmp_path / name
+    out_dir.mkdir(parents=True)
+    spec = {"config": config, "resume": str(resume) if resume else None, "stop_at_step": stop_at_step,
+            "out_dir": str(out_dir), "init_file": str(out_dir / "init")}
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker, args=(rank, world_size, spec)) for rank in range(world_size)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout_s)
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+    errors = sorted(out_dir.glob("error-rank*.txt"))
+    assert not errors, errors[0].read_text()
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    return torch.load(out_dir / "result.pt", weights_only=True)
+
+
+def _worker(rank: int, world_size: int, spec: dict[str, Any]) -> None:
+    try:
+        _train(rank, world_size, spec)
+    except BaseException:
+        Path(spec["out_dir"], f"error-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
+    import torch.distributed as dist
+
+    from raytrain_app.checkpoint.format import STATE_FILE, checkpoint_dir_name, load_state
+    from raytrain_app.checkpoint.sharded import gather_full_state
+    from raytrain_app.checkpoint.state import restore_training_state, save_training_state
+    from raytrain_app.core.config import TrainConfig
+    from raytrain_app.core.interrupts import CONTINUE, STOP
+    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.parallel import parallelize
+    from raytrain_app.core.rng import seed_everything
+    from raytrain_app.core.trainer import Trainer
+    from raytrain_app.datasets.formats import open_dataset
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{spec['init_file']}", rank=rank, world_size=world_size)
+    cfg = TrainConfig.from_dict(spec["config"])
+    device = torch.device("cpu")
+    seed_everything(cfg.seed, rank)
+    data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    model = SequenceTransformer(cfg)
+    trainer = Trainer(cfg, model, parallelize(cfg, model, device, world_size), device)
+    if spec["resume"]:
+        state = load_state(os.path.join(spec["resume"], STATE_FILE), mmap=True)
+        restore_training_state(trainer, state, checkpoint_dir=spec["resume"])
+    losses: dict[int, float] = {}
+    checkpoints: list[str] = []
+
+    def on_step() -> None:
+        losses[trainer.global_step] = trainer.last_loss.item()
+
+    def on_checkpoint(metrics: dict[str, Any], eval_val_loss: float | None, is_best: bool) -> None:
+        name = checkpoint_dir_name(metrics["global_step"])
+        save_training_state(trainer, os.path.join(spec["out_dir"], name), eval_val_loss)
+        checkpoints.append(name)
+
+    def interrupt() -> int:  # a preemption: save this step, stop
+        return STOP if trainer.global_step == spec["stop_at_step"] else CONTINUE
+
+    trainer.fit(data, on_checkpoint, interrupt if spec["stop_at_step"] else None, on_step)
+    weights, _ = gather_full_state(trainer.model, None)
+    if rank == 0:
+        torch.save({"losses": losses, "weights": weights, "checkpoints": checkpoints},
+                   os.path.join(spec["out_dir"], "result.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

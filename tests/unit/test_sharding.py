@@ -1,0 +1,156 @@
+"""FSDP against DDP, sharded checkpoints and resharding, on 1 and 2 CPU processes (gloo), without Ray.
+
+Each run is the product's loop in real processes (tests/distributed.py): the model in the requested layout,
+checkpoints written by `save_training_state`, restored by `restore_training_state`. Every run is elastic
+(--num-workers 1-2), so a run on 1 worker accumulates 2 micro-batches per step and keeps the effective batch.
+
+Tolerance. With the same weights, data and dropout masks, FSDP and DDP add the same two fp32 gradients per
+element (a reduce-scatter or an all-reduce of 2 values is one addition, either way round the same); what can
+differ is the order in which the gradient norm for clipping sums its squares (per shard, then across workers,
+against over whole tensors), which moves the clip factor by an ulp or so, and the updates with it. Over 16 steps
+of this tiny model that stays under 1e-6 relative; the tests allow rtol 1e-5, atol 1e-6. On this machine the two
+strategies agree exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytrain_app.checkpoint.format import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    as_location,
+    checkpoint_problem,
+    load_state,
+    rank_manifest_name,
+)
+from raytrain_app.checkpoint.resolve import summarize
+from raytrain_app.checkpoint.sharded import read_full_weights
+from raytrain_app.core.config import TrainConfig
+from tests.conftest import computed_once, write_dataset
+from tests.distributed import train
+from tests.helpers import flip_a_byte
+
+RTOL, ATOL = 1e-5, 1e-6
+STEPS = 16  # 2 epochs of 8 steps; checkpoints at steps 5, 8 (epoch end), 10, 15, 16
+MID = 5  # a mid-epoch checkpoint every run below resumes from
+
+
+def config(data: Path, strategy: str) -> dict:
+    return TrainConfig(data=str(data), hidden_dim=16, num_layers=2, num_heads=2, warmup_steps=4, epochs=2,
+                       batch_size=16, eval_every=MID, num_workers="1-2", strategy=strategy, feature_dim=4,
+                       seq_len=8, num_classes=3).to_dict()
+
+
+@pytest.fixture(scope="session")
+def runs(shared_tmp: Path) -> Path:
+    """The uninterrupted runs: DDP and FSDP on 2 workers (trained once per test session)."""
+
+    def compute(folder: Path) -> str:
+        # 65 validation rows: shares of 32 and 33, so the ranks run 2 and 3 forwards in evaluation.
+        data = write_dataset(folder / "data.pkl", num_val=65)
+        for strategy in ("ddp", "fsdp"):
+            train(folder, f"{strategy}2", world_size=2, config=config(data, strategy))
+        return str(folder)
+
+    return Path(computed_once(shared_tmp, "sharding-runs", compute))
+
+
+def result(folder: Path) -> dict:
+    return torch.load(folder / "result.pt", weights_only=True)
+
+
+def assert_close_runs(a: dict, b: dict, from_step: int = 1) -> None:
+    steps = [s for s in sorted(a["losses"]) if s >= from_step]
+    assert steps and steps == [s for s in sorted(b["losses"]) if s >= from_step]
+    for step in steps:
+        assert a["losses"][step] == pytest.approx(b["losses"][step], rel=RTOL, abs=ATOL), step
+    assert a["weights"].keys() == b["weights"].keys()
+    for name in a["weights"]:
+        torch.testing.assert_close(a["weights"][name], b["weights"][name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_fsdp_on_2_workers_matches_ddp_step_for_step(runs: Path) -> None:
+    ddp, fsdp = result(runs / "ddp2"), result(runs / "fsdp2")
+    assert sorted(ddp["losses"]) == list(range(1, STEPS + 1))
+    assert ddp["checkpoints"] == fsdp["checkpoints"] == [f"checkpoint_step={s:06d}" for s in (5, 8, 10, 15, 16)]
+    assert_close_runs(ddp, fsdp)
+    assert ddp["losses"][STEPS] < ddp["losses"][1]  # it learned something: the comparison is not of no-ops
+
+
+def test_a_sharded_checkpoint_holds_every_workers_shard_and_a_small_state_file(runs: Path) -> None:
+    folder = runs / "fsdp2" / f"checkpoint_step={MID:06d}"
+    names = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert names == {STATE_FILE, "meta.json", MANIFEST_FILE, rank_manifest_name(1), "shards/.metadata",
+                     "shards/__0_0.distcp", "shards/__1_0.distcp"}
+    state = load_state(str(folder / STATE_FILE))  # weights_only: no code runs
+    assert "model_state_dict" not in state and "optimizer_state_dict" not in state
+    assert state["sharded"] == {"strategy": "fsdp", "world_size": 2, "dir": "shards"}
+    # The weights gathered from the shards are the DDP run's at the same step (its state.pt holds them whole).
+    ddp_state = load_state(str(runs / "ddp2" / f"checkpoint_step={MID:06d}" / STATE_FILE))
+    weights = read_full_weights(str(folder / "shards"), state["model_shapes"])
+    for name, tensor in ddp_state["model_state_dict"].items():
+        torch.testing.assert_close(weights[name], tensor, rtol=RTOL, atol=ATOL, msg=name)
+    # The driver's summary comes from the small state file: shapes, counters, optimizer present.
+    summary = summarize(as_location(str(folder / STATE_FILE)))
+    assert summary.global_step == MID and summary.has_optimizer
+    assert summary.model_shapes == {k: tuple(v.shape) for k, v in ddp_state["model_state_dict"].items()}
+    assert json.loads((folder / "meta.json").read_text())["sharded"]["world_size"] == 2
+
+
+def test_a_damaged_or_missing_shard_makes_the_checkpoint_not_whole(runs: Path, tmp_path: Path) -> None:
+    import shutil
+
+    source = runs / "fsdp2" / f"checkpoint_step={MID:06d}"
+    assert checkpoint_problem(str(source)) is None
+    damaged = tmp_path / "damaged"
+    shutil.copytree(source, damaged)
+    flip_a_byte(damaged / "shards" / "__1_0.distcp")
+    assert checkpoint_problem(str(damaged)) == "shards/__1_0.distcp does not match the SHA-256 in its manifest (damaged)"
+    missing = tmp_path / "missing"
+    shutil.copytree(source, missing)
+    (missing / rank_manifest_name(1)).unlink()
+    assert checkpoint_problem(str(missing)) == "manifest.rank1.json is missing or damaged (a worker's shard of the checkpoint)"
+
+
+@pytest.mark.parametrize(("source", "strategy", "workers", "reference"), [
+    ("fsdp2", "fsdp", 2, "fsdp2"),  # stopped mid-epoch and resumed unchanged
+    ("fsdp2", "ddp", 2, "ddp2"),  # FSDP -> DDP
+    ("ddp2", "fsdp", 2, "fsdp2"),  # DDP -> FSDP
+])
+def test_resuming_on_the_same_workers_continues_exactly(runs: Path, tmp_path: Path, source: str, strategy: str,
+                                                        workers: int, reference: str) -> None:
+    data = runs / "data.pkl"
+    resumed = train(tmp_path, "resumed", world_size=workers, config=config(data, strategy),
+                    resume=runs / source / f"checkpoint_step={MID:06d}")
+    assert min(resumed["losses"]) == MID + 1
+    assert_close_runs(resumed, result(runs / reference), from_step=MID + 1)
+    if source == strategy + "2":  # the same layout: bit for bit
+        assert all(torch.equal(v, result(runs / reference)["weights"][k]) for k, v in resumed["weights"].items())
+
+
+def test_resharding_2_to_1_and_1_to_2_workers_in_either_strategy(runs: Path, tmp_path: Path) -> None:
+    """A 2-worker checkpoint of either strategy resumes on 1 worker of either; all four continue identically
+    (the state moved between layouts is the same). Then a 1-worker FSDP checkpoint resumes on 2 workers of either
+    strategy, identically again."""
+    data = runs / "data.pkl"
+    on_one = {}
+    for source, strategy in (("fsdp2", "fsdp"), ("ddp2", "ddp"), ("fsdp2", "ddp")):
+        on_one[source, strategy] = train(tmp_path, f"{source}-to-{strategy}1", world_size=1,
+                                         config=config(data, strategy),
+                                         resume=runs / source / f"checkpoint_step={MID:06d}")
+    reference = on_one["ddp2", "ddp"]
+    assert min(reference["losses"]) == MID + 1
+    for run in on_one.values():
+        assert_close_runs(run, reference, from_step=MID + 1)
+    # 1 -> 2: the 1-worker FSDP run's checkpoint at step 10 (written by one process), on 2 workers.
+    one_worker_ckpt = tmp_path / "fsdp2-to-fsdp1" / "checkpoint_step=000010"
+    assert load_state(str(one_worker_ckpt / STATE_FILE))["sharded"]["world_size"] == 1
+    on_two = [train(tmp_path, f"fsdp1-to-{strategy}2", world_size=2, config=config(data, strategy),
+                    resume=one_worker_ckpt) for strategy in ("fsdp", "ddp")]
+    assert min(on_two[0]["losses"]) == 11
+    assert_close_runs(on_two[0], on_two[1], from_step=11)
