@@ -146,6 +146,18 @@ def read_full_weights(shards_dir: str, shapes: dict[str, list[int]]) -> dict[str
     return target["model"]
 
 
+def read_full_state(shards_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint (weights `model.<name>`, moments `optimizer.<name>.<key>`), whole, in
+    this one process: for tools and tests that compare checkpoints."""
+    metadata = dcp.FileSystemReader(shards_dir).read_metadata().state_dict_metadata
+    target = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in metadata.items()
+              if hasattr(meta, "size")}  # tensors only: DCP would unpickle anything else
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, storage_reader=dcp.FileSystemReader(shards_dir), no_dist=True)
+    return target
+
+
 def shard_files(shards_dir: str) -> Iterable[str]:
     """The files of a shards folder (as written on this worker), relative to it."""
     return sorted(os.listdir(shards_dir)) if os.path.isdir(shards_dir) else []
