@@ -15,6 +15,7 @@ strategies agree exactly.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,18 +104,18 @@ def test_a_sharded_checkpoint_holds_every_workers_shard_and_a_small_state_file(r
 
 
 def test_a_damaged_or_missing_shard_makes_the_checkpoint_not_whole(runs: Path, tmp_path: Path) -> None:
-    import shutil
-
     source = runs / "fsdp2" / f"checkpoint_step={MID:06d}"
     assert checkpoint_problem(str(source)) is None
     damaged = tmp_path / "damaged"
     shutil.copytree(source, damaged)
     flip_a_byte(damaged / "shards" / "__1_0.distcp")
-    assert checkpoint_problem(str(damaged)) == "shards/__1_0.distcp does not match the SHA-256 in its manifest (damaged)"
+    assert checkpoint_problem(str(damaged)) == (
+        "shards/__1_0.distcp does not match the SHA-256 in its manifest (damaged)")
     missing = tmp_path / "missing"
     shutil.copytree(source, missing)
     (missing / rank_manifest_name(1)).unlink()
-    assert checkpoint_problem(str(missing)) == "manifest.rank1.json is missing or damaged (a worker's shard of the checkpoint)"
+    assert checkpoint_problem(str(missing)) == (
+        "manifest.rank1.json is missing or damaged (a worker's shard of the checkpoint)")
 
 
 @pytest.mark.parametrize(("source", "strategy", "workers", "reference"), [
