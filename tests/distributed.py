@@ -15,6 +15,35 @@ from typing import Any
 
 import torch
 
+STEPS = 16  # of the runs below: 2 epochs of 8 steps; checkpoints at steps 5, 8 (epoch end), 10, 15, 16
+MID = 5  # a mid-epoch checkpoint the sharding tests resume from
+
+
+def config(data: Path, strategy: str) -> dict:
+    """Every run is elastic (--num-workers 1-2): on 1 worker it accumulates 2 micro-batches per step and keeps
+    the effective batch."""
+    from raytrain_app.core.config import TrainConfig
+
+    return TrainConfig(data=str(data), hidden_dim=16, num_layers=2, num_heads=2, warmup_steps=4, epochs=2,
+                       batch_size=16, eval_every=MID, num_workers="1-2", strategy=strategy, feature_dim=4,
+                       seq_len=8, num_classes=3).to_dict()
+
+
+def runs_folder(shared_tmp: Path) -> Path:
+    """The uninterrupted runs `ddp2` and `fsdp2` (2 workers) and their data (trained once per test session,
+    whichever test needs them first)."""
+    from tests.conftest import computed_once, write_dataset
+
+    def compute(folder: Path) -> str:
+        # 65 validation rows: shares of 32 and 33, so the ranks run 2 and 3 forwards in evaluation.
+        data = write_dataset(folder / "data.pkl", num_val=65)
+        for strategy in ("ddp", "fsdp"):
+            train(folder, f"{strategy}2", world_size=2, config=config(data, strategy))
+        return str(folder)
+
+    return Path(computed_once(shared_tmp, "sharding-runs", compute))
+
+
 # On one machine: gloo's sockets on loopback, whatever the machine's network address.
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
@@ -22,7 +51,8 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 def train(tmp_path: Path, name: str, *, world_size: int, config: dict[str, Any], resume: Path | None = None,
           stop_at_step: int | None = None, timeout_s: float = 240) -> dict[str, Any]:
     """Train in `world_size` processes; checkpoints go to `tmp_path/name/checkpoint_step=N`. Returns rank 0's
-    results: {"losses": {step: loss}, "weights": {name: tensor}, "checkpoints": [dir names]}."""
+    results: {"losses": {step: loss}, "weights": {name: tensor}, "checkpoints": [dir names], "held_bytes": what
+    rank 0 holds of the weights and AdamW moments}."""
     out_dir = tmp_path / name
     out_dir.mkdir(parents=True)
     spec = {"config": config, "resume": str(resume) if resume else None, "stop_at_step": stop_at_step,
@@ -90,9 +120,14 @@ def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
         return STOP if trainer.global_step == spec["stop_at_step"] else CONTINUE
 
     trainer.fit(data, on_checkpoint, interrupt if spec["stop_at_step"] else None, on_step)
+    # What this worker holds of the weights and AdamW moments (its shards under FSDP), for the memory plan.
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.model.parameters()]
+    moments = [t.to_local() if hasattr(t, "to_local") else t for s in trainer.optimizer.state.values()
+               for k, t in s.items() if k != "step"]
+    held = {"parameters": sum(t.nbytes for t in local), "optimizer": sum(t.nbytes for t in moments)}
     weights, _ = gather_full_state(trainer.model, None)
     if rank == 0:
-        torch.save({"losses": losses, "weights": weights, "checkpoints": checkpoints},
+        torch.save({"losses": losses, "weights": weights, "checkpoints": checkpoints, "held_bytes": held},
                    os.path.join(spec["out_dir"], "result.pt"))
     dist.barrier()
     dist.destroy_process_group()

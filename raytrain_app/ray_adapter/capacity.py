@@ -8,6 +8,7 @@ import math
 
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.errors import UserError
+from raytrain_app.core.memory import GB, GPU_MEMORY_GB, check_fits
 from raytrain_app.ray_adapter import ray_compat
 from raytrain_app.ray_adapter.driver import scaling_config
 
@@ -51,3 +52,22 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
         raise UserError(f"--num-workers {cfg.workers_text()}: each worker needs {need} and {where} {shown}, so at "
                         f"most {fits} worker(s) can ever be placed; lower --num-workers or add nodes")
 
+
+
+def check_gpu_memory_fits(cfg: TrainConfig) -> None:
+    """--use-gpu: refuse a run whose memory plan does not fit the GPUs, before any worker starts. Their memory
+    is --gpu-memory-gb, or known from the accelerator type the cluster reports (the smallest, if several)."""
+    if not cfg.use_gpu:
+        return
+    if cfg.gpu_memory_gb:
+        check_fits(cfg, cfg.gpu_memory_gb * GB, "--gpu-memory-gb")
+        return
+    capacity, _ = cluster_capacity()
+    types = sorted(k.split(":", 1)[1] for k in capacity if k.startswith("accelerator_type:"))
+    known = sorted((GPU_MEMORY_GB[t], t) for t in types if t in GPU_MEMORY_GB)
+    if not known:
+        print(f"Memory plan not checked: the cluster reports no known GPU type ({', '.join(types) or 'none'}); pass "
+              "--gpu-memory-gb to check it.")
+        return
+    gb, name = known[0]
+    check_fits(cfg, gb * GB, f"{name}, {gb:g} GB")

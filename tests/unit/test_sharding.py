@@ -32,33 +32,15 @@ from raytrain_app.checkpoint.format import (
 from raytrain_app.checkpoint.resolve import summarize
 from raytrain_app.checkpoint.sharded import read_full_weights
 from raytrain_app.core.config import TrainConfig
-from tests.conftest import computed_once, write_dataset
-from tests.distributed import train
+from tests.distributed import MID, STEPS, config, runs_folder, train
 from tests.helpers import flip_a_byte
 
 RTOL, ATOL = 1e-5, 1e-6
-STEPS = 16  # 2 epochs of 8 steps; checkpoints at steps 5, 8 (epoch end), 10, 15, 16
-MID = 5  # a mid-epoch checkpoint every run below resumes from
-
-
-def config(data: Path, strategy: str) -> dict:
-    return TrainConfig(data=str(data), hidden_dim=16, num_layers=2, num_heads=2, warmup_steps=4, epochs=2,
-                       batch_size=16, eval_every=MID, num_workers="1-2", strategy=strategy, feature_dim=4,
-                       seq_len=8, num_classes=3).to_dict()
 
 
 @pytest.fixture(scope="session")
 def runs(shared_tmp: Path) -> Path:
-    """The uninterrupted runs: DDP and FSDP on 2 workers (trained once per test session)."""
-
-    def compute(folder: Path) -> str:
-        # 65 validation rows: shares of 32 and 33, so the ranks run 2 and 3 forwards in evaluation.
-        data = write_dataset(folder / "data.pkl", num_val=65)
-        for strategy in ("ddp", "fsdp"):
-            train(folder, f"{strategy}2", world_size=2, config=config(data, strategy))
-        return str(folder)
-
-    return Path(computed_once(shared_tmp, "sharding-runs", compute))
+    return runs_folder(shared_tmp)
 
 
 def result(folder: Path) -> dict:

@@ -1,0 +1,112 @@
+"""The memory plan (raytrain_app.core.memory) against what PyTorch actually holds on CPU: parameter counts, the
+bytes autograd saves for backward, and a worker's share of weights and moments under FSDP; and the refusal of a
+run that cannot fit, before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.memory import GB, activation_bytes, count_parameters, human, plan_memory
+from raytrain_app.core.model import SequenceTransformer, loss_fn
+from raytrain_app.main import main
+from raytrain_app.plan import main as plan_main
+from tests.conftest import write_dataset
+from tests.distributed import config, runs_folder
+from tests.helpers import run_in_process
+
+SHAPES = dict(feature_dim=12, seq_len=32, num_classes=5)
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize(("hidden", "layers"), [(16, 1), (64, 3), (2048, 24)])
+def test_parameter_count_is_the_models(per_step: bool, hidden: int, layers: int) -> None:
+    cfg = TrainConfig(hidden_dim=hidden, num_layers=layers, num_heads=4, per_step=per_step, **SHAPES)
+    with torch.device("meta"):  # the 1.2 B configuration costs no memory
+        model = SequenceTransformer(cfg)
+    assert count_parameters(cfg) == (sum(p.numel() for p in model.parameters()),
+                                     sum(p.numel() for p in model.blocks[0].parameters()))
+
+
+def saved_for_backward(cfg: TrainConfig, batch: int, checkpointed: bool) -> int:
+    """Bytes of every tensor autograd keeps from one training forward pass (each storage once, weights aside)."""
+    torch.manual_seed(0)
+    model = SequenceTransformer(cfg).train()
+    model.activation_checkpointing = checkpointed
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(batch, cfg.seq_len, cfg.feature_dim)
+    y = torch.randint(0, cfg.num_classes, (batch, cfg.seq_len) if cfg.per_step else (batch,))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(model(x), y).backward()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_activation_plan_is_what_autograd_keeps(per_step: bool, checkpointed: bool) -> None:
+    """fp32, dropout 0: the CPU then runs the same fused attention kernel as a GPU (with dropout it falls back
+    to a kernel that keeps the attention matrix, which no GPU kernel does). Checkpointed, forward keeps each
+    block's input; the plan adds the one block backward rebuilds at a time."""
+    cfg = TrainConfig(hidden_dim=64, num_layers=3, num_heads=4, dropout=0.0, per_step=per_step, **SHAPES)
+    measured = saved_for_backward(cfg, 8, checkpointed)
+    planned = activation_bytes(cfg, 8, checkpointed, rebuilt_block=False)
+    assert planned == pytest.approx(measured, rel=0.01)
+    if checkpointed:
+        assert planned < activation_bytes(cfg, 8, True) < activation_bytes(cfg, 8, False)
+
+
+def test_a_workers_share_under_fsdp_is_what_it_holds(shared_tmp: Path) -> None:
+    """Rank 0 of the 2-worker FSDP run (tests/unit/test_sharding.py's) holds half the weights and moments, as
+    planned (each tensor split by rows, rank 0's shard of an odd one a row longer); the DDP run's rank 0 holds
+    them whole."""
+    folder = runs_folder(shared_tmp)
+    for strategy in ("ddp", "fsdp"):
+        held = torch.load(folder / f"{strategy}2" / "result.pt", weights_only=True)["held_bytes"]
+        plan = plan_memory(TrainConfig.from_dict(config(folder / "data.pkl", strategy)), 2)
+        assert held == {"parameters": plan.parameters, "optimizer": plan.optimizer}, strategy
+
+
+def test_a_run_that_cannot_fit_its_gpus_is_refused_before_anything_starts(tmp_path: Path, dataset: Path) -> None:
+    args = ["--data", str(dataset), "--save-dir", str(tmp_path), "--use-gpu", "--gpu-memory-gb", "80",
+            "--hidden-dim", "4096", "--num-layers", "32", "--num-heads", "32", "--num-workers", "8", "--use-amp"]
+    result = run_in_process(main, args)
+    assert result.returncode == 2
+    needs = plan_memory(TrainConfig(hidden_dim=4096, num_layers=32, num_heads=32, num_workers=8, use_amp=True,
+                                    feature_dim=4, seq_len=8, num_classes=3)).total
+    assert needs > 100 * GB
+    assert result.stderr.strip().splitlines() == [
+        f"error: --strategy ddp --batch-size 32 on 8 worker(s) needs {human(needs)} per GPU by the memory plan, "
+        "more than 90% of the 80.00 GB of each GPU (--gpu-memory-gb): --strategy fsdp would fit. See python -m "
+        "raytrain_app.plan with the same flags."]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    fsdp = run_in_process(plan_main, [*args, "--strategy", "fsdp"])
+    assert fsdp.returncode == 0, fsdp.stderr
+    assert "does NOT fit" not in fsdp.stdout and ": fits" in fsdp.stdout
+
+
+def test_the_plan_names_the_smallest_change_and_the_largest_micro_batch(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "long.pkl", seq_len=512)
+    args = ["--data", str(data), "--hidden-dim", "2048", "--num-layers", "24", "--num-heads", "16",
+            "--batch-size", "128", "--num-workers", "2", "--gpu-memory-gb", "80"]
+    result = run_in_process(plan_main, args)
+    assert result.returncode == 0, result.stderr
+    cfg = TrainConfig(hidden_dim=2048, num_layers=24, num_heads=16, batch_size=128, num_workers=2, feature_dim=4,
+                      seq_len=512, num_classes=3)
+    plan = plan_memory(cfg)
+    assert not plan.fits(80 * GB) and plan_memory(cfg.replace(activation_checkpointing=True)).fits(80 * GB)
+    assert "  smallest change that fits: --activation-checkpointing" in result.stdout
+    largest = plan.largest_micro_batch(80 * GB)
+    assert f"  largest micro-batch that fits: {largest}" in result.stdout
+    assert plan_memory(cfg.replace(batch_size=largest)).fits(80 * GB)
+    assert not plan_memory(cfg.replace(batch_size=largest + 1)).fits(80 * GB)
