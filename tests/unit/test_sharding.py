@@ -31,7 +31,6 @@ from raytrain_app.checkpoint.format import (
 )
 from raytrain_app.checkpoint.resolve import summarize
 from raytrain_app.checkpoint.sharded import read_full_weights
-from raytrain_app.core.config import TrainConfig
 from tests.distributed import MID, STEPS, config, runs_folder, train
 from tests.helpers import flip_a_byte
 
