@@ -17,6 +17,7 @@ COMMANDS = {
     "ckpt": ("raytrain_app.ckpt", "show what a checkpoint holds, or export its weights"),
     "report": ("raytrain_app.report", "a run's summary and loss plot"),
     "data": ("raytrain_app.data", "make a synthetic dataset, or convert a pickle to Parquet"),
+    "plan": ("raytrain_app.plan", "the memory plan of a training command: does it fit the GPUs?"),
 }
 
 

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from raytrain_app.checkpoint.format import BEST_MODEL_FILE
-from raytrain_app.checkpoint.resolve import StateSummary, fork_lineage, last_good_checkpoint, resolve_checkpoint
+from raytrain_app.checkpoint.resolve import (
+    StateSummary,
+    fork_lineage,
+    last_good_checkpoint,
+    resolve_checkpoint,
+    verified_name,
+)
 from raytrain_app.cli.commands import python_for_commands
 from raytrain_app.cli.errors import EXIT_DIVERGED, EXIT_TRAINING_FAILED, USER_ERRORS, run_command
 from raytrain_app.cli.flags import parse_config
@@ -133,7 +139,8 @@ def fit(plan: Plan, argv: list[str]) -> int:
     plan.recovery.apply()  # Ray must restore the checkpoint the summary above was printed from
     stop_request = new_stop_request()
     trainer = make_trainer(cfg, run_name=plan.run_name, storage=plan.save_dir, init_from=plan.init_from,
-                           lineage=plan.lineage, stop_request=stop_request)
+                           lineage=plan.lineage, stop_request=stop_request,
+                           verified_checkpoint=verified_name(plan.recovery.state))
     command = shlex.join([python_for_commands(), "-m", "raytrain_app.main", *argv])
     try:
         display = ProgressDisplay(read_from(stop_request), cfg.progress_every)

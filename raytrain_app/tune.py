@@ -143,6 +143,9 @@ def plan_sweep(argv: list[str]) -> SweepPlan:
         read_from = parse_location(base_copy)
     try:
         cfg, summary = prepare_start(cfg, given, read_from, data, label=base.uri)
+        if summary.sharded:
+            raise UserError(f"--base-checkpoint {sweep.base_checkpoint} is a sharded checkpoint (--strategy fsdp): "
+                            "start the sweep from its run's best_model.pt, which holds the same state in one file")
         steps = trial_steps(cfg, data.train.num_rows, summary)
         grace = check_schedule(sweep, cfg, summary, steps)
         lineage = record["lineage"] if record else fork_lineage(base, summary, sha256=base_sha256)

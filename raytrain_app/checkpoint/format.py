@@ -2,8 +2,8 @@
 
 A checkpoint is a Ray `Checkpoint` directory named `checkpoint_step=000123` holding
   state.pt       torch.save of the training state (keys below), loadable with weights_only=True
-  meta.json      what is needed to choose between checkpoints and to check a run against one (counters, losses,
-                 config, lineage) without loading state.pt
+  meta.json      what is needed to choose between checkpoints, to check a run against one and to summarise it
+                 (counters, losses, config, lineage, the weights' shapes) without loading state.pt
   manifest.json  size and SHA-256 of the files above, written last: a folder whose files do not match it
                  (a write cut off, a lost or damaged object) is never loaded
 and `<save-dir>/best_model.pt` is the same state as one file, replaced atomically whenever validation improves.
@@ -85,6 +85,12 @@ def _meta(state: dict[str, Any]) -> dict[str, Any]:
         "lineage": state.get("lineage"),
         "config": state.get("config"),
         "sharded": state.get("sharded"),
+        # What the driver's checks and resume summary need, so that it never loads state.pt itself.
+        "train_ema_loss": state.get("train_ema_loss"),
+        "has_optimizer": bool(state.get("optimizer_state_dict") or state.get("optimizer_param_groups")),
+        "has_scaler": bool(state.get("scaler_state_dict")),
+        "model_shapes": state.get("model_shapes") or {
+            name: list(t.shape) for name, t in (state.get("model_state_dict") or {}).items()},
     }
 
 

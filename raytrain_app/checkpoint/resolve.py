@@ -80,6 +80,11 @@ def parent_location(location: Location) -> Location:
     return Location(location.fs, parent, posixpath.dirname(base.rstrip("/")) + (f"?{query}" if query else ""))
 
 
+def verified_name(state_file: Location | None) -> str | None:
+    """The folder name of a checkpoint's state file (what workers compare with the checkpoint Ray restores)."""
+    return parent_location(state_file).name if state_file is not None else None
+
+
 def resolve_checkpoint(location: str, flag: str = "--resume-from-checkpoint", verify: bool = True) -> Location | None:
     """Turn what a user passed to --resume-from-checkpoint into the Location of a state file.
 
@@ -128,12 +133,18 @@ class StateSummary:
     model_shapes: dict[str, tuple[int, ...]]  # every weight's (full) shape, by name
     lineage: dict[str, Any] | None = None
     eval_val_loss: float | None = None  # measured at this checkpoint (best_val_loss is the run's best so far)
+    sharded: bool = False  # weights and moments in the folder's shards (--strategy fsdp), not in the state file
 
 
 def summarize(location: Location, label: str | None = None) -> StateSummary:
-    """`label`: how to name the checkpoint to users, when `location` is a local copy of it."""
-    state = load_state(location, mmap=True)
+    """What the checkpoint at `location` holds. A checkpoint folder's state.pt is summarised from the meta.json
+    beside it (a few KB, whatever the model's size); a single file (best_model.pt, an older folder) is read,
+    memory-mapped when local. `label`: how to name the checkpoint to users, when `location` is a local copy."""
     path = label or str(location)
+    meta = read_json(parent_location(location).join(META_FILE)) if location.name == STATE_FILE else None
+    if meta is not None and "model_shapes" in meta:
+        return _summary_from_meta(meta, path)
+    state = load_state(location, mmap=True)
     position = state.get("data_position")
     return StateSummary(
         path=path,
@@ -145,10 +156,23 @@ def summarize(location: Location, label: str | None = None) -> StateSummary:
         has_optimizer=bool(state.get("optimizer_state_dict") or state.get("optimizer_param_groups")),
         has_scaler=bool(state.get("scaler_state_dict")),
         data_position=position if isinstance(position, dict) else None,
-        model_shapes=_shapes(state),
+        model_shapes=_shapes(state), sharded="sharded" in state,
         lineage=state.get("lineage") if isinstance(state.get("lineage"), dict) else None,
         eval_val_loss=_float_or_none(state.get("eval_val_loss")),
     )
+
+
+def _summary_from_meta(meta: dict[str, Any], path: str) -> StateSummary:
+    position, lineage = meta.get("data_position"), meta.get("lineage")
+    return StateSummary(
+        path=path, epoch=int(meta.get("epoch") or 0), global_step=int(meta.get("global_step") or 0),
+        best_val_loss=_float_or_none(meta.get("best_val_loss")),
+        train_ema_loss=_float_or_none(meta.get("train_ema_loss")), config=dict(meta.get("config") or {}),
+        has_optimizer=bool(meta.get("has_optimizer")), has_scaler=bool(meta.get("has_scaler")),
+        data_position=position if isinstance(position, dict) else None,
+        model_shapes={name: tuple(shape) for name, shape in meta["model_shapes"].items()},
+        lineage=lineage if isinstance(lineage, dict) else None,
+        eval_val_loss=_float_or_none(meta.get("eval_val_loss")), sharded=bool(meta.get("sharded")))
 
 
 def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:

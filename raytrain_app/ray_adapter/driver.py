@@ -77,12 +77,14 @@ def scaling_config(cfg: TrainConfig) -> Any:
 def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_from: str | None,
                  lineage: dict[str, Any] | None, callbacks: list[Any] | None = None,
                  fork_keeps_best: bool = True, log_prefix: str = "", stop_request: Any = None,
-                 wandb_group: str | None = None) -> Any:
+                 wandb_group: str | None = None, verified_checkpoint: str | None = None) -> Any:
     """The TorchTrainer of one run: `<storage>/<run_name>/`, restarted from its latest checkpoint on worker
     failure, continued from it when created again with the same name (a retry, a re-run).
 
     A new run starts from `init_from` (None: from scratch) and records `lineage`; see
-    `Trainer.load_state_dict` for `fork_keeps_best`. `stop_request`: see `graceful_stop`."""
+    `restore_training_state` for `fork_keeps_best`. `stop_request`: see `graceful_stop`. `verified_checkpoint`:
+    the name of the checkpoint folder the driver has just verified (`plan_recovery`): workers restoring it do
+    not hash it again."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -93,7 +95,8 @@ def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_fro
         train_loop_config={"config": cfg.to_dict(), "init_from": init_from, "lineage": lineage,
                            "fork_keeps_best": fork_keeps_best, "log_prefix": log_prefix,
                            "stop_request": stop_request, "run_dir": storage.join(run_name).uri,
-                           "attempt": ATTEMPT, "wandb_group": wandb_group},
+                           "attempt": ATTEMPT, "wandb_group": wandb_group,
+                           "verified_checkpoint": verified_checkpoint},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=run_name,

@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any
 
+from raytrain_app.checkpoint.resolve import verified_name
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.observability.sweep_results import trial_dir_name
 from raytrain_app.ray_adapter.driver import make_trainer
@@ -97,14 +98,16 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
                            f"command to try again from its latest checkpoint. The failure: {mark['error']}")
 
     # The trial's own latest checkpoint, verified: one that is not whole is named and the trial falls back.
-    recover_run(trial_dir.join(run_name), warn=lambda line: print(f"[trial {trial_id}] {line}", flush=True))
+    verified = recover_run(trial_dir.join(run_name), warn=lambda line: print(f"[trial {trial_id}] {line}",
+                                                                              flush=True))
 
     import ray.train
 
     lineage = {**spec["lineage"], "sweep_name": spec["sweep_name"], "trial_id": trial_id}
     trainer = make_trainer(cfg, run_name=run_name, storage=trial_dir, init_from=spec["base"], lineage=lineage,
                            callbacks=[report_callback(base_step)], fork_keeps_best=False,
-                           log_prefix=f"[trial {trial_id} lr {cfg.lr:.3g}] ", wandb_group=spec["sweep_name"])
+                           log_prefix=f"[trial {trial_id} lr {cfg.lr:.3g}] ", wandb_group=spec["sweep_name"],
+                           verified_checkpoint=verified_name(verified))
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:

@@ -81,8 +81,10 @@ def restored_state(loop_config: dict[str, Any]) -> Iterator[tuple[dict[str, Any]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
-            # The driver verified it before starting (recover_run); this copy is what this worker loads.
-            verify_checkpoint_dir(checkpoint_dir, label=checkpoint.path)
+            # Hashed once: by the driver when it chose this checkpoint before starting (`plan_recovery`, which
+            # falls back from one that is not whole), else here (a restart after a failure restores a newer one).
+            if os.path.basename(checkpoint.path.rstrip("/")) != loop_config.get("verified_checkpoint"):
+                verify_checkpoint_dir(checkpoint_dir, label=checkpoint.path)
             path = os.path.join(checkpoint_dir, STATE_FILE)
             # mmap: tensors are read as they are copied into the model, not all held in memory per worker.
             yield load_state(path, mmap=True), checkpoint.path, False, checkpoint_dir

@@ -63,7 +63,8 @@ def test_raytrain_console_script_runs_each_command() -> None:
     raytrain = Path(sys.executable).with_name("raytrain")
     listing = subprocess.run([str(raytrain), "--help"], capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0
-    commands = {"train": "main", "tune": "tune", "ckpt": "ckpt", "jobs": "jobs", "report": "report", "data": "data"}
+    commands = {"train": "main", "tune": "tune", "ckpt": "ckpt", "jobs": "jobs", "report": "report", "data": "data",
+                "plan": "plan"}
     for command, module in commands.items():
         assert f"  {command} " in listing.stdout and f"(python -m raytrain_app.{module})" in listing.stdout
     # The same command both ways: the same line, the same exit code.

@@ -251,7 +251,7 @@ def test_trial_steps_count_from_a_mid_epoch_base_in_the_trials_geometry() -> Non
     # The base stopped after 8 batches of 8 on 2 workers in epoch 1 (of 16): 128 samples, i.e. 4 of ours.
     position = {"epoch": 1, "batch_index": 8, "batch_size": 8, "world_size": 2}
     summary = StateSummary(path="b", epoch=1, global_step=24, best_val_loss=None, train_ema_loss=None, config={},
-                           has_optimizer=True, has_scaler=False, data_position=position, model_state_dict={})
+                           has_optimizer=True, has_scaler=False, data_position=position, model_shapes={})
     assert trial_steps(cfg, 256, summary) == 4 + 8  # the rest of epoch 2, then epoch 3
     accum = cfg.replace(grad_accum_steps=3)  # 8 batches: steps after batches 3, 6 and 8 (a short last group)
     assert trial_steps(accum, 256, summary) == 2 + 3
