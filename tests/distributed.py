@@ -1,8 +1,8 @@
 """Training on several processes without Ray: the plain-PyTorch loop under torch.distributed (gloo, CPU), for the
-sharding tests. `train(...)` starts `world_size` processes, each running `_worker`: build the model in the
-requested layout (DDP or FSDP), optionally restore a checkpoint folder, train with checkpoints written by
-`save_training_state`, and stop at a chosen step the way a preemption does. Rank 0 writes what the test compares:
-every step's training loss and the final weights, gathered whole.
+sharding tests. `train_all(...)` starts `world_size` processes, each running one run after another: build the
+model in the requested layout (DDP or FSDP), optionally restore a checkpoint folder, train with checkpoints
+written by `save_training_state`, and stop at a chosen step the way a preemption does. Rank 0 writes what the
+test compares: every step's training loss and the final weights, gathered whole.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def runs_folder(shared_tmp: Path) -> Path:
     def compute(folder: Path) -> str:
         # 65 validation rows: shares of 32 and 33, so the ranks run 2 and 3 forwards in evaluation.
         data = write_dataset(folder / "data.pkl", num_val=65)
-        for strategy in ("ddp", "fsdp"):
-            train(folder, f"{strategy}2", world_size=2, config=config(data, strategy))
+        train_all(folder, {f"{strategy}2": {"config": config(data, strategy)} for strategy in ("ddp", "fsdp")},
+                  world_size=2)
         return str(folder)
 
     return Path(computed_once(shared_tmp, "sharding-runs", compute))
@@ -48,17 +48,21 @@ def runs_folder(shared_tmp: Path) -> Path:
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
-def train(tmp_path: Path, name: str, *, world_size: int, config: dict[str, Any], resume: Path | None = None,
-          stop_at_step: int | None = None, timeout_s: float = 240) -> dict[str, Any]:
-    """Train in `world_size` processes; checkpoints go to `tmp_path/name/checkpoint_step=N`. Returns rank 0's
-    results: {"losses": {step: loss}, "weights": {name: tensor}, "checkpoints": [dir names], "held_bytes": what
-    rank 0 holds of the weights and AdamW moments}."""
-    out_dir = tmp_path / name
-    out_dir.mkdir(parents=True)
-    spec = {"config": config, "resume": str(resume) if resume else None, "stop_at_step": stop_at_step,
-            "out_dir": str(out_dir), "init_file": str(out_dir / "init")}
+def train_all(tmp_path: Path, runs: dict[str, dict[str, Any]], *, world_size: int,
+              timeout_s: float = 240) -> dict[str, dict[str, Any]]:
+    """Several runs one after the other in the same `world_size` processes (starting processes and importing
+    torch costs more than training this model): {name: {"config", "resume", "stop_at_step"}} -> {name: results
+    as `train` returns them}."""
+    specs = []
+    for name, run in runs.items():
+        out_dir = tmp_path / name
+        out_dir.mkdir(parents=True)
+        specs.append({"config": run["config"], "resume": str(run["resume"]) if run.get("resume") else None,
+                      "stop_at_step": run.get("stop_at_step"), "out_dir": str(out_dir)})
+    init_file = tmp_path / f"init-{next(iter(runs))}"
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(rank, world_size, spec)) for rank in range(world_size)]
+    processes = [context.Process(target=_worker, args=(rank, world_size, str(init_file), specs))
+                 for rank in range(world_size)]
     for p in processes:
         p.start()
     for p in processes:
@@ -66,18 +70,24 @@ def train(tmp_path: Path, name: str, *, world_size: int, config: dict[str, Any],
     for p in processes:
         if p.is_alive():
             p.kill()
-    errors = sorted(out_dir.glob("error-rank*.txt"))
+    errors = sorted(tmp_path.glob("*/error-rank*.txt"))
     assert not errors, errors[0].read_text()
     assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return torch.load(out_dir / "result.pt", weights_only=True)
+    return {name: torch.load(tmp_path / name / "result.pt", weights_only=True) for name in runs}
 
 
-def _worker(rank: int, world_size: int, spec: dict[str, Any]) -> None:
-    try:
-        _train(rank, world_size, spec)
-    except BaseException:
-        Path(spec["out_dir"], f"error-rank{rank}.txt").write_text(traceback.format_exc())
-        raise
+def _worker(rank: int, world_size: int, init_file: str, specs: list[dict[str, Any]]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    for spec in specs:
+        try:
+            _train(rank, world_size, spec)
+        except BaseException:
+            Path(spec["out_dir"], f"error-rank{rank}.txt").write_text(traceback.format_exc())
+            raise
+    dist.destroy_process_group()
 
 
 def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
@@ -94,8 +104,6 @@ def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
     from raytrain_app.core.trainer import Trainer
     from raytrain_app.datasets.formats import open_dataset
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{spec['init_file']}", rank=rank, world_size=world_size)
     cfg = TrainConfig.from_dict(spec["config"])
     device = torch.device("cpu")
     seed_everything(cfg.seed, rank)
@@ -130,4 +138,3 @@ def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
         torch.save({"losses": losses, "weights": weights, "checkpoints": checkpoints, "held_bytes": held},
                    os.path.join(spec["out_dir"], "result.pt"))
     dist.barrier()
-    dist.destroy_process_group()

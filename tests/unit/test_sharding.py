@@ -31,7 +31,7 @@ from raytrain_app.checkpoint.format import (
 )
 from raytrain_app.checkpoint.resolve import summarize
 from raytrain_app.checkpoint.sharded import read_full_weights
-from tests.distributed import MID, STEPS, config, runs_folder, train
+from tests.distributed import MID, STEPS, config, runs_folder, train_all
 from tests.helpers import flip_a_byte
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -99,40 +99,67 @@ def test_a_damaged_or_missing_shard_makes_the_checkpoint_not_whole(runs: Path, t
         "manifest.rank1.json is missing or damaged (a worker's shard of the checkpoint)")
 
 
-@pytest.mark.parametrize(("source", "strategy", "workers", "reference"), [
-    ("fsdp2", "fsdp", 2, "fsdp2"),  # stopped mid-epoch and resumed unchanged
-    ("fsdp2", "ddp", 2, "ddp2"),  # FSDP -> DDP
-    ("ddp2", "fsdp", 2, "fsdp2"),  # DDP -> FSDP
-])
-def test_resuming_on_the_same_workers_continues_exactly(runs: Path, tmp_path: Path, source: str, strategy: str,
-                                                        workers: int, reference: str) -> None:
-    data = runs / "data.pkl"
-    resumed = train(tmp_path, "resumed", world_size=workers, config=config(data, strategy),
-                    resume=runs / source / f"checkpoint_step={MID:06d}")
-    assert min(resumed["losses"]) == MID + 1
-    assert_close_runs(resumed, result(runs / reference), from_step=MID + 1)
-    if source == strategy + "2":  # the same layout: bit for bit
-        assert all(torch.equal(v, result(runs / reference)["weights"][k]) for k, v in resumed["weights"].items())
+def test_resuming_on_the_same_workers_continues_exactly(runs: Path, tmp_path: Path) -> None:
+    """From the same mid-epoch checkpoint: FSDP stopped and resumed unchanged (bit for bit), FSDP -> DDP and
+    DDP -> FSDP, each continuing as the uninterrupted run of its new strategy does."""
+    cases = {"fsdp-again": ("fsdp2", "fsdp"), "fsdp-to-ddp": ("fsdp2", "ddp"), "ddp-to-fsdp": ("ddp2", "fsdp")}
+    resumed = train_all(tmp_path, {name: {"config": config(runs / "data.pkl", strategy),
+                                          "resume": runs / source / f"checkpoint_step={MID:06d}"}
+                                   for name, (source, strategy) in cases.items()}, world_size=2)
+    for name, (_, strategy) in cases.items():
+        reference = result(runs / f"{strategy}2")
+        assert min(resumed[name]["losses"]) == MID + 1, name
+        assert_close_runs(resumed[name], reference, from_step=MID + 1)
+    again, reference = resumed["fsdp-again"], result(runs / "fsdp2")
+    assert all(torch.equal(v, reference["weights"][k]) for k, v in again["weights"].items())
+    assert all(again["losses"][s] == reference["losses"][s] for s in again["losses"])
 
 
 def test_resharding_2_to_1_and_1_to_2_workers_in_either_strategy(runs: Path, tmp_path: Path) -> None:
-    """A 2-worker checkpoint of either strategy resumes on 1 worker of either; all four continue identically
-    (the state moved between layouts is the same). Then a 1-worker FSDP checkpoint resumes on 2 workers of either
+    """A 2-worker checkpoint of either strategy resumes on 1 worker of either; all continue identically (the
+    state moved between layouts is the same). Then a 1-worker FSDP checkpoint resumes on 2 workers of either
     strategy, identically again."""
     data = runs / "data.pkl"
-    on_one = {}
-    for source, strategy in (("fsdp2", "fsdp"), ("ddp2", "ddp"), ("fsdp2", "ddp")):
-        on_one[source, strategy] = train(tmp_path, f"{source}-to-{strategy}1", world_size=1,
-                                         config=config(data, strategy),
-                                         resume=runs / source / f"checkpoint_step={MID:06d}")
-    reference = on_one["ddp2", "ddp"]
+    cases = {"fsdp-to-fsdp1": ("fsdp2", "fsdp"), "ddp-to-ddp1": ("ddp2", "ddp"), "fsdp-to-ddp1": ("fsdp2", "ddp")}
+    on_one = train_all(tmp_path, {name: {"config": config(data, strategy),
+                                         "resume": runs / source / f"checkpoint_step={MID:06d}"}
+                                  for name, (source, strategy) in cases.items()}, world_size=1)
+    reference = on_one["ddp-to-ddp1"]
     assert min(reference["losses"]) == MID + 1
     for run in on_one.values():
         assert_close_runs(run, reference, from_step=MID + 1)
     # 1 -> 2: the 1-worker FSDP run's checkpoint at step 10 (written by one process), on 2 workers.
-    one_worker_ckpt = tmp_path / "fsdp2-to-fsdp1" / "checkpoint_step=000010"
+    one_worker_ckpt = tmp_path / "fsdp-to-fsdp1" / "checkpoint_step=000010"
     assert load_state(str(one_worker_ckpt / STATE_FILE))["sharded"]["world_size"] == 1
-    on_two = [train(tmp_path, f"fsdp1-to-{strategy}2", world_size=2, config=config(data, strategy),
-                    resume=one_worker_ckpt) for strategy in ("fsdp", "ddp")]
-    assert min(on_two[0]["losses"]) == 11
-    assert_close_runs(on_two[0], on_two[1], from_step=11)
+    on_two = train_all(tmp_path, {f"fsdp1-to-{strategy}2": {"config": config(data, strategy),
+                                                            "resume": one_worker_ckpt}
+                                  for strategy in ("fsdp", "ddp")}, world_size=2)
+    assert min(on_two["fsdp1-to-fsdp2"]["losses"]) == 11
+    assert_close_runs(on_two["fsdp1-to-fsdp2"], on_two["fsdp1-to-ddp2"], from_step=11)
+
+
+def test_options_that_change_nothing_and_those_that_change_the_numbers(runs: Path, tmp_path: Path) -> None:
+    """On 2 workers: --activation-checkpointing under FSDP trains bit for bit as without it; FSDP skips its
+    reduce-scatter while accumulating and matches DDP with 2 micro-batches per step; with --use-amp (bf16) FSDP's
+    mixed-precision policy and DDP's autocast train alike within bf16's precision; --grad-compression bf16 stays
+    within it of the fp32 all-reduce without being equal to it."""
+    data = runs / "data.pkl"
+    accum = {"batch_size": 8, "grad_accum_steps": 2}
+    variants = {
+        "fsdp-recompute": {"strategy": "fsdp", "activation_checkpointing": True},
+        "fsdp-accum": {"strategy": "fsdp", **accum}, "ddp-accum": {"strategy": "ddp", **accum},
+        "fsdp-bf16": {"strategy": "fsdp", "use_amp": True}, "ddp-bf16": {"strategy": "ddp", "use_amp": True},
+        "ddp-compressed": {"strategy": "ddp", "grad_compression": "bf16"},
+    }
+    out = train_all(tmp_path, {name: {"config": {**config(data, "ddp"), **changes}}
+                               for name, changes in variants.items()}, world_size=2)
+    fsdp, ddp = result(runs / "fsdp2"), result(runs / "ddp2")
+    assert out["fsdp-recompute"]["losses"] == fsdp["losses"]
+    assert all(torch.equal(v, fsdp["weights"][k]) for k, v in out["fsdp-recompute"]["weights"].items())
+    assert_close_runs(out["fsdp-accum"], out["ddp-accum"])
+    assert out["fsdp-accum"]["losses"] != fsdp["losses"]  # another batch geometry: not the same run by accident
+    for a, b in (("fsdp-bf16", "ddp-bf16"), ("ddp-compressed", "ddp")):
+        other = out[b] if b in out else ddp
+        for step, loss in out[a]["losses"].items():
+            assert loss == pytest.approx(other["losses"][step], rel=2e-2), (a, step)
+    assert out["ddp-compressed"]["losses"] != ddp["losses"]
