@@ -5,11 +5,12 @@ checkpoints written by `save_training_state`, restored by `restore_training_stat
 (--num-workers 1-2), so a run on 1 worker accumulates 2 micro-batches per step and keeps the effective batch.
 
 Tolerance. With the same weights, data and dropout masks, FSDP and DDP add the same two fp32 gradients per
-element (a reduce-scatter or an all-reduce of 2 values is one addition, either way round the same); what can
-differ is the order in which the gradient norm for clipping sums its squares (per shard, then across workers,
-against over whole tensors), which moves the clip factor by an ulp or so, and the updates with it. Over 16 steps
-of this tiny model that stays under 1e-6 relative; the tests allow rtol 1e-5, atol 1e-6. On this machine the two
-strategies agree exactly.
+element (a reduce-scatter or an all-reduce of 2 values is one addition, and halving is exact); what differs is
+the order in which the clipping norm sums its squares (per shard, then across workers, against over whole
+tensors), which moves the clip factor by an ulp whenever the norm is above --grad-clip. AdamW divides each
+gradient by its own running scale, so for a parameter whose gradient is zero up to rounding (the attention's key
+bias: softmax ignores a constant shift) an ulp of difference becomes an lr-sized step. Over these runs that stays
+below 1e-5 absolute; the tests allow rtol 1e-4, atol 1e-5. Without clipping in play the two are equal.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from raytrain_app.checkpoint.sharded import read_full_weights
 from tests.distributed import MID, STEPS, config, runs_folder, train_all
 from tests.helpers import flip_a_byte
 
-RTOL, ATOL = 1e-5, 1e-6
+RTOL, ATOL = 1e-4, 1e-5
 
 
 @pytest.fixture(scope="session")
