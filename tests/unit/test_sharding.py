@@ -164,3 +164,33 @@ def test_options_that_change_nothing_and_those_that_change_the_numbers(runs: Pat
         for step, loss in out[a]["losses"].items():
             assert loss == pytest.approx(other["losses"][step], rel=2e-2), (a, step)
     assert out["ddp-compressed"]["losses"] != ddp["losses"]
+
+
+def test_ckpt_shows_and_exports_a_sharded_checkpoint_and_the_driver_reads_only_its_meta(
+        runs: Path, tmp_path: Path) -> None:
+    """`ckpt export` gathers the shards into one safetensors file equal to the DDP run's weights at the same
+    step; `ckpt show` says how the state is sharded; the summary the driver starts from comes from meta.json
+    (the test replaces state.pt by bytes that are not a checkpoint: the summary is unchanged)."""
+    from safetensors.torch import load_file
+
+    from raytrain_app.ckpt import main as ckpt_main
+    from tests.helpers import run_in_process
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(runs / "fsdp2" / f"checkpoint_step={MID:06d}", folder)
+    shown = run_in_process(ckpt_main, ["show", str(folder)])
+    assert shown.returncode == 0, shown.stderr
+    assert "weights and optimizer state sharded by 2 worker(s) in shards/" in shown.stdout
+    assert "Manifest: whole (every file matches manifest.json)" in shown.stdout
+    exported = run_in_process(ckpt_main, ["export", str(folder), str(tmp_path / "w.safetensors")])
+    assert exported.returncode == 0, exported.stderr
+    weights = load_file(str(tmp_path / "w.safetensors"))
+    ddp = load_state(str(runs / "ddp2" / f"checkpoint_step={MID:06d}" / STATE_FILE))["model_state_dict"]
+    assert weights.keys() == ddp.keys()
+    for name, tensor in ddp.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=RTOL, atol=ATOL, msg=name)
+
+    before = summarize(as_location(str(folder / STATE_FILE)))
+    (folder / STATE_FILE).write_bytes(b"not a checkpoint")
+    assert summarize(as_location(str(folder / STATE_FILE))) == before
+    assert before.sharded and before.has_optimizer and before.global_step == MID
