@@ -57,13 +57,20 @@ def model_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in model.state_dict().items()}
 
 
-def stage_shards(tensors: dict[str, Any], shards_dir: str, group: Any) -> Future:
-    """Copy this worker's shards to host memory now (pinned, on CUDA) and write them to `shards_dir` in a
-    background thread; the future is done once every worker's part and rank 0's .metadata are written. `group`:
-    a gloo group for the write's own collectives, so that they never interleave with training's."""
-    os.makedirs(shards_dir, exist_ok=True)
-    return dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(shards_dir, thread_count=1),
-                          process_group=group)
+class ShardStager:
+    """Writes a worker's shards in the background, one checkpoint after another (one per worker)."""
+
+    def __init__(self, group: Any) -> None:
+        """`group`: a gloo group for the write's own collectives, so that they never interleave with training's."""
+        self.group = group
+
+    def stage(self, tensors: dict[str, Any], shards_dir: str) -> Future:
+        """Copy this worker's shards to host memory now (DCP's FileSystemWriter stages before returning) and
+        write them to `shards_dir` in a background thread; the future is done once every worker's part and rank
+        0's .metadata are written."""
+        os.makedirs(shards_dir, exist_ok=True)
+        return dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(shards_dir, thread_count=1),
+                              process_group=self.group)
 
 
 def save_shards(tensors: dict[str, Any], shards_dir: str, group: Any = None) -> None:

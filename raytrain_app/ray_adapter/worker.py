@@ -30,7 +30,7 @@ from raytrain_app.checkpoint.format import (
     write_best_model,
 )
 from raytrain_app.checkpoint.resolve import parent_location
-from raytrain_app.checkpoint.sharded import SHARDS_DIR, stage_shards
+from raytrain_app.checkpoint.sharded import SHARDS_DIR, ShardStager
 from raytrain_app.checkpoint.state import (
     LoadReport,
     ShardedState,
@@ -128,7 +128,7 @@ class WorkerRun:
         # The next checkpoint is written once Ray has uploaded the previous one. Sharded: every worker writes its
         # shard (torch.distributed.checkpoint), with collectives of its own on a group of their own.
         if trainer.sharded:
-            self.shard_group = dist.new_group(backend="gloo") if trainer.world_size > 1 else None
+            self.shards = ShardStager(dist.new_group(backend="gloo") if trainer.world_size > 1 else None)
             self.writer = CheckpointWriter(self.write_sharded, self.report, rank=rank,
                                            asynchronous=cfg.async_checkpoint, wait_uploaded=wait_uploaded,
                                            stage=self.stage_sharded)
@@ -245,7 +245,7 @@ class WorkerRun:
         sharded, best = state
         local_dir = tempfile.mkdtemp(prefix="raytrain-ckpt-")
         try:
-            written = stage_shards(sharded.tensors, os.path.join(local_dir, SHARDS_DIR), self.shard_group)
+            written = self.shards.stage(sharded.tensors, os.path.join(local_dir, SHARDS_DIR))
         except BaseException:
             shutil.rmtree(local_dir, ignore_errors=True)
             raise
