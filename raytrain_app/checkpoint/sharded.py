@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any
 
@@ -32,10 +31,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-
-from raytrain_app.checkpoint.format import SHARDS_DIR
-
-__all__ = ["SHARDS_DIR"]
 
 
 # --- what a sharded checkpoint holds ------------------------------------------------------------------------
@@ -74,7 +69,7 @@ class ShardStager:
 
 
 def save_shards(tensors: dict[str, Any], shards_dir: str, group: Any = None) -> None:
-    """`stage_shards`, waited for (--no-async-checkpoint, tests, tools)."""
+    """Write this worker's shards to `shards_dir` and return once every worker's are written (tools, tests)."""
     os.makedirs(shards_dir, exist_ok=True)
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(shards_dir, thread_count=1), process_group=group)
 
@@ -163,8 +158,3 @@ def read_full_state(shards_dir: str) -> dict[str, torch.Tensor]:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(target, storage_reader=dcp.FileSystemReader(shards_dir), no_dist=True)
     return target
-
-
-def shard_files(shards_dir: str) -> Iterable[str]:
-    """The files of a shards folder (as written on this worker), relative to it."""
-    return sorted(os.listdir(shards_dir)) if os.path.isdir(shards_dir) else []

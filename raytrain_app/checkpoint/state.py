@@ -16,9 +16,14 @@ from typing import Any
 
 import torch
 
-from raytrain_app.checkpoint.format import FORMAT_VERSION, CheckpointError, finish_sharded_dir, save_checkpoint_dir
-from raytrain_app.checkpoint.sharded import (
+from raytrain_app.checkpoint.format import (
+    FORMAT_VERSION,
     SHARDS_DIR,
+    CheckpointError,
+    finish_sharded_dir,
+    save_checkpoint_dir,
+)
+from raytrain_app.checkpoint.sharded import (
     gather_full_state,
     load_full_into_sharded,
     load_sharded,

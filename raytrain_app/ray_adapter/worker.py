@@ -21,6 +21,7 @@ import ray.train.torch
 import torch.distributed as dist
 
 from raytrain_app.checkpoint.format import (
+    SHARDS_DIR,
     STATE_FILE,
     checkpoint_dir_name,
     finish_sharded_dir,
@@ -30,7 +31,7 @@ from raytrain_app.checkpoint.format import (
     write_best_model,
 )
 from raytrain_app.checkpoint.resolve import parent_location
-from raytrain_app.checkpoint.sharded import SHARDS_DIR, ShardStager
+from raytrain_app.checkpoint.sharded import ShardStager
 from raytrain_app.checkpoint.state import (
     LoadReport,
     ShardedState,
