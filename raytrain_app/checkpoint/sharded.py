@@ -22,15 +22,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+
+# torch.distributed.checkpoint is imported in the functions that use it: with the DTensor code it pulls in, it
+# costs every process that imports it 0.7 s, and a DDP run's processes never need it.
 
 
 # --- what a sharded checkpoint holds ------------------------------------------------------------------------
@@ -38,6 +33,8 @@ def sharded_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     """(the tensors DCP writes: {"model": {fqn: tensor}, "optimizer": {fqn: {"step", "exp_avg", ...}}}, the
     optimizer's param_groups keyed by parameter name). Under FSDP the tensors are DTensor shards: nothing is
     gathered. Every worker calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     msd = get_model_state_dict(model)
     osd = get_optimizer_state_dict(model, optimizer)
     for fqn, values in osd["state"].items():
@@ -63,6 +60,8 @@ class ShardStager:
         """Copy this worker's shards to host memory now (DCP's FileSystemWriter stages before returning) and
         write them to `shards_dir` in a background thread; the future is done once every worker's part and rank
         0's .metadata are written."""
+        import torch.distributed.checkpoint as dcp
+
         os.makedirs(shards_dir, exist_ok=True)
         return dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(shards_dir, thread_count=1),
                               process_group=self.group)
@@ -70,6 +69,8 @@ class ShardStager:
 
 def save_shards(tensors: dict[str, Any], shards_dir: str, group: Any = None) -> None:
     """Write this worker's shards to `shards_dir` and return once every worker's are written (tools, tests)."""
+    import torch.distributed.checkpoint as dcp
+
     os.makedirs(shards_dir, exist_ok=True)
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(shards_dir, thread_count=1), process_group=group)
 
@@ -79,6 +80,14 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, shar
                  param_groups: list[dict] | None) -> None:
     """Load a sharded checkpoint's weights (and, given an optimizer, its moments) into `model`, sharded or not,
     on any number of workers. Every worker calls it (DCP plans the reads together)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     target: dict[str, Any] = {"model": get_model_state_dict(model)}
     osd = None
     if optimizer is not None:
@@ -95,6 +104,12 @@ def load_full_into_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | 
                            weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None) -> None:
     """Load a full state (a DDP checkpoint's state.pt, best_model.pt) into a sharded model: each worker keeps
     its slice of every tensor. `optimizer_state` is torch's own format (parameters by index)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=options)
     if optimizer is not None and optimizer_state:
@@ -127,6 +142,12 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
     """(weights, optimizer state in torch's own format) gathered whole into rank 0's host memory, one tensor at a
     time (each all-gathered on the device, copied to the host, freed); (None, None) on the other ranks.
     Collective. `optimizer=None`: weights only."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
     optimizer_state = None
@@ -141,6 +162,8 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
 
 def read_full_weights(shards_dir: str, shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     """Every weight of a sharded checkpoint, whole, in this one process (fp32: FSDP keeps parameters in fp32)."""
+    import torch.distributed.checkpoint as dcp
+
     target = {"model": {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}}
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -151,6 +174,8 @@ def read_full_weights(shards_dir: str, shapes: dict[str, list[int]]) -> dict[str
 def read_full_state(shards_dir: str) -> dict[str, torch.Tensor]:
     """Every tensor of a sharded checkpoint (weights `model.<name>`, moments `optimizer.<name>.<key>`), whole, in
     this one process: for tools and tests that compare checkpoints."""
+    import torch.distributed.checkpoint as dcp
+
     metadata = dcp.FileSystemReader(shards_dir).read_metadata().state_dict_metadata
     target = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in metadata.items()
               if hasattr(meta, "size")}  # tensors only: DCP would unpickle anything else

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_app.core.config import TrainConfig
@@ -81,9 +80,9 @@ def _fully_shard(cfg: TrainConfig, model: nn.Module, device: torch.device, world
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    # FSDP's classes are imported only once a model is sharded: importing them costs every process 0.6 s.
+    return any(cls.__name__ == "FSDPModule" and cls.__module__.startswith("torch.distributed.fsdp")
+               for cls in type(model).__mro__)
 
 
 def set_gradient_sync(train_model: nn.Module, sync: bool) -> object:
@@ -101,4 +100,4 @@ def set_gradient_sync(train_model: nn.Module, sync: bool) -> object:
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's global value (a sharded gradient norm: the reduction across workers), a tensor as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor, without importing it (0.6 s)
