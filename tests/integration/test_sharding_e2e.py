@@ -10,7 +10,6 @@ zero up to rounding). A resume that lost a step's data or a worker's random stat
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from pathlib import Path
@@ -101,10 +100,17 @@ def test_a_killed_fsdp_run_with_a_damaged_shard_falls_back_and_ends_as_the_unint
 
 
 def test_best_model_of_an_fsdp_run_is_one_file_and_the_guides_fine_tune_works_from_it(
-        killed_fsdp_run: dict, tmp_path: Path, dataset: Path, ray_address: str) -> None:
+        killed_fsdp_run: dict, dataset: Path) -> None:
     """best_model.pt holds the guide's keys, loads with weights_only=True into a plain model, and equals the
-    weights and moments of the sharded checkpoint it was written with. Fine-tuning from it (its URI) with a
-    lower --lr, under DDP and on one worker, continues from its step and optimizer."""
+    weights and moments of the sharded checkpoint it was written with. The guide's fine-tune from it (a lower
+    --lr, --epochs one more) continues from its step and optimizer in a whole model: the loop here, in this
+    process; the command line around it is the one the DDP fine-tune tests run, for a file of the same format."""
+    from raytrain_app.checkpoint.state import restore_training_state
+    from raytrain_app.core.rng import seed_everything
+    from raytrain_app.core.schedule import lr_at
+    from raytrain_app.core.trainer import Trainer
+    from raytrain_app.datasets.formats import open_dataset
+
     best_uri = killed_fsdp_run["save_dir"].join("best_model.pt")
     with best_uri.local_copy() as local:
         best = torch.load(local, map_location="cpu", weights_only=True)
@@ -117,11 +123,19 @@ def test_best_model_of_an_fsdp_run_is_one_file_and_the_guides_fine_tune_works_fr
     assert by_name(best).keys() <= shards.keys()
     assert all(torch.equal(tensor, shards[key]) for key, tensor in by_name(best).items())
 
-    epochs = best["epoch"] + 1
-    tuned = run_main(["--data", str(dataset), "--resume-from-checkpoint", best_uri.uri, "--lr", "1e-4",
-                      "--epochs", str(epochs), "--save-dir", str(tmp_path / "tuned"), "--num-workers", "1",
-                      "--batch-size", "16", "--eval-every", "100"], ray_address)
-    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
-    assert re.search(rf"Workers loaded {re.escape(best_uri.uri)}: weights, optimizer; at epoch {best['epoch']}, "
-                     rf"global step {best['global_step']}", tuned.stdout), tuned.stdout
-    assert f"Epoch {epochs}, global step {best['global_step'] + 16}" in tuned.stdout, tuned.stdout
+    cfg = TrainConfig.from_dict({**best["config"], "lr": 1e-4, "epochs": best["epoch"] + 1, "strategy": "ddp",
+                                 "data": str(dataset)})
+    seed_everything(cfg.seed, 0)
+    model = SequenceTransformer(cfg)
+    tuned = Trainer(cfg, model, model, torch.device("cpu"))
+    report = restore_training_state(tuned, load_state(best_uri), fork=True)
+    assert report.optimizer and (tuned.epoch, tuned.global_step) == (best["epoch"], best["global_step"])
+    data = open_dataset(str(dataset))
+    assert tuned.fit(data, lambda metrics, eval_val_loss, is_best: None)
+    steps = tuned.steps_per_epoch(data)
+    assert tuned.global_step == best["global_step"] + steps
+    assert tuned.optimizer.param_groups[0]["lr"] == lr_at(tuned.global_step - 1, peak_lr=1e-4,
+                                                           warmup_steps=cfg.warmup_steps,
+                                                           total_steps=tuned.schedule.total_steps)
+    assert torch.equal(tuned.optimizer.state_dict()["state"][0]["step"],
+                       best["optimizer_state_dict"]["state"][0]["step"] + steps)  # the moments continued
