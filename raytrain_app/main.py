@@ -30,10 +30,11 @@ from raytrain_app.cli.errors import EXIT_DIVERGED, EXIT_TRAINING_FAILED, USER_ER
 from raytrain_app.cli.flags import parse_config
 from raytrain_app.cli.preflight import prepare_data, prepare_start, print_resume_summary, start_position
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.memory import GB, check_fits
 from raytrain_app.core.trainer import UNVALIDATED_LOSS
 from raytrain_app.observability.metrics import prepare_wandb
 from raytrain_app.observability.progress import ProgressDisplay, read_from
-from raytrain_app.ray_adapter.capacity import check_cluster_fits, check_gpu_memory_fits
+from raytrain_app.ray_adapter.capacity import check_cluster_fits, check_cluster_gpu_memory_fits
 from raytrain_app.ray_adapter.control import fit_until_stopped, new_stop_request
 from raytrain_app.ray_adapter.driver import connect_ray, make_trainer
 from raytrain_app.ray_adapter.run_record import Recovery, plan_recovery
@@ -109,12 +110,12 @@ def train(argv: list[str]) -> int:
               "(a total). Pass a larger --epochs to train more.")
         return 0
     if cfg.use_gpu and cfg.gpu_memory_gb:  # known without the cluster: refused before connecting to it
-        check_gpu_memory_fits(cfg)
+        check_fits(cfg, cfg.gpu_memory_gb * GB, "--gpu-memory-gb")
     plan.cfg = prepare_wandb(cfg, run_dir)  # the workers' wandb mode, decided here
     connect_ray(num_cpus=max(4, cfg.num_workers))
     check_cluster_fits(cfg)
     if cfg.use_gpu and not cfg.gpu_memory_gb:
-        check_gpu_memory_fits(cfg)
+        check_cluster_gpu_memory_fits(cfg)
     print("🚀 Starting training...")
     print(f"  Run: {plan.run_name} in {run_dir}")
     start = f"starting from epoch {done_epochs + 1}" + (f", batch {in_epoch}" if in_epoch else "")

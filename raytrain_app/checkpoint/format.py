@@ -89,9 +89,15 @@ def _meta(state: dict[str, Any]) -> dict[str, Any]:
         "train_ema_loss": state.get("train_ema_loss"),
         "has_optimizer": bool(state.get("optimizer_state_dict") or state.get("optimizer_param_groups")),
         "has_scaler": bool(state.get("scaler_state_dict")),
-        "model_shapes": state.get("model_shapes") or {
-            name: list(t.shape) for name, t in (state.get("model_state_dict") or {}).items()},
+        "model_shapes": {name: list(shape) for name, shape in model_shapes_of(state).items()},
     }
+
+
+def model_shapes_of(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape by name: listed in a sharded checkpoint's state, read off the tensors otherwise."""
+    if "sharded" in state:
+        return {name: tuple(shape) for name, shape in (state.get("model_shapes") or {}).items()}
+    return {name: tuple(t.shape) for name, t in (state.get("model_state_dict") or {}).items()}
 
 
 class _HashingWriter:

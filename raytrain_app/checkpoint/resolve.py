@@ -23,6 +23,7 @@ from raytrain_app.checkpoint.format import (
     checkpoint_names,
     checkpoint_problem,
     load_state,
+    model_shapes_of,
     read_json,
     step_of,
     verify_checkpoint_dir,
@@ -156,7 +157,7 @@ def summarize(location: Location, label: str | None = None) -> StateSummary:
         has_optimizer=bool(state.get("optimizer_state_dict") or state.get("optimizer_param_groups")),
         has_scaler=bool(state.get("scaler_state_dict")),
         data_position=position if isinstance(position, dict) else None,
-        model_shapes=_shapes(state), sharded="sharded" in state,
+        model_shapes=model_shapes_of(state), sharded="sharded" in state,
         lineage=state.get("lineage") if isinstance(state.get("lineage"), dict) else None,
         eval_val_loss=_float_or_none(state.get("eval_val_loss")),
     )
@@ -173,12 +174,6 @@ def _summary_from_meta(meta: dict[str, Any], path: str) -> StateSummary:
         model_shapes={name: tuple(shape) for name, shape in meta["model_shapes"].items()},
         lineage=lineage if isinstance(lineage, dict) else None,
         eval_val_loss=_float_or_none(meta.get("eval_val_loss")), sharded=bool(meta.get("sharded")))
-
-
-def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    if "sharded" in state:  # the weights are in the shards; the state file lists their shapes
-        return {name: tuple(shape) for name, shape in (state.get("model_shapes") or {}).items()}
-    return {name: tuple(t.shape) for name, t in state["model_state_dict"].items()}
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -83,16 +83,15 @@ def training_state(trainer: Trainer, eval_val_loss: float | None = None) -> dict
     }
 
 
-def consolidated_state(trainer: Trainer, eval_val_loss: float | None, *, with_optimizer: bool
-                       ) -> dict[str, Any] | None:
-    """A sharded model's state as one full state (the keys of a DDP checkpoint's state.pt) on rank 0, gathered
-    one tensor at a time into host memory: best_model.pt of an FSDP run. Collective; None on other ranks."""
-    per_rank = all_gather({"rng": capture_rng_state(), "ema": trainer.ema.item(),
-                           "ema_started": bool(trainer.ema_started)})
+def consolidated_state(trainer: Trainer, sharded: ShardedState, *, with_optimizer: bool) -> dict[str, Any] | None:
+    """The sharded state `sharded` (this step's) as one full state with the keys of a DDP checkpoint's state.pt,
+    on rank 0, its weights (and moments) gathered one tensor at a time into host memory: best_model.pt of an FSDP
+    run. Collective; None on other ranks."""
     weights, optimizer_state = gather_full_state(trainer.model, trainer.optimizer if with_optimizer else None)
-    if weights is None:
+    if sharded.index is None:
         return None
-    state = {**_counters(trainer, per_rank, eval_val_loss), "model_state_dict": weights}
+    state = {k: v for k, v in sharded.index.items() if k not in ("sharded", "model_shapes", "optimizer_param_groups")}
+    state["model_state_dict"] = weights
     if optimizer_state is not None:
         state["optimizer_state_dict"] = optimizer_state
     return state

@@ -170,14 +170,11 @@ class TrainConfig:
                 f"--num-heads {self.num_heads} must divide --hidden-dim {self.hidden_dim}; pick e.g. "
                 f"--num-heads {_largest_divisor(self.hidden_dim, self.num_heads)}"
             )
-        if self.wandb_mode not in (None, "online", "offline", "disabled"):
-            raise ConfigError(f"--wandb-mode must be online, offline or disabled, got {self.wandb_mode!r}")
-        if self.amp_dtype not in ("bf16", "fp16"):
-            raise ConfigError(f"--amp-dtype must be bf16 or fp16, got {self.amp_dtype!r}")
-        for name, allowed in (("strategy", ("ddp", "fsdp")), ("grad_compression", ("none", "bf16")),
-                              ("best_model", ("full", "weights"))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{flag_name(name)} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
+        for f in fields(self):  # a config file or a dict is not checked by argparse's choices
+            allowed, value = f.metadata.get("choices"), getattr(self, f.name)
+            if allowed and value not in allowed and not (value is None and f.default is None):
+                raise ConfigError(f"--{flag_name(f.name)} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                                  f"got {value!r}")
         if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
             raise ConfigError(f"--gpu-memory-gb must be positive, got {self.gpu_memory_gb}")
 

@@ -37,24 +37,32 @@ GPU_MEMORY_GB = {"H200": 141.0, "H100": 80.0, "A100-80G": 80.0, "A100-40G": 40.0
                  "L40": 48.0, "L4": 24.0, "A10G": 24.0, "A10": 24.0, "T4": 16.0, "V100": 16.0, "B200": 192.0}
 
 
-def count_parameters(cfg: TrainConfig) -> tuple[int, int]:
-    """(all parameters, one block's) of `core.model.SequenceTransformer` for this config."""
+def parameter_shapes(cfg: TrainConfig) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(the shapes of `core.model.SequenceTransformer`'s parameters outside the blocks, those of one block),
+    without building it: building even on the meta device runs every initialiser (a second for 6 B parameters),
+    and the plan is computed for many candidate configurations."""
     h, f, c, t = cfg.hidden_dim, cfg.feature_dim, cfg.num_classes, cfg.seq_len
-    block = (2 * 2 * h) + (h * 3 * h + 3 * h) + (h * h + h) + (h * 4 * h + 4 * h) + (4 * h * h + h)
-    rest = (f * h + h) + t * h + 2 * h + (h * c + c)
-    return rest + cfg.num_layers * block, block
+    block = [(h,), (h,), (3 * h, h), (3 * h,), (h, h), (h,), (h,), (h,), (4 * h, h), (4 * h,), (h, 4 * h), (h,)]
+    outside = [(h, f), (h,), (1, t, h), (h,), (h,), (c, h), (c,)]
+    return outside, block
+
+
+def count_parameters(cfg: TrainConfig) -> tuple[int, int]:
+    """(all parameters, one block's)."""
+    outside, block = parameter_shapes(cfg)
+    per_block = sum(math.prod(s) for s in block)
+    return sum(math.prod(s) for s in outside) + cfg.num_layers * per_block, per_block
 
 
 def largest_shard(cfg: TrainConfig, num_workers: int) -> int:
     """Parameters on the worker holding most under FSDP: each tensor is split along its first dimension into
     `num_workers` pieces of ceil(rows / num_workers) rows (the last ones shorter, or empty)."""
-    import torch
+    outside, block = parameter_shapes(cfg)
 
-    from raytrain_app.core.model import SequenceTransformer
+    def share(shapes: list[tuple[int, ...]]) -> int:
+        return sum(math.ceil(s[0] / num_workers) * math.prod(s[1:]) for s in shapes)
 
-    with torch.device("meta"):  # shapes only: no memory, whatever the size
-        model = SequenceTransformer(cfg)
-    return sum(math.ceil(p.shape[0] / num_workers) * (p.numel() // p.shape[0]) for p in model.parameters())
+    return share(outside) + cfg.num_layers * share(block)
 
 
 @dataclass(frozen=True)

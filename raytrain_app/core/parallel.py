@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 from raytrain_app.core.config import TrainConfig
 
 
-def _amp_dtype(cfg: TrainConfig) -> torch.dtype:
+def amp_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype of --amp-dtype (autocast, and FSDP's parameters for compute)."""
     return torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
 
 
@@ -70,7 +71,7 @@ def _fully_shard(cfg: TrainConfig, model: nn.Module, device: torch.device, world
         for t in model.state_dict().values():
             dist.broadcast(t, src=0)
     mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=_amp_dtype(cfg) if cfg.use_amp else None, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=amp_dtype(cfg) if cfg.use_amp else None, reduce_dtype=torch.float32)
     for block in model.blocks:
         if cfg.compile:
             block.compile()  # per block: the same code for every block, compiled once; FSDP's hooks stay eager

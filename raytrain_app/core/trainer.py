@@ -24,7 +24,7 @@ from raytrain_app.core.distributed import LazyHostValue, all_reduce_sum, world
 from raytrain_app.core.interrupts import CONTINUE, SAVE, STOP, Agreement, InterruptFn
 from raytrain_app.core.model import loss_fn
 from raytrain_app.core.optim import build_optimizer
-from raytrain_app.core.parallel import full_value, is_sharded, set_gradient_sync
+from raytrain_app.core.parallel import amp_dtype, full_value, is_sharded, set_gradient_sync
 from raytrain_app.core.schedule import WarmupCosineSchedule
 from raytrain_app.datasets.augment import augment
 from raytrain_app.datasets.dataset import Dataset
@@ -106,7 +106,7 @@ class Trainer:
         self.saved_step = 0  # the global step of the newest checkpoint (step 0: nothing to lose yet)
         self.sharded = is_sharded(model)  # --strategy fsdp: parameters are DTensor shards
         self.optimizer = build_optimizer(cfg, model)
-        self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+        self.amp_dtype = amp_dtype(cfg)
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.use_amp and cfg.amp_dtype == "fp16")
         self.schedule = WarmupCosineSchedule(self.optimizer, cfg, total_steps=1)

@@ -54,14 +54,9 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
 
 
 
-def check_gpu_memory_fits(cfg: TrainConfig) -> None:
-    """--use-gpu: refuse a run whose memory plan does not fit the GPUs, before any worker starts. Their memory
-    is --gpu-memory-gb, or known from the accelerator type the cluster reports (the smallest, if several)."""
-    if not cfg.use_gpu:
-        return
-    if cfg.gpu_memory_gb:
-        check_fits(cfg, cfg.gpu_memory_gb * GB, "--gpu-memory-gb")
-        return
+def check_cluster_gpu_memory_fits(cfg: TrainConfig) -> None:
+    """Refuse a run whose memory plan does not fit the GPUs of the accelerator type the cluster reports (the
+    smallest, if several), before any worker starts (--gpu-memory-gb, when given, is checked without Ray)."""
     capacity, _ = cluster_capacity()
     types = sorted(k.split(":", 1)[1] for k in capacity if k.startswith("accelerator_type:"))
     known = sorted((GPU_MEMORY_GB[t], t) for t in types if t in GPU_MEMORY_GB)

@@ -202,7 +202,7 @@ class WorkerRun:
         state = training_state(self.trainer, eval_val_loss)  # a collective (DDP: rank 0 gets the state)
         if self.trainer.sharded:
             # best_model.pt is one consolidated file: gathered now (a collective), written in the background.
-            best = consolidated_state(self.trainer, eval_val_loss, with_optimizer=self.cfg.best_model == "full"
+            best = consolidated_state(self.trainer, state, with_optimizer=self.cfg.best_model == "full"
                                       ) if is_best else None
             state = (state, best)
         if self.rank == 0:
