@@ -19,9 +19,9 @@ import sys
 import tempfile
 from typing import Any
 
-from raytrain_app.checkpoint.format import MANIFEST_FILE, STATE_FILE, CheckpointError, checkpoint_problem, load_state
-from raytrain_app.checkpoint.resolve import parent_location, resolve_checkpoint, summarize
-from raytrain_app.checkpoint.sharded import read_full_weights
+from raytrain_app.checkpoint.format import MANIFEST_FILE, STATE_FILE, checkpoint_problem, load_state
+from raytrain_app.checkpoint.inference import read_weights, resolve_state_file
+from raytrain_app.checkpoint.resolve import parent_location, summarize
 from raytrain_app.cli.errors import run_command
 from raytrain_app.core.config import as_flags
 from raytrain_app.storage.location import Location, parse_location
@@ -93,11 +93,7 @@ def export(where: str, fmt: str, out: str) -> str:
 
     state_file = _resolve(where)
     state = load_state(state_file)
-    if "sharded" in state:  # gathered here from every worker's shard: this process holds the whole weights
-        with parent_location(state_file).local_copy() as checkpoint_dir:
-            weights = read_full_weights(f"{checkpoint_dir}/{state['sharded']['dir']}", state["model_shapes"])
-    else:
-        weights = {k: v.contiguous() for k, v in state["model_state_dict"].items()}
+    weights = read_weights(state_file, state)
     config = state.get("config") or {}
     target = parse_location(out, flag="OUT")
     with tempfile.TemporaryDirectory(prefix="raytrain-export-") as tmp:
@@ -114,10 +110,7 @@ def export(where: str, fmt: str, out: str) -> str:
 
 
 def _resolve(where: str, verify: bool = True) -> Location:
-    found = resolve_checkpoint(where, flag="X", verify=verify)
-    if found is None:
-        raise CheckpointError(f"X {where}: nothing there")
-    return found
+    return resolve_state_file(where, "X", verify)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from raytrain_app.datasets.formats import load_dataset, make_synthetic, write_pi
 def _add_size_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-train", type=int, default=2048)
     parser.add_argument("--num-val", type=int, default=256)
+    parser.add_argument("--num-test", type=int, default=256, help="A test split for evaluate (0: none).")
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--feature-dim", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=4)
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--out", required=True, help="Output: a .pkl file, or a folder / URI for Parquet.")
     synth.add_argument("--format", choices=("pickle", "parquet"), default="pickle")
     _add_size_flags(synth)
-    convert = sub.add_parser("convert", help="Convert a dataset pickle to Parquet (OUT/train.parquet, val.parquet).")
+    convert = sub.add_parser(
+        "convert", help="Convert a dataset pickle to Parquet (OUT/train.parquet, val.parquet, test.parquet).")
     convert.add_argument("source", help="The dataset .pkl (local path or URI).")
     convert.add_argument("out", help="Output folder or URI.")
     convert.add_argument("--val-fraction", type=float, default=0.1,
@@ -48,21 +50,26 @@ def _synth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for name in ("num_train", "num_val", "seq_len", "feature_dim"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.num_test < 0:
+        parser.error("--num-test must not be negative")
     if args.num_classes < 2:
         parser.error("--num-classes must be at least 2")
     data = make_synthetic(
         num_train=args.num_train, num_val=args.num_val, seq_len=args.seq_len, feature_dim=args.feature_dim,
-        num_classes=args.num_classes, per_step=args.per_step, seed=args.seed,
+        num_classes=args.num_classes, per_step=args.per_step, seed=args.seed, num_test=args.num_test,
     )
     if args.format == "parquet":
         from raytrain_app.datasets.parquet import write_parquet_dataset
 
+        test = data.get("test")
         write_parquet_dataset(args.out, (data["train"]["x"], data["train"]["y"]),
-                              (data["val"]["x"], data["val"]["y"]), data["num_classes"])
+                              (data["val"]["x"], data["val"]["y"]), data["num_classes"],
+                              (test["x"], test["y"]) if test else None)
     else:
         write_pickle_atomic(data, args.out)
     print(f"Wrote {args.out}: train {args.num_train} x [{args.seq_len}, {args.feature_dim}], "
-          f"val {args.num_val}, {args.num_classes} classes, {'per-step' if args.per_step else 'per-sequence'} labels")
+          f"val {args.num_val}, test {args.num_test}, {args.num_classes} classes, "
+          f"{'per-step' if args.per_step else 'per-sequence'} labels")
     return 0
 
 
@@ -70,11 +77,13 @@ def _convert(args: argparse.Namespace) -> int:
     from raytrain_app.datasets.parquet import write_parquet_dataset
 
     ds = load_dataset(args.source, val_fraction=args.val_fraction, seed=args.seed)
-    train, val = ds.train, ds.val
+    train, val, test = ds.train, ds.val, ds.test
     assert isinstance(train, Split) and isinstance(val, Split)
     out = write_parquet_dataset(args.out, (train.x.numpy(), train.y.numpy()), (val.x.numpy(), val.y.numpy()),
-                                ds.num_classes if ds.num_classes_given else None)
-    print(f"Wrote {out}: train {train.num_rows} rows, val {val.num_rows} rows")
+                                ds.num_classes if ds.num_classes_given else None,
+                                (test.x.numpy(), test.y.numpy()) if isinstance(test, Split) else None)
+    print(f"Wrote {out}: train {train.num_rows} rows, val {val.num_rows} rows"
+          + (f", test {test.num_rows} rows" if test is not None else ""))
     return 0
 
 

@@ -88,7 +88,10 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, shar
         set_optimizer_state_dict,
     )
 
-    target: dict[str, Any] = {"model": get_model_state_dict(model)}
+    stored = dcp.FileSystemReader(shards_dir).read_metadata().state_dict_metadata
+    # Input statistics absent from checkpoints written before normalisation: the model loads them as none.
+    target: dict[str, Any] = {"model": {k: v for k, v in get_model_state_dict(model).items()
+                                        if f"model.{k}" in stored}}
     osd = None
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer)  # initialises empty AdamW state to load into

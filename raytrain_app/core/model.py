@@ -56,6 +56,12 @@ class SequenceTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.hidden_dim, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_dim)
         self.head = nn.Linear(cfg.hidden_dim, cfg.num_classes)
+        # Input standardisation (--normalize): the training split's per-feature mean and std, in the state dict so
+        # that a checkpoint always carries the statistics its weights expect. Zeros and ones (--normalize none,
+        # checkpoints from before normalisation) change nothing: x - 0 and x / 1 are exact.
+        self.register_buffer("input_mean", torch.zeros(cfg.feature_dim))
+        self.register_buffer("input_std", torch.ones(cfg.feature_dim))
+        self.register_load_state_dict_pre_hook(_identity_normalization_if_absent)
         # Set by raytrain_app.core.parallel (--activation-checkpointing); not part of the state dict.
         self.activation_checkpointing = False
         self.apply(_init_weights)
@@ -63,6 +69,7 @@ class SequenceTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, F] -> logits [B, C] (per sequence) or [B, T, C] (per step)."""
+        x = (x - self.input_mean) / self.input_std
         h = self.drop(self.input_proj(x) + self.pos_emb[:, : x.shape[1]])
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -73,6 +80,30 @@ class SequenceTransformer(nn.Module):
                 h = block(h)
         h = self.ln_f(h)
         return self.head(h if self.per_step else h.mean(dim=1))
+
+
+NORMALIZATION_KEYS = ("input_mean", "input_std")
+
+
+def set_normalization(model: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Give `model` the input statistics it standardises its features with (see `feature_stats`)."""
+    with torch.no_grad():
+        model.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        model.input_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+
+
+def is_normalizing(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether weights standardise their inputs (statistics other than zeros and ones)."""
+    mean, std = state_dict.get("input_mean"), state_dict.get("input_std")
+    return mean is not None and std is not None and bool((mean != 0).any() or (std != 1).any())
+
+
+def _identity_normalization_if_absent(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """A state dict written before input normalisation existed loads as one that does not normalise."""
+    for name in NORMALIZATION_KEYS:
+        if prefix + name not in state_dict:
+            state_dict[prefix + name] = getattr(module, name).detach().clone().fill_(0.0 if name == "input_mean"
+                                                                                     else 1.0)
 
 
 def _init_weights(module: nn.Module) -> None:

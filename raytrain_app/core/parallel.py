@@ -38,7 +38,10 @@ def parallelize(cfg: TrainConfig, model: nn.Module, device: torch.device, world_
     if world_size == 1:
         return train_model
     ddp = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  gradient_as_bucket_view=True)
+                                  gradient_as_bucket_view=True,
+                                  # The only buffers are the input statistics, constant and equal on every rank:
+                                  # nothing to broadcast before every forward.
+                                  broadcast_buffers=False)
     if cfg.grad_compression == "bf16":
         ddp.register_comm_hook(None, all_reduce_in_bf16)
     return ddp

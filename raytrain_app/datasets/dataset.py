@@ -32,7 +32,8 @@ class Split:
 
 @dataclass
 class Dataset:
-    """Two splits (in memory or streamed from Parquet) and the shapes the model is built for."""
+    """The splits (in memory or streamed from Parquet) and the shapes the model is built for. Training reads
+    train and val only; `test`, when the dataset has one, is for `python -m raytrain_app.evaluate`."""
 
     train: RowSource
     val: RowSource
@@ -42,6 +43,18 @@ class Dataset:
     per_step: bool
     num_classes_given: bool = False  # False: inferred as max label + 1
     uri: str = ""  # where it was read from, canonical (what workers are given)
+    test: RowSource | None = None
+
+    def split(self, name: str) -> RowSource:
+        """The split called `name` (train, val or test); DataError when the dataset has no such split."""
+        source = getattr(self, name) if name in SPLITS else None
+        if source is None:
+            raise DataError(f"{self.uri or 'the dataset'} has no {name} split" + (
+                " (a pickle's 'test' key, or test.parquet / test/ beside train)" if name == "test" else ""))
+        return source
+
+
+SPLITS = ("train", "val", "test")
 
 
 def check_num_classes(given: object, labels_min: int, labels_max: int) -> tuple[int, bool]:

@@ -1,7 +1,8 @@
 """Datasets in the "new format": load safely, validate, shard per worker, and write synthetic ones.
 
-Format: a pickled dict {"train": {"x": X, "y": Y}, "val": {"x": X, "y": Y}, "num_classes": C (optional)} with
-X float [N, T, F] and Y int [N] (one class per sequence) or [N, T] (one class per step), numpy or torch.
+Format: a pickled dict {"train": {"x": X, "y": Y}, "val": {"x": X, "y": Y}, "test": {...}, "num_classes": C}
+(val, test and num_classes optional) with X float [N, T, F] and Y int [N] (one class per sequence) or [N, T] (one
+class per step), numpy or torch. Training never reads test: it is for scoring a trained model.
 
 Order and sharding are pure functions: the epoch's permutation depends only on (seed, epoch) and a worker's
 shard only on (rank, world size), so a resumed run sees exactly the batches the uninterrupted one would.
@@ -145,26 +146,32 @@ def _load_pickle(location: Location, path: str, *, val_fraction: float, seed: in
 def _dataset_from_dict(raw: object, path: str, *, val_fraction: float, seed: int, uri: str) -> Dataset:
     if not isinstance(raw, dict):
         raise DataError(f"--data {path} must hold a dict with 'train' (and optionally 'val'), got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"train", "val", "num_classes"})
+    unknown = sorted(set(raw) - {"train", "val", "test", "num_classes"})
     if "train" not in raw or unknown:
         raise DataError(
-            f"--data {path} must hold keys 'train', optional 'val' and 'num_classes'; got {sorted(raw)}"
+            f"--data {path} must hold keys 'train', optional 'val', 'test' and 'num_classes'; got {sorted(raw)}"
         )
     train = _validate_split(raw["train"], "train")
     if "val" in raw:
         val = _validate_split(raw["val"], "val")
     else:
         train, val = hold_out(train, val_fraction, seed)
-    if val.x.shape[1:] != train.x.shape[1:]:
-        raise DataError(f"val.x is [N, {', '.join(map(str, val.x.shape[1:]))}] but train.x is "
-                        f"[N, {', '.join(map(str, train.x.shape[1:]))}]")
-    if val.y.dim() != train.y.dim():
-        raise DataError(f"val.y has {val.y.dim()} dims but train.y has {train.y.dim()}")
+    test = _validate_split(raw["test"], "test") if "test" in raw else None
+    for name, split in (("val", val), ("test", test)):
+        if split is None:
+            continue
+        if split.x.shape[1:] != train.x.shape[1:]:
+            raise DataError(f"{name}.x is [N, {', '.join(map(str, split.x.shape[1:]))}] but train.x is "
+                            f"[N, {', '.join(map(str, train.x.shape[1:]))}]")
+        if split.y.dim() != train.y.dim():
+            raise DataError(f"{name}.y has {split.y.dim()} dims but train.y has {train.y.dim()}")
     labels_max = int(max(train.y.max(), val.y.max()))
     labels_min = int(min(train.y.min(), val.y.min()))
     num_classes, given = check_num_classes(raw.get("num_classes"), labels_min, labels_max)
+    # The test split's labels are not part of the class count: training never reads them (evaluate checks them).
     return Dataset(train=train, val=val, num_classes=num_classes, num_classes_given=given,
-                   seq_len=train.x.shape[1], feature_dim=train.x.shape[2], per_step=train.y.dim() == 2, uri=uri)
+                   seq_len=train.x.shape[1], feature_dim=train.x.shape[2], per_step=train.y.dim() == 2, uri=uri,
+                   test=test)
 
 
 def open_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0, check_labels: bool = True) -> Dataset:
@@ -180,21 +187,30 @@ def open_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0, check_l
 
 
 def make_synthetic(
-    *, num_train: int, num_val: int, seq_len: int, feature_dim: int, num_classes: int, per_step: bool, seed: int
+    *, num_train: int, num_val: int, seq_len: int, feature_dim: int, num_classes: int, per_step: bool, seed: int,
+    num_test: int = 0,
 ) -> dict:
     """Features ~ N(0, 1); labels are the argmax of a fixed random linear map of (running) feature means,
-    so a model can learn them: the loss falls well below chance (ln C)."""
+    so a model can learn them: the loss falls well below chance (ln C). A test split (`num_test`) is drawn after
+    the others, so train and val are the same with or without it."""
     g = torch.Generator().manual_seed(seed)
     n = num_train + num_val
     x = torch.randn(n, seq_len, feature_dim, generator=g)
     w = torch.randn(feature_dim, num_classes, generator=g)
-    if per_step:
-        running = x.cumsum(1) / torch.arange(1, seq_len + 1).view(1, -1, 1)
-        y = (running @ w).argmax(-1)
-    else:
-        y = (x.mean(1) @ w).argmax(-1)
+
+    def labels(x: torch.Tensor) -> torch.Tensor:
+        if per_step:
+            running = x.cumsum(1) / torch.arange(1, seq_len + 1).view(1, -1, 1)
+            return (running @ w).argmax(-1)
+        return (x.mean(1) @ w).argmax(-1)
+
+    y = labels(x)
     split = lambda a, b: {"x": x[a:b].numpy(), "y": y[a:b].numpy()}  # noqa: E731
-    return {"train": split(0, num_train), "val": split(num_train, n), "num_classes": num_classes}
+    data = {"train": split(0, num_train), "val": split(num_train, n), "num_classes": num_classes}
+    if num_test:
+        x_test = torch.randn(num_test, seq_len, feature_dim, generator=g)
+        data["test"] = {"x": x_test.numpy(), "y": labels(x_test).numpy()}
+    return data
 
 
 def write_pickle_atomic(obj: object, path: str) -> None:

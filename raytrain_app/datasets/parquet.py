@@ -3,6 +3,7 @@
 Layout (local or on object storage):
   DATA/train.parquet or DATA/train/*.parquet   training rows
   DATA/val.parquet   or DATA/val/*.parquet     validation rows (optional)
+  DATA/test.parquet  or DATA/test/*.parquet    test rows (optional; never read by training)
 or a single Parquet file / a folder of Parquet files: all rows are training rows, and the last --val-fraction of
 them is held out for validation (write rows shuffled, or give a val split).
 
@@ -171,13 +172,13 @@ def open_parquet_dataset(location: Location, *, val_fraction: float, label: str,
     the label range too (a scan of the y column: the driver does it once, workers skip it)."""
     train_files = _split_files(location, "train")
     if train_files:
-        val_files = _split_files(location, "val")
+        val_files, test_files = _split_files(location, "val"), _split_files(location, "test")
     else:
-        train_files, val_files = _parquet_files(location), []
+        train_files, val_files, test_files = _parquet_files(location), [], []
     if not train_files:
         raise DataError(f"--data {label} holds no Parquet files")
     shapes = []
-    for f in train_files + val_files:
+    for f in train_files + val_files + test_files:
         try:
             schema = pq.read_schema(f.fs.open_input_file(f.path))
         except (pa.ArrowInvalid, OSError) as e:
@@ -204,7 +205,8 @@ def open_parquet_dataset(location: Location, *, val_fraction: float, label: str,
     else:  # the driver checked them and put the class count into the config
         num_classes, given = shape.num_classes or 0, shape.num_classes is not None
     return Dataset(train=train, val=val, num_classes=num_classes, num_classes_given=given, seq_len=shape.seq_len,
-                   feature_dim=shape.feature_dim, per_step=shape.per_step, uri=location.uri)
+                   feature_dim=shape.feature_dim, per_step=shape.per_step, uri=location.uri,
+                   test=ParquetSplit(test_files, shape, label) if test_files else None)
 
 
 def _table(x: np.ndarray, y: np.ndarray, metadata: dict[str, str]) -> pa.Table:
@@ -217,8 +219,9 @@ def _table(x: np.ndarray, y: np.ndarray, metadata: dict[str, str]) -> pa.Table:
 
 
 def write_parquet_dataset(out: str, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                          num_classes: int | None) -> Location:
-    """Write OUT/train.parquet and OUT/val.parquet, one row group per order block (so a block is one read)."""
+                          num_classes: int | None, test: tuple[np.ndarray, np.ndarray] | None = None) -> Location:
+    """Write OUT/train.parquet, OUT/val.parquet (and OUT/test.parquet), one row group per order block (so a block
+    is one read)."""
     location = parse_location(out, flag="OUT")
     if location.is_local:
         location.fs.create_dir(location.path, recursive=True)
@@ -226,7 +229,7 @@ def write_parquet_dataset(out: str, train: tuple[np.ndarray, np.ndarray], val: t
     metadata = {"seq_len": str(t), "feature_dim": str(f)}
     if num_classes is not None:
         metadata["num_classes"] = str(num_classes)
-    for name, (x, y) in (("train", train), ("val", val)):
+    for name, (x, y) in (("train", train), ("val", val), *((("test", test),) if test is not None else ())):
         target = location.join(f"{name}.parquet")
         with location.fs.open_output_stream(target.path) as sink:
             # Uncompressed: float features barely compress, and decompression would cost read throughput.
