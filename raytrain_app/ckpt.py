@@ -24,6 +24,7 @@ from raytrain_app.checkpoint.inference import read_weights, resolve_state_file
 from raytrain_app.checkpoint.resolve import parent_location, summarize
 from raytrain_app.cli.errors import run_command
 from raytrain_app.core.config import as_flags
+from raytrain_app.core.model import NORMALIZATION_KEYS
 from raytrain_app.storage.location import Location, parse_location
 from raytrain_app.storage.publish import publish_file
 
@@ -54,11 +55,22 @@ def _loss(value: Any) -> str:
     return "none" if value is None else f"{float(value):.6f}"
 
 
+def _accuracy(value: Any) -> str:
+    return "none" if value is None else f"{float(value):.4f}"
+
+
+def _normalization(state: dict[str, Any]) -> str:
+    weights = state.get("model_state_dict") or {}
+    if "input_mean" not in weights and "input_mean" not in (state.get("model_shapes") or {}):
+        return "none (written before --normalize)"
+    return str((state.get("config") or {}).get("normalize", "standard")) + " (statistics in the weights)"
+
+
 def show(where: str) -> list[str]:
     state_file = _resolve(where, verify=False)  # a damaged folder is shown with what is wrong with it
     state = load_state(state_file, mmap=True)
     summary = summarize(state_file)
-    params = sum(math.prod(shape) for shape in summary.model_shapes.values())
+    params = sum(math.prod(shape) for name, shape in summary.model_shapes.items() if name not in NORMALIZATION_KEYS)
     sharded = state.get("sharded")
     config = state.get("config") or {}
     batches = (state.get("data_position") or {}).get("batch_index", 0)  # a mid-epoch checkpoint's place
@@ -68,6 +80,9 @@ def show(where: str) -> list[str]:
              + f"; global step {state.get('global_step')}",
              f"Validation loss at this checkpoint: {_loss(state.get('eval_val_loss'))}; best so far: "
              f"{_loss(state.get('val_loss'))}; train EMA loss: {_loss(state.get('train_ema_loss'))}",
+             f"Validation accuracy at this checkpoint: {_accuracy(state.get('eval_val_accuracy'))}; best so far: "
+             f"{_accuracy(state.get('val_accuracy'))}",
+             f"Input normalisation: {_normalization(state)}",
              f"Model: {params:,} parameters; state file {_size(state_file.info().size)}"
              + (f"; weights and optimizer state sharded by {sharded['world_size']} worker(s) in {sharded['dir']}/"
                 if sharded else "; optimizer state" if summary.has_optimizer else "; no optimizer state"),

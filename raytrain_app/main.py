@@ -32,6 +32,7 @@ from raytrain_app.cli.preflight import prepare_data, prepare_start, print_resume
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.memory import GB, check_fits
 from raytrain_app.core.trainer import UNVALIDATED_LOSS
+from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.observability.metrics import prepare_wandb
 from raytrain_app.observability.progress import ProgressDisplay, read_from
 from raytrain_app.ray_adapter.capacity import check_cluster_fits, check_cluster_gpu_memory_fits
@@ -52,6 +53,7 @@ class Plan:
     summary: StateSummary | None  # what training starts from, None for a fresh start
     lineage: dict[str, Any] | None  # what a new run forked from init_from records in its checkpoints
     recovery: Recovery  # the run's own latest whole checkpoint, and the repair of Ray's record it may need
+    input_stats: tuple[list[float], list[float]] | None = None  # a new run's --normalize standard statistics
 
     @property
     def run_dir(self) -> Location:
@@ -83,8 +85,12 @@ def prepare(argv: list[str]) -> Plan:
         cfg, summary = prepare_start(cfg, given, source, data)
     if init_from is not None:
         lineage = fork_lineage(source, summary)
+    input_stats = None
+    if source is None and cfg.normalize == "standard":  # computed once; the run's checkpoints keep them
+        mean, std = feature_stats(data.train)
+        input_stats = (mean.tolist(), std.tolist())
     return Plan(cfg=cfg, run_name=run_name, save_dir=save_dir, init_from=init_from, summary=summary,
-                lineage=lineage, recovery=recovery)
+                lineage=lineage, recovery=recovery, input_stats=input_stats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +129,11 @@ def train(argv: list[str]) -> int:
     print(f"  Workers: {cfg.workers_text()} x {'GPU' if cfg.use_gpu else 'CPU'}, batch {cfg.batch_size} per worker, "
           f"accumulation {cfg.grad_accum_steps}"
           + (f" (effective batch {cfg.batch_size * cfg.num_workers * cfg.grad_accum_steps}, kept with fewer workers "
-             "by accumulating more)" if cfg.elastic else ""), flush=True)
+             "by accumulating more)" if cfg.elastic else ""))
+    print("  Inputs: " + ("features as they are (--normalize none)" if cfg.normalize == "none" else
+                          "standardised with the training split's per-feature mean and std" if plan.input_stats
+                          else "standardised with the checkpoint's per-feature mean and std")
+          + f"; best model by {cfg.select_metric}", flush=True)
 
     try:
         return fit(plan, argv)
@@ -141,7 +151,7 @@ def fit(plan: Plan, argv: list[str]) -> int:
     stop_request = new_stop_request()
     trainer = make_trainer(cfg, run_name=plan.run_name, storage=plan.save_dir, init_from=plan.init_from,
                            lineage=plan.lineage, stop_request=stop_request,
-                           verified_checkpoint=verified_name(plan.recovery.state))
+                           verified_checkpoint=verified_name(plan.recovery.state), input_stats=plan.input_stats)
     command = shlex.join([python_for_commands(), "-m", "raytrain_app.main", *argv])
     try:
         display = ProgressDisplay(read_from(stop_request), cfg.progress_every)
@@ -177,7 +187,10 @@ def fit(plan: Plan, argv: list[str]) -> int:
     if metrics:
         best_loss = metrics.get("best_val_loss")
         shown = f"{best_loss:.6f}" if best_loss is not None and best_loss < UNVALIDATED_LOSS else "none (not finite)"
-        print(f"  Epoch {metrics.get('epoch')}, global step {metrics.get('global_step')}, best val loss {shown}")
+        accuracy = metrics.get("best_val_accuracy")
+        shown_accuracy = f", best val accuracy {accuracy:.4f}" if accuracy is not None and accuracy >= 0 else ""
+        print(f"  Epoch {metrics.get('epoch')}, global step {metrics.get('global_step')}, best val loss {shown}"
+              f"{shown_accuracy} (best model by {cfg.select_metric})")
     print(f"  Checkpoints: {run_dir}")
     print(f"  Best model:  {best_path}")
     print(f"  Resume this run after an interruption (the same command): {command}")

@@ -247,7 +247,7 @@ def print_plan(plan: SweepPlan) -> None:
           f"{'a fresh' if plan.cfg.restart_schedule else 'the continued'} warmup + cosine schedule, "
           f"{'a new optimizer' if plan.cfg.reset_optimizer else 'the base optimizer state'}")
     if plan.sweep.scheduler == "asha":
-        print(f"  Early stopping: ASHA on val_loss, grace period {plan.grace_period} steps, "
+        print(f"  Early stopping: ASHA on {plan.cfg.select_metric}, grace period {plan.grace_period} steps, "
               f"reduction factor {plan.sweep.reduction_factor:g}")
     print(f"  Workers per trial: {plan.cfg.num_workers} x {'GPU' if plan.cfg.use_gpu else 'CPU'}", flush=True)
 
@@ -283,18 +283,23 @@ def run_sweep(plan: SweepPlan, max_concurrent: int) -> int:
 
     rows = sweep_results.collect(results, sweep_dir=plan.sweep_dir, epochs=plan.cfg.epochs,
                                  ended_by_tune=ended_trials(plan.sweep_dir))
-    base_loss = plan.summary.eval_val_loss if plan.summary.eval_val_loss is not None else plan.summary.best_val_loss
+    s, metric = plan.summary, plan.cfg.select_metric
+    if metric == "val_accuracy":
+        base_value = s.eval_val_accuracy if s.eval_val_accuracy is not None else s.best_val_accuracy
+    else:
+        base_value = s.eval_val_loss if s.eval_val_loss is not None else s.best_val_loss
     csv_file, png_file = sweep_results.write(rows, plan.sweep_dir, title=f"{plan.name}: learning-rate sweep",
-                                             base_val_loss=base_loss)
-    print(f"\n📊 Sweep {plan.name}: {len(rows)} trials")
-    print(sweep_results.table(rows))
+                                             base_value=base_value, metric=metric)
+    print(f"\n📊 Sweep {plan.name}: {len(rows)} trials, ranked by {metric}")
+    print(sweep_results.table(rows, metric))
     print(f"  Results: {csv_file}")
     print(f"  Plot:    {png_file}")
-    best = sweep_results.best_trial(rows)
+    best = sweep_results.best_trial(rows, metric)
     failed = [r for r in rows if r.status in ("error", "unfinished", "not run")]
     if best is not None:
-        print(f"\n🏆 Best{' so far' if failed else ''}: lr {best.lr:g}, best val loss {best.best_val_loss:.6f} "
-              f"({best.best_checkpoint})")
+        accuracy = f", best val accuracy {best.best_val_accuracy:.4f}" if math.isfinite(best.best_val_accuracy) else ""
+        print(f"\n🏆 Best{' so far' if failed else ''}: lr {best.lr:g}, best val loss {best.best_val_loss:.6f}"
+              f"{accuracy} ({best.best_checkpoint})")
         print(f"  Continue training it: {continue_command(plan, best)}")
     if failed:
         print(f"error: {len(failed)} trial(s) did not finish ({', '.join(f'lr {r.lr:g}' for r in failed)}). "

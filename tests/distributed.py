@@ -19,26 +19,28 @@ STEPS = 16  # of the runs below: 2 epochs of 8 steps; checkpoints at steps 5, 8 
 MID = 5  # a mid-epoch checkpoint the sharding tests resume from
 
 
-def config(data: Path, strategy: str) -> dict:
+def config(data: Path, strategy: str, **overrides: Any) -> dict:
     """Every run is elastic (--num-workers 1-2): on 1 worker it accumulates 2 micro-batches per step and keeps
     the effective batch."""
     from raytrain_app.core.config import TrainConfig
 
     return TrainConfig(data=str(data), hidden_dim=16, num_layers=2, num_heads=2, warmup_steps=4, epochs=2,
                        batch_size=16, eval_every=MID, num_workers="1-2", strategy=strategy, feature_dim=4,
-                       seq_len=8, num_classes=3).to_dict()
+                       seq_len=8, num_classes=3, **overrides).to_dict()
 
 
 def runs_folder(shared_tmp: Path) -> Path:
-    """The uninterrupted runs `ddp2` and `fsdp2` (2 workers) and their data (trained once per test session,
-    whichever test needs them first)."""
+    """The uninterrupted runs `ddp2` and `fsdp2` (2 workers), `ddp2-per-step` (per-step labels) and their data
+    (trained once per test session, whichever test needs them first)."""
     from tests.conftest import computed_once, write_dataset
 
     def compute(folder: Path) -> str:
         # 65 validation rows: shares of 32 and 33, so the ranks run 2 and 3 forwards in evaluation.
         data = write_dataset(folder / "data.pkl", num_val=65)
-        train_all(folder, {f"{strategy}2": {"config": config(data, strategy)} for strategy in ("ddp", "fsdp")},
-                  world_size=2)
+        per_step = write_dataset(folder / "per-step.pkl", num_val=65, per_step=True)
+        runs = {f"{strategy}2": {"config": config(data, strategy)} for strategy in ("ddp", "fsdp")}
+        runs["ddp2-per-step"] = {"config": config(per_step, "ddp", per_step=True)}
+        train_all(folder, runs, world_size=2)
         return str(folder)
 
     return Path(computed_once(shared_tmp, "sharding-runs", compute))
@@ -98,17 +100,20 @@ def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
     from raytrain_app.checkpoint.state import restore_training_state, save_training_state
     from raytrain_app.core.config import TrainConfig
     from raytrain_app.core.interrupts import CONTINUE, STOP
-    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.model import SequenceTransformer, set_normalization
     from raytrain_app.core.parallel import parallelize
     from raytrain_app.core.rng import seed_everything
     from raytrain_app.core.trainer import Trainer
     from raytrain_app.datasets.formats import open_dataset
+    from raytrain_app.datasets.normalize import feature_stats
 
     cfg = TrainConfig.from_dict(spec["config"])
     device = torch.device("cpu")
     seed_everything(cfg.seed, rank)
     data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     model = SequenceTransformer(cfg)
+    if not spec["resume"] and cfg.normalize == "standard":  # as the driver does for a run from scratch
+        set_normalization(model, *feature_stats(data.train))
     trainer = Trainer(cfg, model, parallelize(cfg, model, device, world_size), device)
     if spec["resume"]:
         state = load_state(os.path.join(spec["resume"], STATE_FILE), mmap=True)
@@ -119,9 +124,9 @@ def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
     def on_step() -> None:
         losses[trainer.global_step] = trainer.last_loss.item()
 
-    def on_checkpoint(metrics: dict[str, Any], eval_val_loss: float | None, is_best: bool) -> None:
+    def on_checkpoint(metrics: dict[str, Any], scores: Any, is_best: bool) -> None:
         name = checkpoint_dir_name(metrics["global_step"])
-        save_training_state(trainer, os.path.join(spec["out_dir"], name), eval_val_loss)
+        save_training_state(trainer, os.path.join(spec["out_dir"], name), scores)
         checkpoints.append(name)
 
     def interrupt() -> int:  # a preemption: save this step, stop

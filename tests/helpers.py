@@ -29,7 +29,7 @@ from raytrain_app.checkpoint.state import training_state
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.core.rng import seed_everything
-from raytrain_app.core.trainer import Trainer
+from raytrain_app.core.trainer import Scores, Trainer
 from raytrain_app.datasets.dataset import Dataset, Split
 from raytrain_app.datasets.formats import make_synthetic
 
@@ -104,7 +104,7 @@ def trained_state(step: int = 12) -> dict:
     trainer.global_step, trainer.epoch, trainer.best_val_loss = step, 1, 0.75
     trainer.lineage = {"base_checkpoint": "s3://b/base/state.pt", "base_global_step": 8, "base_epoch": 1,
                        "base_sha256": "ab" * 32, "base_lineage": None}
-    return training_state(trainer, eval_val_loss=0.8)
+    return training_state(trainer, Scores(loss=0.8, accuracy=0.5))
 
 
 def outputs(state_dict: dict) -> torch.Tensor:

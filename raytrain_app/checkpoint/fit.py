@@ -43,12 +43,29 @@ def fit_to_checkpoint(
         kinds = {True: "per-step labels [N, T]", False: "per-sequence labels [N]"}
         saved_kind = kinds[bool(summary.config["per_step"])]
         mismatches.append(f"dataset has {kinds[cfg.per_step]} (checkpoint has {saved_kind})")
+    changes["normalize"] = _checkpoint_normalization(cfg, given, summary)
     if mismatches:
         raise UserError(
             f"checkpoint {summary.path} does not fit this model: {'; '.join(mismatches)}. "
             "Drop the architecture flags to use the checkpoint's, or use data with the same shape."
         )
     return cfg.replace(**changes)
+
+
+def _checkpoint_normalization(cfg: TrainConfig, given: set[str], summary: StateSummary) -> str:
+    """A run started from a checkpoint standardises its inputs as the checkpoint's weights expect: with the
+    statistics in the checkpoint (whatever data this run has), or not at all when the checkpoint has none."""
+    from raytrain_app.core.model import NORMALIZATION_KEYS
+
+    if set(NORMALIZATION_KEYS) <= set(summary.model_shapes):
+        saved = summary.config.get("normalize") or "standard"
+    else:
+        saved = "none"  # written before --normalize existed: trained on the features as they are
+    if "normalize" in given and cfg.normalize != saved:
+        print(f"Note: --normalize {cfg.normalize} does not apply to a run started from a checkpoint; its weights "
+              f"expect {'its own statistics' if saved == 'standard' else 'the features as they are'} "
+              f"(--normalize {saved}), and that is kept.")
+    return saved
 
 
 def check_weights_fit(cfg: TrainConfig, summary: StateSummary) -> None:

@@ -23,7 +23,9 @@ falls back to the newest one that is, rewriting the record so Ray restores that 
 state.pt keys (the first eight are the ones users' tools already know):
   epoch                 completed epochs
   global_step           optimizer steps taken
-  model_state_dict      weights of the unwrapped model (no DDP `module.` or compile `_orig_mod.` prefix)
+  model_state_dict      weights of the unwrapped model (no DDP `module.` or compile `_orig_mod.` prefix), and
+                        its input statistics (`input_mean`, `input_std`: zeros and ones when it does not
+                        normalise; absent from checkpoints written before --normalize, which load as none)
   optimizer_state_dict  AdamW moments
   scaler_state_dict     GradScaler (fp16) state, {} when no scaler is used
   val_loss              best validation loss so far
@@ -33,6 +35,8 @@ state.pt keys (the first eight are the ones users' tools already know):
   rng_states            per-rank python / numpy / torch CPU / CUDA generator states
   data_position         where in the epoch the next micro-batch comes from
   eval_val_loss         the validation loss measured at this checkpoint
+  eval_val_accuracy     the validation accuracy measured at this checkpoint; val_accuracy: the best so far (both
+                        absent before accuracy was measured, None when not validated)
   lineage               None for a run trained from scratch; for a run started from another checkpoint
                         (--resume-from-checkpoint, a sweep trial): base_checkpoint (its location),
                         base_global_step, base_epoch, base_sha256 (of the base state file), base_lineage
@@ -81,6 +85,8 @@ def _meta(state: dict[str, Any]) -> dict[str, Any]:
         "global_step": state["global_step"],
         "eval_val_loss": state.get("eval_val_loss"),
         "best_val_loss": state["val_loss"],
+        "eval_val_accuracy": state.get("eval_val_accuracy"),
+        "best_val_accuracy": state.get("val_accuracy"),
         "data_position": state.get("data_position"),
         "lineage": state.get("lineage"),
         "config": state.get("config"),

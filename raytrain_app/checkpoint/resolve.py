@@ -45,8 +45,9 @@ def last_good_checkpoint(run_dir: Location | str, before_step: int) -> Location 
 
 
 def best_run_checkpoint(run_dir: Location | str, warn: Any = print) -> Location | None:
-    """The state file of the run's whole checkpoint with the lowest validation loss (latest on ties); one that
-    is not whole is named by `warn` and passed over."""
+    """The state file of the run's whole checkpoint that is best by the run's --select-metric (the lowest
+    validation loss or the highest accuracy; latest on ties); one that is not whole is named by `warn` and
+    passed over."""
     run_dir = as_location(run_dir)
     candidates: list[tuple[float, int, str]] = []
     for entry in run_dir.list():
@@ -56,8 +57,12 @@ def best_run_checkpoint(run_dir: Location | str, warn: Any = print) -> Location 
         meta = read_json(run_dir.join(name, META_FILE))
         if meta is None or not run_dir.join(name, STATE_FILE).is_file():
             continue
-        loss = meta.get("eval_val_loss")
-        candidates.append((math.inf if loss is None else loss, -meta["global_step"], name))
+        loss, accuracy = meta.get("eval_val_loss"), meta.get("eval_val_accuracy")
+        if (meta.get("config") or {}).get("select_metric") == "val_accuracy":
+            score = -accuracy if loss is not None and math.isfinite(loss) and accuracy is not None else math.inf
+        else:
+            score = math.inf if loss is None else loss
+        candidates.append((score, -meta["global_step"], name))
     for _, _, name in sorted(candidates):
         problem = checkpoint_problem(run_dir.join(name))
         if problem is None:
@@ -134,6 +139,8 @@ class StateSummary:
     model_shapes: dict[str, tuple[int, ...]]  # every weight's (full) shape, by name
     lineage: dict[str, Any] | None = None
     eval_val_loss: float | None = None  # measured at this checkpoint (best_val_loss is the run's best so far)
+    best_val_accuracy: float | None = None
+    eval_val_accuracy: float | None = None
     sharded: bool = False  # weights and moments in the folder's shards (--strategy fsdp), not in the state file
 
 
@@ -160,6 +167,8 @@ def summarize(location: Location, label: str | None = None) -> StateSummary:
         model_shapes=model_shapes_of(state), sharded="sharded" in state,
         lineage=state.get("lineage") if isinstance(state.get("lineage"), dict) else None,
         eval_val_loss=_float_or_none(state.get("eval_val_loss")),
+        best_val_accuracy=_float_or_none(state.get("val_accuracy")),
+        eval_val_accuracy=_float_or_none(state.get("eval_val_accuracy")),
     )
 
 
@@ -173,7 +182,9 @@ def _summary_from_meta(meta: dict[str, Any], path: str) -> StateSummary:
         data_position=position if isinstance(position, dict) else None,
         model_shapes={name: tuple(shape) for name, shape in meta["model_shapes"].items()},
         lineage=lineage if isinstance(lineage, dict) else None,
-        eval_val_loss=_float_or_none(meta.get("eval_val_loss")), sharded=bool(meta.get("sharded")))
+        eval_val_loss=_float_or_none(meta.get("eval_val_loss")), sharded=bool(meta.get("sharded")),
+        best_val_accuracy=_float_or_none(meta.get("best_val_accuracy")),
+        eval_val_accuracy=_float_or_none(meta.get("eval_val_accuracy")))
 
 
 def _float_or_none(value: Any) -> float | None:

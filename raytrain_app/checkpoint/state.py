@@ -33,7 +33,7 @@ from raytrain_app.checkpoint.sharded import (
 )
 from raytrain_app.core.distributed import all_gather
 from raytrain_app.core.rng import capture_rng_state, restore_rng_state, seed_everything
-from raytrain_app.core.trainer import CheckpointFn, Trainer, resume_batch_index
+from raytrain_app.core.trainer import CheckpointFn, Scores, Trainer, resume_batch_index
 
 # (metrics, the training state on rank 0 or None on the others, is_best)
 StateCheckpointFn = Callable[[dict[str, Any], "dict[str, Any] | None", bool], None]
@@ -58,8 +58,9 @@ class ShardedState:
     tensors: dict[str, Any]
 
 
-def training_state(trainer: Trainer, eval_val_loss: float | None = None) -> dict[str, Any] | ShardedState | None:
-    """The training state at this step. Collective: every rank must call it.
+def training_state(trainer: Trainer, scores: Scores | None = None) -> dict[str, Any] | ShardedState | None:
+    """The training state at this step (`scores`: of the validation at this step, None without one).
+    Collective: every rank must call it.
 
     A whole model (DDP): the full state on rank 0, None elsewhere. A sharded model (FSDP): a `ShardedState` on
     every rank; nothing is gathered."""
@@ -69,7 +70,7 @@ def training_state(trainer: Trainer, eval_val_loss: float | None = None) -> dict
         tensors, param_groups = sharded_tensors(trainer.model, trainer.optimizer)
         index = None
         if trainer.rank == 0:
-            index = {**_counters(trainer, per_rank, eval_val_loss), "optimizer_param_groups": param_groups,
+            index = {**_counters(trainer, per_rank, scores), "optimizer_param_groups": param_groups,
                      "model_shapes": model_shapes(trainer.model),
                      "sharded": {"strategy": trainer.cfg.strategy, "world_size": trainer.world_size,
                                  "dir": SHARDS_DIR}}
@@ -77,7 +78,7 @@ def training_state(trainer: Trainer, eval_val_loss: float | None = None) -> dict
     if trainer.rank != 0:
         return None
     return {
-        **_counters(trainer, per_rank, eval_val_loss),
+        **_counters(trainer, per_rank, scores),
         "model_state_dict": trainer.model.state_dict(),
         "optimizer_state_dict": trainer.optimizer.state_dict(),
     }
@@ -97,7 +98,7 @@ def consolidated_state(trainer: Trainer, sharded: ShardedState, *, with_optimize
     return state
 
 
-def _counters(trainer: Trainer, per_rank: list[dict[str, Any]], eval_val_loss: float | None) -> dict[str, Any]:
+def _counters(trainer: Trainer, per_rank: list[dict[str, Any]], scores: Scores | None) -> dict[str, Any]:
     """Every key of the state but the weights and the optimizer's moments."""
     return {
         "format_version": FORMAT_VERSION,
@@ -106,13 +107,15 @@ def _counters(trainer: Trainer, per_rank: list[dict[str, Any]], eval_val_loss: f
         "scaler_state_dict": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else {},
         "scheduler_state_dict": trainer.schedule.state_dict(),
         "val_loss": trainer.best_val_loss,
+        "val_accuracy": trainer.best_val_accuracy if math.isfinite(trainer.best_val_accuracy) else None,
         "train_ema_loss": sum(r["ema"] for r in per_rank) / len(per_rank),
         "config": trainer.cfg.to_dict(),
         "rng_states": [r["rng"] for r in per_rank],
         "rank_ema_losses": [(r["ema"], r["ema_started"]) for r in per_rank],
         "data_position": {"epoch": trainer.epoch, "batch_index": trainer.batch_index,
                           "batch_size": trainer.cfg.batch_size, "world_size": trainer.world_size},
-        "eval_val_loss": eval_val_loss,
+        "eval_val_loss": scores.loss if scores is not None else None,
+        "eval_val_accuracy": scores.accuracy if scores is not None else None,
         "lineage": trainer.lineage,
         "skipped_steps": int(trainer.skipped_steps), "skip_streak": int(trainer.skip_streak),
         "wandb_run_id": trainer.wandb_run_id,
@@ -165,8 +168,12 @@ def restore_training_state(trainer: Trainer, state: dict[str, Any], *, fork: boo
         trainer.lineage = state.get("lineage")
         trainer.wandb_run_id = state.get("wandb_run_id")  # a fork is a wandb run of its own
     trainer.schedule.set_step(trainer.global_step)  # the schedule's position is the global step, by definition
-    best = state.get("val_loss") if fork_keeps_best or not fork else None
+    keeps_best = fork_keeps_best or not fork
+    best = state.get("val_loss") if keeps_best else None
     trainer.best_val_loss = math.inf if best is None else float(best)
+    # Absent from checkpoints written before accuracy was measured: the next validation is the best accuracy.
+    best_accuracy = state.get("val_accuracy") if keeps_best else None
+    trainer.best_val_accuracy = -math.inf if best_accuracy is None else float(best_accuracy)
     _load_ema(trainer, state)
     trainer.skipped_steps.fill_(int(state.get("skipped_steps", 0) or 0))
     # A fork (a lower --lr, say) starts a streak of its own; a run's own checkpoint continues it exactly.
@@ -193,12 +200,12 @@ def _load_ema(trainer: Trainer, state: dict[str, Any]) -> None:
     trainer.ema_started = torch.tensor(bool(started), device=trainer.device)
 
 
-def save_training_state(trainer: Trainer, checkpoint_dir: str, eval_val_loss: float | None = None,
+def save_training_state(trainer: Trainer, checkpoint_dir: str, scores: Scores | None = None,
                         group: Any = None) -> None:
     """Write this step's checkpoint folder here and now, without Ray (tools, tests, benchmarks): rank 0's
     state.pt, meta.json and manifest, and for a sharded model every worker's shard (the folder must be one all
     workers can write, such as a local one on one machine). Collective."""
-    state = training_state(trainer, eval_val_loss)
+    state = training_state(trainer, scores)
     if isinstance(state, ShardedState):
         save_shards(state.tensors, os.path.join(checkpoint_dir, SHARDS_DIR), group)
         finish_sharded_dir(checkpoint_dir, state.index, rank=trainer.rank, world_size=trainer.world_size)
@@ -209,6 +216,6 @@ def save_training_state(trainer: Trainer, checkpoint_dir: str, eval_val_loss: fl
 def with_training_state(trainer: Trainer, on_checkpoint: StateCheckpointFn) -> CheckpointFn:
     """The loop's checkpoint callback for a caller that wants the state itself: `on_checkpoint(metrics, state,
     is_best)` gets `training_state` (rank 0's; None on the other ranks)."""
-    def call(metrics: dict[str, Any], eval_val_loss: float | None, is_best: bool) -> None:
-        on_checkpoint(metrics, training_state(trainer, eval_val_loss), is_best)
+    def call(metrics: dict[str, Any], scores: Scores | None, is_best: bool) -> None:
+        on_checkpoint(metrics, training_state(trainer, scores), is_best)
     return call

@@ -37,6 +37,8 @@ def print_resume_summary(summary: StateSummary, uses_scaler: bool, reset_optimiz
     print(f"  ✅ Resuming from global step {summary.global_step}")
     if summary.best_val_loss is not None and math.isfinite(summary.best_val_loss):
         print(f"  ✅ Best val loss: {summary.best_val_loss:.6f}")
+    if summary.best_val_accuracy is not None:
+        print(f"  ✅ Best val accuracy: {summary.best_val_accuracy:.4f}")
     if summary.train_ema_loss is not None:
         print(f"  ✅ Train EMA loss: {summary.train_ema_loss:.6f}")
     print("\n  🎯 Checkpoint loaded successfully!\n")

@@ -43,6 +43,11 @@ class TrainConfig:
         "Dataset: a pickled dict {'train': {'x', 'y'}, 'val': {...}} (see docs/data.md).",
     )
     val_fraction: float = _opt(0.1, "Fraction of train held out for validation when the dataset has no 'val' split.")
+    normalize: str = _opt(
+        "standard", "standard: standardise every input feature with the mean and std of the training split, computed "
+        "once when a run starts and kept in its checkpoints (a run continued or fine-tuned from a checkpoint keeps "
+        "the checkpoint's statistics, and one from before normalisation existed keeps none); none: features as they "
+        "are.", choices=("standard", "none"), added_later=True)
     aug_noise_std: float = _opt(
         0.0, "Std of Gaussian noise added to training features (augmentation; may change on resume)."
     )
@@ -66,6 +71,10 @@ class TrainConfig:
     warmup_steps: int = _opt(20, "Linear warmup, in optimizer steps.")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value (0 disables).")
     eval_every: int = _opt(50, "Validate and checkpoint every N optimizer steps (and at the end of every epoch).")
+    select_metric: str = _opt(
+        "val_loss", "What makes a checkpoint the best: val_loss (lowest) or val_accuracy (highest). It picks "
+        "best_model.pt, the checkpoints --keep-checkpoints keeps, a run folder's best checkpoint, and a sweep's "
+        "ranking and early stopping.", choices=("val_loss", "val_accuracy"), added_later=True)
     seed: int = _opt(0, "Seed for initialisation, data order, dropout and augmentation.")
 
     # --- precision and speed ---
@@ -129,7 +138,7 @@ class TrainConfig:
         "run has diverged; 0: never stop). Skipped steps are counted in the metrics.", identity=False,
         added_later=True,
     )
-    keep_checkpoints: int = _opt(3, "Checkpoints kept per run: the N best by validation loss, plus always the latest.",
+    keep_checkpoints: int = _opt(3, "Checkpoints kept per run: the N best by --select-metric, plus always the latest.",
                                  identity=False)
     async_checkpoint: bool = _opt(
         True, "Write checkpoints in the background: training waits only for a copy of the state in host memory "
@@ -206,6 +215,11 @@ class TrainConfig:
         if not self.elastic or world_size >= self.num_workers:
             return self.grad_accum_steps
         return math.ceil(self.grad_accum_steps * self.num_workers / world_size)
+
+    @property
+    def selects_max(self) -> bool:
+        """Whether the best checkpoint has the highest --select-metric (accuracy) rather than the lowest (loss)."""
+        return self.select_metric == "val_accuracy"
 
     def workers_text(self) -> str:
         return f"{self.min_workers}-{self.num_workers}" if self.elastic else str(self.num_workers)

@@ -41,7 +41,7 @@ def parallelize(cfg: TrainConfig, model: nn.Module, device: torch.device, world_
                                   gradient_as_bucket_view=True,
                                   # The only buffers are the input statistics, constant and equal on every rank:
                                   # nothing to broadcast before every forward.
-                                  broadcast_buffers=False)
+                                  forward_sync_buffers=False)
     if cfg.grad_compression == "bf16":
         ddp.register_comm_hook(None, all_reduce_in_bf16)
     return ddp

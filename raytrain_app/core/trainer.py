@@ -64,10 +64,24 @@ def _steps_per_epoch(data: Dataset, batch_size: int, world_size: int, grad_accum
     return math.ceil(batches_per_epoch(data.train.num_rows, batch_size, world_size) / grad_accum)
 
 
-# The callback receives (metrics, the validation loss measured at this step or None, is_best) on every rank at
+@dataclass(frozen=True)
+class Scores:
+    """A validation's results over every sample of the split, across all ranks: the mean cross-entropy and the
+    fraction of correct predictions (per sequence, or per step for [N, T] labels), both averaged over the same
+    samples."""
+
+    loss: float
+    accuracy: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss)
+
+
+# The callback receives (metrics, the scores of the validation at this step or None, is_best) on every rank at
 # every checkpoint: every validation, and every save an interrupt asks for (validated False, see
 # UNVALIDATED_LOSS). It takes the state itself (raytrain_app.checkpoint.state.training_state, a collective).
-CheckpointFn = Callable[[dict[str, float], "float | None", bool], None]
+CheckpointFn = Callable[[dict[str, float], "Scores | None", bool], None]
 
 
 class PendingCheckpoints(Protocol):
@@ -83,6 +97,7 @@ class PendingCheckpoints(Protocol):
 # NaN and inf as null, which breaks its ordering of checkpoints when the run resumes; worse than any real loss,
 # so Ray keeps such a checkpoint only while it is the latest. `validated` says which kind a report is.
 UNVALIDATED_LOSS = sys.float_info.max
+UNVALIDATED_ACCURACY = -1.0  # the same for --select-metric val_accuracy: below any real accuracy
 
 
 @dataclass
@@ -114,6 +129,7 @@ class Trainer:
         self.global_step = 0  # optimizer steps taken
         self.batch_index = 0  # micro-batches of the current epoch already consumed by this rank
         self.best_val_loss = math.inf
+        self.best_val_accuracy = -math.inf  # of validations with a finite loss
         self.ema = torch.zeros((), device=device)  # stays on the device: no host sync per step
         self.ema_started = torch.zeros((), dtype=torch.bool, device=device)  # a step counted in it yet
         # Steps skipped for a non-finite loss or gradients: in all, and in a row now. Device tensors, no syncs.
@@ -178,10 +194,10 @@ class Trainer:
         self.ema_started = self.ema_started | ~bad
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset) -> float:
-        """Mean validation loss over every sample of the split, across all ranks."""
+    def evaluate(self, data: Dataset) -> Scores:
+        """Mean validation loss and accuracy over every sample of the split, across all ranks."""
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, samples, correct
         forwards = 0
         # The training batch size is known to fit in memory; evaluation needs less (no activations kept).
         for x, y in eval_batches(data.val, rank=self.rank, world_size=self.world_size,
@@ -191,6 +207,7 @@ class Trainer:
                 logits = self.model(x)
             totals[0] += loss_fn(logits, y, reduction="sum").double()
             totals[1] += y.numel()
+            totals[2] += (logits.argmax(-1) == y).sum()
             forwards += 1
         if self.sharded:
             # Each forward all-gathers the blocks' weights: a rank with a smaller share of the split runs
@@ -201,34 +218,49 @@ class Trainer:
                 with self._autocast():
                     self.model(x_pad)
         all_reduce_sum(totals)
-        return (totals[0] / totals[1]).item()
+        loss, count, correct = totals.tolist()
+        return Scores(loss=loss / count, accuracy=correct / count)
 
     def mean_ema(self) -> float:
         ema = self.ema.detach().clone().reshape(1)
         return (all_reduce_sum(ema) / self.world_size).item()
 
-    def _validate(self, data: Dataset, on_checkpoint: CheckpointFn) -> None:
-        val_loss = self.evaluate(data)
-        is_best = val_loss < self.best_val_loss  # False for NaN: a diverged model is never the best
-        self.best_val_loss = min(self.best_val_loss, val_loss) if is_best else self.best_val_loss
-        self._checkpoint(on_checkpoint, val_loss, is_best)
+    def is_better(self, scores: Scores) -> bool:
+        """Whether a validation beats the best so far by --select-metric. Never for a non-finite loss: a diverged
+        model is never the best (its argmax can still be right by chance)."""
+        if not scores.finite:
+            return False
+        if self.cfg.select_metric == "val_accuracy":
+            return scores.accuracy > self.best_val_accuracy
+        return scores.loss < self.best_val_loss
 
-    def _checkpoint(self, on_checkpoint: CheckpointFn, val_loss: float | None, is_best: bool = False) -> None:
-        """Hand this step's metrics and state to `on_checkpoint`. `val_loss=None`: a checkpoint without
+    def _validate(self, data: Dataset, on_checkpoint: CheckpointFn) -> None:
+        scores = self.evaluate(data)
+        is_best = self.is_better(scores)
+        if scores.finite:  # both bests are tracked, whichever one --select-metric picks the best model by
+            self.best_val_loss = min(self.best_val_loss, scores.loss)
+            self.best_val_accuracy = max(self.best_val_accuracy, scores.accuracy)
+        self._checkpoint(on_checkpoint, scores, is_best)
+
+    def _checkpoint(self, on_checkpoint: CheckpointFn, scores: Scores | None, is_best: bool = False) -> None:
+        """Hand this step's metrics and state to `on_checkpoint`. `scores=None`: a checkpoint without
         validating, a resume point that is never a candidate for the best (see UNVALIDATED_LOSS); tracking of the
         best is untouched, so a run stopped there and resumed ends exactly as an uninterrupted one. A non-finite
         validation loss is reported the same way (Ray's run record cannot hold it), with `val_loss_finite` False."""
-        finite = val_loss is not None and math.isfinite(val_loss)
+        finite = scores is not None and scores.finite
         metrics = {
             "epoch": self.epoch, "global_step": self.global_step, "batch_index": self.batch_index,
             "skipped_steps": int(self.skipped_steps),
-            "val_loss": val_loss if finite else UNVALIDATED_LOSS, "validated": val_loss is not None,
-            "val_loss_finite": finite or val_loss is None,
+            "val_loss": scores.loss if finite else UNVALIDATED_LOSS,
+            "val_accuracy": scores.accuracy if finite else UNVALIDATED_ACCURACY,
+            "validated": scores is not None, "val_loss_finite": finite or scores is None,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else UNVALIDATED_LOSS,
+            "best_val_accuracy": (self.best_val_accuracy if math.isfinite(self.best_val_accuracy)
+                                  else UNVALIDATED_ACCURACY),
             "train_ema_loss": self.mean_ema(),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
-        on_checkpoint(metrics, val_loss if finite else None, is_best)
+        on_checkpoint(metrics, scores if finite else None, is_best)
         self.saved_step = self.global_step
 
     def _agreed_interrupt(self, interrupt: InterruptFn | None) -> tuple[int, bool, bool]:
@@ -257,7 +289,7 @@ class Trainer:
                 self.diverged = Divergence(first_step=self.global_step - streak + 1, last_step=self.global_step)
                 return True
         if code >= SAVE and self.saved_step != self.global_step:
-            self._checkpoint(on_checkpoint, val_loss=None)
+            self._checkpoint(on_checkpoint, scores=None)
         if code >= SAVE and self.checkpoints is not None:
             self.checkpoints.flush(urgent=True)  # a preemption notice or a stop: uploaded before going on
         return code == STOP

@@ -12,7 +12,8 @@ so every attempt of a run continues the same wandb run, and a new run in a reuse
 metrics.jsonl rows (one JSON object per line):
   {"kind": "event", "event": "start" | "resume" | "diverged", "step", "cause", "attempt", "time", ...}
   {"kind": "train", "step", "train_ema_loss", "lr"}          every optimizer step (rank 0's EMA loss)
-  {"kind": "checkpoint", "step", "epoch", "val_loss", "best_val_loss", "train_ema_loss" (mean over ranks),
+  {"kind": "checkpoint", "step", "epoch", "val_loss", "val_accuracy", "best_val_loss", "best_val_accuracy",
+   "train_ema_loss" (mean over ranks),
    "validated", "skipped_steps", "samples_per_s", "tokens_per_s", "step_time_s", "data_wait_fraction", "mfu",
    "peak_gpu_mem_gb"}
 """
@@ -297,8 +298,8 @@ def open_wandb(cfg: TrainConfig, run_dir: Location, run_id: str, group: str | No
                           x_transaction_log_flush_interval=WANDB_FLUSH_INTERVAL_S))
 
 
-WANDB_KEYS = {"val_loss": "val/loss", "best_val_loss": "val/best_loss", "skipped_steps": "train/skipped_steps",
-              "epoch": "epoch"}
+WANDB_KEYS = {"val_loss": "val/loss", "best_val_loss": "val/best_loss", "val_accuracy": "val/accuracy",
+              "best_val_accuracy": "val/best_accuracy", "skipped_steps": "train/skipped_steps", "epoch": "epoch"}
 
 
 def log_to_wandb(run: Any, rows: list[dict[str, Any]]) -> None:

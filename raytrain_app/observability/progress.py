@@ -44,7 +44,8 @@ def progress_line(p: dict[str, Any]) -> str:
     eta = remaining * p["step_time_s"] if p.get("step_time_s") else None
     return (f"progress: epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['total_steps']} "
             f"({100 * p['step'] / max(1, p['total_steps']):.0f}%) train_ema_loss {_loss(p['train_ema_loss'])} "
-            f"best_val_loss {_loss(best)} samples/s {p.get('samples_per_s') or 0:.1f} "
+            f"best_val_loss {_loss(best)} best_val_accuracy {_loss(p.get('best_val_accuracy'))} "
+            f"samples/s {p.get('samples_per_s') or 0:.1f} "
             f"ETA {format_eta(eta) if done > 0 else '?'}")
 
 
@@ -119,12 +120,13 @@ class ProgressSender:
         self.last = (now, trainer.global_step)
         step_time = (now - last_time) / max(1, trainer.global_step - last_step)
         samples = trainer.cfg.batch_size * trainer.grad_accum * trainer.world_size
-        best = trainer.best_val_loss
+        best, best_accuracy = trainer.best_val_loss, trainer.best_val_accuracy
         self.control.report_progress.remote({
             "epoch": trainer.epoch + (trainer.batch_index > 0), "epochs": self.epochs, "step": trainer.global_step,
             "total_steps": trainer.schedule.total_steps, "start_step": self.start_step,
             "train_ema_loss": self.ema.read(),  # the newest copy the device has finished: None at first
             "best_val_loss": best if math.isfinite(best) else None,
+            "best_val_accuracy": best_accuracy if math.isfinite(best_accuracy) else None,
             "samples_per_s": samples / step_time, "step_time_s": step_time,
         })
 

@@ -1,4 +1,4 @@
-"""A run's report for people: a summary of its metrics.jsonl, and loss.png."""
+"""A run's report for people: a summary of its metrics.jsonl, and loss.png (with validation accuracy)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def summary(run: Location, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"Best validation loss: {best['val_loss']:.6f} at global step {best['step']}")
     else:
         lines.append("Best validation loss: none yet")
+    scored = [r for r in validated if r.get("val_accuracy") is not None]
+    if scored:
+        best = max(scored, key=lambda r: (r["val_accuracy"], r["step"]))
+        lines.append(f"Best validation accuracy: {best['val_accuracy']:.4f} at global step {best['step']}")
     resumes = [e for e in events if e.get("event") == "resume"]
     lines.append(f"Resumes: {len(resumes)}")
     lines += [f"  at global step {e['step']}: {e.get('cause')} ({_when(e)})" for e in resumes]
@@ -53,7 +57,8 @@ def _when(event: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], title: str) -> bytes:
-    """loss.png: training EMA loss and validation loss against the global step; a dashed line per resume."""
+    """loss.png: training EMA loss and validation loss against the global step, validation accuracy on a second
+    axis; a dashed line per resume."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,11 +68,20 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
                    if r.get("kind") == "train" and r.get("train_ema_loss") is not None)
     val = sorted((r["step"], r["val_loss"]) for r in rows
                  if r.get("kind") == "checkpoint" and r.get("val_loss") is not None)
+    accuracy = sorted((r["step"], r["val_accuracy"]) for r in rows
+                      if r.get("kind") == "checkpoint" and r.get("val_accuracy") is not None)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train EMA loss", linewidth=1)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation loss", markersize=3)
+    if accuracy:
+        right = ax.twinx()
+        right.plot(*zip(*accuracy, strict=True), "s--", color="tab:green", label="validation accuracy",
+                   markersize=3)
+        right.set_ylabel("accuracy")
+        right.set_ylim(0, 1)
+        right.legend(loc="upper center")
     for i, event in enumerate(r for r in rows if r.get("kind") == "event" and r.get("event") == "resume"):
         ax.axvline(event["step"], color="grey", linestyle="--", linewidth=1,
                    label="resumed here" if i == 0 else None)

@@ -23,7 +23,9 @@ def trial_id_of(trial_dir: str) -> str:
 
 RESULTS_FILE = "results.csv"
 PLOT_FILE = "sweep.png"
-CSV_COLUMNS = ("lr", "best_val_loss", "final_val_loss", "steps_trained", "status", "trial_id", "best_checkpoint")
+CSV_COLUMNS = ("lr", "best_val_loss", "final_val_loss", "steps_trained", "status", "trial_id", "best_checkpoint",
+               "best_val_accuracy", "final_val_accuracy")
+LABELS = {"val_loss": "validation loss", "val_accuracy": "validation accuracy"}
 
 
 @dataclass
@@ -36,6 +38,28 @@ class TrialResult:
     steps_trained: int = 0
     best_checkpoint: str = ""  # the trial's best_model.pt, empty when it has none
     curve: list[tuple[int, float]] = field(default_factory=list)  # (steps trained, validation loss)
+    best_val_accuracy: float = -math.inf  # of validations with a finite loss
+    final_val_accuracy: float = -math.inf
+    accuracy_curve: list[tuple[int, float]] = field(default_factory=list)  # (steps trained, validation accuracy)
+
+    def best(self, metric: str) -> float:
+        return self.best_val_accuracy if metric == "val_accuracy" else self.best_val_loss
+
+    def curve_of(self, metric: str) -> list[tuple[int, float]]:
+        return self.accuracy_curve if metric == "val_accuracy" else self.curve
+
+
+def _last_per_step(frame: Any, metrics: dict[str, Any], key: str) -> dict[int, float]:
+    """(steps trained -> the trial's reported `key`); a resumed trial repeats the validations after its last
+    checkpoint: the last value per step wins."""
+    curve: dict[int, float] = {}
+    if frame is not None and {"steps_trained", key} <= set(frame.columns):
+        for steps, value in zip(frame["steps_trained"], frame[key], strict=True):
+            if not math.isnan(steps) and not math.isnan(value):
+                curve[int(steps)] = float(value)
+    if "steps_trained" in metrics and key in metrics:
+        curve[int(metrics["steps_trained"])] = float(metrics[key])
+    return curve
 
 
 def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: set[str]) -> list[TrialResult]:
@@ -50,20 +74,19 @@ def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: se
         trial_id = trial_id_of(result.path)
         metrics = result.metrics or {}
         row = TrialResult(trial_id=trial_id, lr=float(result.config["lr"]), status="not run")
-        curve: dict[int, float] = {}
         frame = result.metrics_dataframe
-        if frame is not None and {"steps_trained", "val_loss"} <= set(frame.columns):
-            # A resumed trial repeats the validations after its last checkpoint: the last value per step wins.
-            for steps, loss in zip(frame["steps_trained"], frame["val_loss"], strict=True):
-                if not math.isnan(steps):
-                    curve[int(steps)] = float(loss)
-        if "steps_trained" in metrics:
-            curve[int(metrics["steps_trained"])] = float(metrics["val_loss"])
-        row.curve = sorted(curve.items())
+        row.curve = sorted(_last_per_step(frame, metrics, "val_loss").items())
+        # Validations only (an unmeasured accuracy is reported as -inf, see tune_metrics).
+        row.accuracy_curve = sorted((s, a) for s, a in _last_per_step(frame, metrics, "val_accuracy").items()
+                                    if math.isfinite(a))
         if row.curve:
             row.steps_trained = row.curve[-1][0]
             row.final_val_loss = row.curve[-1][1]
             row.best_val_loss = float(metrics.get("best_val_loss", min(loss for _, loss in row.curve)))
+            if row.accuracy_curve:
+                row.final_val_accuracy = row.accuracy_curve[-1][1]
+                row.best_val_accuracy = float(metrics.get("best_val_accuracy",
+                                                          max(a for _, a in row.accuracy_curve)))
             if int(metrics.get("epoch", 0)) >= epochs:
                 row.status = "finished"
             elif metrics.get("diverged"):
@@ -79,18 +102,26 @@ def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: se
     return sorted(rows, key=lambda r: r.lr)
 
 
-def best_trial(rows: list[TrialResult]) -> TrialResult | None:
-    candidates = [r for r in rows if math.isfinite(r.best_val_loss) and r.best_checkpoint]
-    return min(candidates, key=lambda r: r.best_val_loss) if candidates else None
+def best_trial(rows: list[TrialResult], metric: str = "val_loss") -> TrialResult | None:
+    """The trial with the best `metric` (--select-metric: the lowest loss or the highest accuracy) that has a
+    best_model.pt."""
+    candidates = [r for r in rows if math.isfinite(r.best(metric)) and r.best_checkpoint]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: r.best(metric)) if metric == "val_accuracy" else \
+        min(candidates, key=lambda r: r.best(metric))
 
 
-def table(rows: list[TrialResult]) -> str:
-    best = best_trial(rows)
-    lines = [f"  {'':1} {'lr':>9}  {'best val loss':>13}  {'steps':>6}  {'status':<13}  best checkpoint"]
+def table(rows: list[TrialResult], metric: str = "val_loss") -> str:
+    """The trials, the best (by `metric`) marked with a *."""
+    best = best_trial(rows, metric)
+    lines = [f"  {'':1} {'lr':>9}  {'best val loss':>13}  {'best val acc':>12}  {'steps':>6}  {'status':<13}  "
+             "best checkpoint"]
     for r in rows:
         mark = "*" if r is best else " "
-        lines.append(f"  {mark} {r.lr:>9.3g}  {r.best_val_loss:>13.6f}  {r.steps_trained:>6d}  {r.status:<13}  "
-                     f"{r.best_checkpoint or '-'}")
+        accuracy = f"{r.best_val_accuracy:.4f}" if math.isfinite(r.best_val_accuracy) else "-"
+        lines.append(f"  {mark} {r.lr:>9.3g}  {r.best_val_loss:>13.6f}  {accuracy:>12}  {r.steps_trained:>6d}  "
+                     f"{r.status:<13}  {r.best_checkpoint or '-'}")
     return "\n".join(lines)
 
 
@@ -100,58 +131,60 @@ def csv_bytes(rows: list[TrialResult]) -> bytes:
     writer.writerow(CSV_COLUMNS)
     for r in rows:
         writer.writerow([repr(r.lr), repr(r.best_val_loss), repr(r.final_val_loss), r.steps_trained, r.status,
-                         r.trial_id, r.best_checkpoint])
+                         r.trial_id, r.best_checkpoint, repr(r.best_val_accuracy), repr(r.final_val_accuracy)])
     return out.getvalue().encode()
 
 
-def plot_png(rows: list[TrialResult], title: str, base_val_loss: float | None = None) -> bytes:
-    """Left: best validation loss against learning rate (log scale). Right: each trial's validation curve.
-    `base_val_loss`, the base checkpoint's, is drawn on both for reference."""
+def plot_png(rows: list[TrialResult], title: str, base_value: float | None = None, metric: str = "val_loss") -> bytes:
+    """Left: each trial's best `metric` (--select-metric) against learning rate (log scale). Right: each trial's
+    validation curve of it. `base_value`, the base checkpoint's, is drawn on both for reference."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
+    label = LABELS[metric]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    best = best_trial(rows)
-    shown = [r for r in rows if math.isfinite(r.best_val_loss)]
+    best = best_trial(rows, metric)
+    shown = [r for r in rows if math.isfinite(r.best(metric))]
     for status, marker in (("finished", "o"), ("stopped early", "x"), ("error", "s")):
         points = [r for r in shown if r.status == status]
         if points:
-            left.scatter([r.lr for r in points], [r.best_val_loss for r in points], marker=marker, label=status)
+            left.scatter([r.lr for r in points], [r.best(metric) for r in points], marker=marker, label=status)
     if best is not None:
-        left.scatter([best.lr], [best.best_val_loss], s=160, facecolors="none", edgecolors="red", label="best")
-    has_base = base_val_loss is not None and math.isfinite(base_val_loss)
+        left.scatter([best.lr], [best.best(metric)], s=160, facecolors="none", edgecolors="red", label="best")
+    has_base = base_value is not None and math.isfinite(base_value)
     if has_base:
-        left.axhline(base_val_loss, color="grey", linestyle="--", label="base checkpoint")
+        left.axhline(base_value, color="grey", linestyle="--", label="base checkpoint")
     left.set_xscale("log")
     left.set_xlabel("learning rate")
-    left.set_ylabel("best validation loss")
+    left.set_ylabel(f"best {label}")
     left.legend()
     for r in rows:
-        points = [(s, v) for s, v in r.curve if math.isfinite(v)]
+        points = [(s, v) for s, v in r.curve_of(metric) if math.isfinite(v)]
         if points:
             right.plot([s for s, _ in points], [v for _, v in points], marker=".",
                        label=f"lr {r.lr:.3g}" + (" (stopped)" if r.status == "stopped early" else ""))
     if has_base:
-        right.scatter([0], [base_val_loss], marker="*", s=120, color="black", label="base checkpoint", zorder=3)
+        right.scatter([0], [base_value], marker="*", s=120, color="black", label="base checkpoint", zorder=3)
     right.set_xlabel("optimizer steps since the base checkpoint")
-    right.set_ylabel("validation loss")
+    right.set_ylabel(label)
     right.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     out = io.BytesIO()
     # The trials, machine-readable, in the PNG's text chunk: what the plot shows can be checked without eyes.
-    trials = "; ".join(f"lr={r.lr!r} status={r.status} best_val_loss={r.best_val_loss!r}" for r in rows)
-    fig.savefig(out, format="png", dpi=100, metadata={"Title": title, "Description": trials})
+    trials = "; ".join(f"lr={r.lr!r} status={r.status} best_val_loss={r.best_val_loss!r} "
+                       f"best_val_accuracy={r.best_val_accuracy!r}" for r in rows)
+    fig.savefig(out, format="png", dpi=100, metadata={"Title": title, "Description": trials,
+                                                      "Comment": f"plotted: {metric}"})
     plt.close(fig)
     return out.getvalue()
 
 
-def write(rows: list[TrialResult], sweep_dir: Location, title: str,
-          base_val_loss: float | None = None) -> tuple[Location, Location]:
+def write(rows: list[TrialResult], sweep_dir: Location, title: str, base_value: float | None = None,
+          metric: str = "val_loss") -> tuple[Location, Location]:
     csv_file, png_file = sweep_dir.join(RESULTS_FILE), sweep_dir.join(PLOT_FILE)
     csv_file.write_bytes(csv_bytes(rows))
-    png_file.write_bytes(plot_png(rows, title, base_val_loss))
+    png_file.write_bytes(plot_png(rows, title, base_value, metric))
     return csv_file, png_file
-

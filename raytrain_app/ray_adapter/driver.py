@@ -77,14 +77,16 @@ def scaling_config(cfg: TrainConfig) -> Any:
 def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_from: str | None,
                  lineage: dict[str, Any] | None, callbacks: list[Any] | None = None,
                  fork_keeps_best: bool = True, log_prefix: str = "", stop_request: Any = None,
-                 wandb_group: str | None = None, verified_checkpoint: str | None = None) -> Any:
+                 wandb_group: str | None = None, verified_checkpoint: str | None = None,
+                 input_stats: tuple[list[float], list[float]] | None = None) -> Any:
     """The TorchTrainer of one run: `<storage>/<run_name>/`, restarted from its latest checkpoint on worker
     failure, continued from it when created again with the same name (a retry, a re-run).
 
     A new run starts from `init_from` (None: from scratch) and records `lineage`; see
     `restore_training_state` for `fork_keeps_best`. `stop_request`: see `graceful_stop`. `verified_checkpoint`:
     the name of the checkpoint folder the driver has just verified (`plan_recovery`): workers restoring it do
-    not hash it again."""
+    not hash it again. `input_stats`: (mean, std) per feature a run from scratch standardises its inputs with
+    (--normalize standard); a run from a checkpoint takes the checkpoint's."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -96,16 +98,16 @@ def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_fro
                            "fork_keeps_best": fork_keeps_best, "log_prefix": log_prefix,
                            "stop_request": stop_request, "run_dir": storage.join(run_name).uri,
                            "attempt": ATTEMPT, "wandb_group": wandb_group,
-                           "verified_checkpoint": verified_checkpoint},
+                           "verified_checkpoint": verified_checkpoint, "input_stats": input_stats},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage.path,
             storage_filesystem=None if storage.is_local else storage.fs,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints,  # the best by val_loss; Ray always keeps the latest too
-                checkpoint_score_attribute="val_loss",
-                checkpoint_score_order="min",
+                num_to_keep=cfg.keep_checkpoints,  # the best by --select-metric; Ray always keeps the latest too
+                checkpoint_score_attribute=cfg.select_metric,
+                checkpoint_score_order="max" if cfg.selects_max else "min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks,

@@ -45,15 +45,19 @@ if _problem:
 
 # --- Ray Train's run record (checkpoint_manager_snapshot.json) ------------------------------------------------
 
-def new_run_record(results: list[tuple[int, str, dict[str, Any]]]) -> dict[str, Any]:
+def new_run_record(results: list[tuple[int, str, dict[str, Any]]], score: str = "val_loss",
+                   higher_is_better: bool = False) -> dict[str, Any]:
     """Ray Train's record of a run holding `results`: (report index, checkpoint folder name, its metrics), in
-    report order; the last is the latest. (The schema of Ray Train V2's CheckpointManager snapshot.)"""
+    report order; the last is the latest. `score`: the run's checkpoint_score_attribute (--select-metric).
+    (The schema of Ray Train V2's CheckpointManager snapshot.)"""
     entries = [(index, {"version": 0, "checkpoint_dir_name": name, "metrics": metrics})
                for index, name, metrics in results]
     latest = entries[-1][1]
-    # Ray keeps the list in its own order, worst score first (the highest loss), ties in report order; it
-    # inserts into and deletes from that order, so any other would make it delete the wrong checkpoints.
-    entries.sort(key=lambda e: (-e[1]["metrics"]["val_loss"], e[0]))
+    # Ray keeps the list in its own order, worst score first (the highest loss, the lowest accuracy), ties in
+    # report order; it inserts into and deletes from that order, so any other would make it delete the wrong
+    # checkpoints.
+    sign = 1 if higher_is_better else -1
+    entries.sort(key=lambda e: (sign * e[1]["metrics"][score], e[0]))
     return {"ray_version": _installed_ray_version(), "checkpoint_results": [r for _, r in entries],
             "checkpoint_report_indices": [i for i, _ in entries], "latest_checkpoint_result": latest,
             "pending_training_results": [], "pending_validation_specs": [],

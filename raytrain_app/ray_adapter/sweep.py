@@ -49,7 +49,9 @@ def run_tuner(plan: Any, max_concurrent: int) -> Any:
     tuner = tune.Tuner(
         trainable,
         param_space={"lr": tune.grid_search(plan.learning_rates)},
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
+        # ASHA and the ResultGrid rank trials by --select-metric.
+        tune_config=tune.TuneConfig(metric=plan.cfg.select_metric, mode="max" if plan.cfg.selects_max else "min",
+                                    scheduler=scheduler,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name=plan.name,

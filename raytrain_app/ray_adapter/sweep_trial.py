@@ -28,6 +28,7 @@ TRAIN_FAILED_MARK = "training_failed.json"  # {"max_failures", "global_step", "e
 # reserve their own. Tune rejects 0.
 TRIAL_DRIVER_CPUS = 0.1
 LOSS_KEYS = ("val_loss", "best_val_loss", "train_ema_loss")
+ACCURACY_KEYS = ("val_accuracy", "best_val_accuracy")
 
 
 def trial_run_name(trial_id: str) -> str:
@@ -45,14 +46,18 @@ def tune_metrics(metrics: dict[str, Any], base_global_step: int) -> dict[str, An
     """What a trial reports to Tune: the worker's metrics, plus `steps_trained` since the base checkpoint (ASHA's
     clock: it keeps counting across retries and restores, unlike Tune's own iteration count). A diverged
     loss is reported as +inf: NaN compares false with everything, so ASHA would never stop that trial. So is the
-    stand-in Ray Train is given for a loss that was not measured or not finite (UNVALIDATED_LOSS)."""
-    from raytrain_app.core.trainer import UNVALIDATED_LOSS
+    stand-in Ray Train is given for a loss that was not measured or not finite (UNVALIDATED_LOSS), and an
+    accuracy that was not measured is -inf (UNVALIDATED_ACCURACY): the worst for --select-metric val_accuracy."""
+    from raytrain_app.core.trainer import UNVALIDATED_ACCURACY, UNVALIDATED_LOSS
 
     out = dict(metrics)
     out["steps_trained"] = int(out["global_step"]) - base_global_step
     for key in LOSS_KEYS:
         if key in out and not (math.isfinite(out[key]) and out[key] < UNVALIDATED_LOSS):
             out[key] = math.inf
+    for key in ACCURACY_KEYS:
+        if key in out and not out[key] > UNVALIDATED_ACCURACY:
+            out[key] = -math.inf
     return out
 
 

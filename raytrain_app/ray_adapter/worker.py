@@ -41,10 +41,10 @@ from raytrain_app.checkpoint.state import (
 )
 from raytrain_app.checkpoint.writer import CheckpointWriter
 from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.model import SequenceTransformer, set_normalization
 from raytrain_app.core.parallel import parallelize
 from raytrain_app.core.rng import seed_everything
-from raytrain_app.core.trainer import UNVALIDATED_LOSS, Trainer
+from raytrain_app.core.trainer import UNVALIDATED_ACCURACY, UNVALIDATED_LOSS, Scores, Trainer
 from raytrain_app.datasets.dataset import Dataset
 from raytrain_app.datasets.formats import open_dataset
 from raytrain_app.observability.metrics import RunMetrics
@@ -107,7 +107,10 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any]) -> Trainer:
     """The model (from the current config: a new --dropout applies), compiled and wrapped in DDP or sharded
     (--strategy), and the Trainer around it."""
     device = ray.train.torch.get_device()
-    model = SequenceTransformer(cfg).to(device)
+    model = SequenceTransformer(cfg)
+    if loop_config.get("input_stats"):  # a run from scratch (a checkpoint's own statistics are restored with it)
+        set_normalization(model, *loop_config["input_stats"])
+    model = model.to(device)
     train_model = parallelize(cfg, model, device, ray.train.get_context().get_world_size())
     trainer = Trainer(cfg, model, train_model, device)
     trainer.lineage = loop_config.get("lineage")  # a fork's; the run's own checkpoint restores its own
@@ -197,9 +200,9 @@ class WorkerRun:
         if self.sender is not None:
             self.sender(trainer)
 
-    def on_checkpoint(self, metrics: dict[str, Any], eval_val_loss: float | None, is_best: bool) -> None:
+    def on_checkpoint(self, metrics: dict[str, Any], scores: Scores | None, is_best: bool) -> None:
         """Every rank, at every validation and every save an interrupt asks for."""
-        state = training_state(self.trainer, eval_val_loss)  # a collective (DDP: rank 0 gets the state)
+        state = training_state(self.trainer, scores)  # a collective (DDP: rank 0 gets the state)
         if self.trainer.sharded:
             # best_model.pt is one consolidated file: gathered now (a collective), written in the background.
             best = consolidated_state(self.trainer, state, with_optimizer=self.cfg.best_model == "full"
@@ -209,12 +212,14 @@ class WorkerRun:
             print(self.log_prefix + validation_line(metrics, self.cfg.epochs), flush=True)
         if self.recorder is not None:
             # The metrics up to this step first (see RunMetrics.commit for why before the checkpoint).
-            validated = metrics["validated"]
             self.recorder.commit({
                 "step": metrics["global_step"], "epoch": metrics["epoch"],
-                "val_loss": metrics["val_loss"] if validated and metrics["val_loss_finite"] else None,
+                "val_loss": scores.loss if scores is not None else None,
+                "val_accuracy": scores.accuracy if scores is not None else None,
                 "best_val_loss": metrics["best_val_loss"] if metrics["best_val_loss"] < UNVALIDATED_LOSS else None,
-                "train_ema_loss": metrics["train_ema_loss"], "validated": validated,
+                "best_val_accuracy": (metrics["best_val_accuracy"]
+                                      if metrics["best_val_accuracy"] > UNVALIDATED_ACCURACY else None),
+                "train_ema_loss": metrics["train_ema_loss"], "validated": metrics["validated"],
                 "skipped_steps": metrics["skipped_steps"],
                 **self.recorder.speed(self.trainer.world_size, self.trainer.grad_accum),
                 # Checkpoints so far: the training thread's time blocked by them, and their writes' time.
@@ -319,7 +324,9 @@ class WorkerRun:
         # A sweep trial's last report: ASHA and the results table see a diverged trial (no checkpoint with it).
         ray.train.report({"epoch": trainer.epoch, "global_step": trainer.global_step,
                           "batch_index": trainer.batch_index, "val_loss": float("inf"),
-                          "best_val_loss": trainer.best_val_loss, "train_ema_loss": trainer.mean_ema(),
+                          "val_accuracy": UNVALIDATED_ACCURACY, "best_val_loss": trainer.best_val_loss,
+                          "best_val_accuracy": max(trainer.best_val_accuracy, UNVALIDATED_ACCURACY),
+                          "train_ema_loss": trainer.mean_ema(),
                           "skipped_steps": int(trainer.skipped_steps), "validated": False, "diverged": True})
 
 
@@ -329,8 +336,11 @@ def validation_line(metrics: dict[str, Any], epochs: int) -> str:
     return (f"epoch {metrics['epoch'] + (metrics['batch_index'] > 0)}/{epochs} step {metrics['global_step']} "
             f"train_ema_loss {metrics['train_ema_loss']:.4f} "
             + ("saved on request (not validated) " if not validated else
-               f"val_loss {metrics['val_loss']:.6f} " if metrics["val_loss_finite"] else "val_loss non-finite ")
+               f"val_loss {metrics['val_loss']:.6f} val_accuracy {metrics['val_accuracy']:.4f} "
+               if metrics["val_loss_finite"] else "val_loss non-finite ")
             + (f"best {metrics['best_val_loss']:.6f} " if metrics["best_val_loss"] < UNVALIDATED_LOSS else "")
+            + (f"best_accuracy {metrics['best_val_accuracy']:.4f} "
+               if metrics["best_val_accuracy"] > UNVALIDATED_ACCURACY else "")
             + f"lr {metrics['lr']:.2e}"
             + (f" skipped_steps {metrics['skipped_steps']}" if metrics["skipped_steps"] else ""))
 

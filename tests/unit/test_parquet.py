@@ -76,7 +76,7 @@ def test_synth_parquet_cli(tmp_path: Path) -> None:
     result = run_in_process(data_main, ["synth", "--format", "parquet", "--out", str(tmp_path / "s"), "--num-train",
                                         "64", "--num-val", "8"])
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["train.parquet", "val.parquet"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["test.parquet", "train.parquet", "val.parquet"]
     ds = open_dataset(str(tmp_path / "s"))
     assert (ds.train.num_rows, ds.val.num_rows, ds.num_classes) == (64, 8, 4)
 

@@ -14,12 +14,12 @@ import torch
 from raytrain_app.observability.progress import ProgressDisplay, ProgressSender
 
 LINE = re.compile(r"^progress: epoch 2/3 step (\d+)/48 \((\d+)%\) train_ema_loss 0\.5000 best_val_loss 0\.4000 "
-                  r"samples/s 64\.0 ETA 0:00:(\d\d)$")
+                  r"best_val_accuracy 0\.8125 samples/s 64\.0 ETA 0:00:(\d\d)$")
 
 
 def progress(step: int) -> dict:
     return {"epoch": 2, "epochs": 3, "step": step, "total_steps": 48, "start_step": 10, "train_ema_loss": 0.5,
-            "best_val_loss": 0.4, "samples_per_s": 64.0, "step_time_s": 0.5}
+            "best_val_loss": 0.4, "best_val_accuracy": 0.8125, "samples_per_s": 64.0, "step_time_s": 0.5}
 
 
 class Clock:
@@ -67,6 +67,7 @@ def test_rank_0_sends_at_most_once_an_interval_with_its_throughput(monkeypatch: 
     control = SimpleNamespace(report_progress=SimpleNamespace(remote=sent.append))
     sender = ProgressSender(control, epochs=3, start_step=10, progress_every=10, device=torch.device("cpu"))
     trainer = SimpleNamespace(global_step=10, epoch=1, batch_index=4, best_val_loss=float("inf"),
+                              best_val_accuracy=0.75,
                               cfg=SimpleNamespace(batch_size=8), grad_accum=2, world_size=2,
                               schedule=SimpleNamespace(total_steps=48), ema=torch.tensor(0.25))
     for step in range(11, 31):  # 20 steps, 0.1 s each
@@ -75,4 +76,5 @@ def test_rank_0_sends_at_most_once_an_interval_with_its_throughput(monkeypatch: 
         sender(trainer)
     assert [p["step"] for p in sent] == [20, 30]  # once a second (PUSH_INTERVAL_S), --progress-every being longer
     assert sent[-1]["samples_per_s"] == pytest.approx(8 * 2 * 2 / 0.1)
-    assert sent[-1]["best_val_loss"] is None and sent[-1]["epoch"] == 2 and sent[-1]["train_ema_loss"] == 0.25
+    assert sent[-1]["best_val_loss"] is None and sent[-1]["best_val_accuracy"] == 0.75
+    assert sent[-1]["epoch"] == 2 and sent[-1]["train_ema_loss"] == 0.25

@@ -107,7 +107,7 @@ def test_results_table_csv_and_plot_hold_every_trial() -> None:
     parsed = list(csv.DictReader(io.StringIO(csv_bytes(results).decode())))
     assert [float(r["lr"]) for r in parsed] == [1e-4, 1e-3, 1.0]
     assert parsed[2]["best_val_loss"] == "inf" and parsed[1]["best_checkpoint"].endswith("best_model.pt")
-    image = Image.open(io.BytesIO(plot_png(results, "t", base_val_loss=1.05)))
+    image = Image.open(io.BytesIO(plot_png(results, "t", base_value=1.05)))
     assert image.format == "PNG" and image.size == (1200, 450)
     assert all(f"lr={r.lr!r} status={r.status}" in image.text["Description"] for r in results)
 
@@ -255,3 +255,20 @@ def test_trial_steps_count_from_a_mid_epoch_base_in_the_trials_geometry() -> Non
     assert trial_steps(cfg, 256, summary) == 4 + 8  # the rest of epoch 2, then epoch 3
     accum = cfg.replace(grad_accum_steps=3)  # 8 batches: steps after batches 3, 6 and 8 (a short last group)
     assert trial_steps(accum, 256, summary) == 2 + 3
+
+
+def test_select_metric_val_accuracy_ranks_trials_by_accuracy_not_loss() -> None:
+    results = rows()
+    results[0].best_val_accuracy, results[1].best_val_accuracy = 0.9, 0.6  # the lower loss has the lower accuracy
+    assert best_trial(results, "val_accuracy").lr == 1e-4 and best_trial(results).lr == 1e-3
+    text = table(results, "val_accuracy").splitlines()
+    assert text[1].lstrip().startswith("*") and "0.9000" in text[1] and text[3].split()[2] == "-"
+    parsed = list(csv.DictReader(io.StringIO(csv_bytes(results).decode())))
+    assert [r["best_val_accuracy"] for r in parsed] == ["0.9", "0.6", "-inf"]
+    image = Image.open(io.BytesIO(plot_png(results, "t", base_value=0.5, metric="val_accuracy")))
+    assert image.text["Comment"] == "plotted: val_accuracy"
+
+
+def test_tune_metrics_turn_an_unmeasured_accuracy_into_minus_inf() -> None:
+    metrics = tune_metrics({"global_step": 40, "val_loss": 0.4, "val_accuracy": -1.0, "best_val_accuracy": 0.7}, 32)
+    assert metrics["val_accuracy"] == -math.inf and metrics["best_val_accuracy"] == 0.7
