@@ -205,11 +205,12 @@ def wandb_records(path: str) -> Iterator[object]:
 
 
 def offline_runs(wandb_dir: Path) -> list[dict]:
-    """Each offline run file in creation order: its run id, group, logged steps and config."""
+    """Each offline run file in creation order: its run id, group, logged steps, config and the keys it logged
+    with their last values."""
     runs = []
     for path in sorted(glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "run-*.wandb")),
                        key=lambda p: Path(p).stat().st_mtime_ns):
-        run = {"id": None, "group": None, "steps": [], "config": {}}
+        run = {"id": None, "group": None, "steps": [], "config": {}, "logged": {}}
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
@@ -219,6 +220,8 @@ def offline_runs(wandb_dir: Path) -> list[dict]:
                 run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
             elif kind == "history":
                 run["steps"].append(record.history.step.num)
+                run["logged"].update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                      for item in record.history.item})
         runs.append(run)
     return runs
 

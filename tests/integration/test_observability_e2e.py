@@ -36,7 +36,7 @@ EPOCHS, STEPS_PER_EPOCH = 3, 512
 LAST_STEP = EPOCHS * STEPS_PER_EPOCH
 
 PROGRESS = re.compile(r"progress: epoch \d+/3 step (\d+)/1536 \(\d+%\) train_ema_loss \d+\.\d{4} best_val_loss \S+ "
-                      r"samples/s \d+\.\d ETA \S+")
+                      r"best_val_accuracy \S+ samples/s \d+\.\d ETA \S+")
 
 
 def logged_steps(wandb_dir: Path) -> list[int]:
@@ -85,6 +85,10 @@ def test_a_killed_and_rerun_run_is_one_wandb_run_one_metrics_file_and_one_report
     steps = [s for r in runs for s in r["steps"]]
     assert steps == sorted(set(steps)) and (steps[0], steps[-1]) == (1, LAST_STEP)
     assert runs[1]["steps"][0] > max(resumed_step, killed_after)  # retrained steps wandb had are not logged again
+    last_state = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))
+    accuracy = last_state["eval_val_accuracy"]
+    assert 0 < accuracy < 1 and runs[1]["logged"]["val/accuracy"] == accuracy
+    assert runs[1]["logged"]["val/best_accuracy"] == last_state["val_accuracy"] >= accuracy
 
     # metrics.jsonl: every step once, the resume with its step and cause.
     rows = read_rows(parse_location(str(run_dir / "metrics.jsonl")))
@@ -98,6 +102,9 @@ def test_a_killed_and_rerun_run_is_one_wandb_run_one_metrics_file_and_one_report
     assert finished["loop_s"] > 0
     final = [r for r in rows if r["kind"] == "checkpoint"][-1]
     assert final["step"] == LAST_STEP and final["epoch"] == EPOCHS and final["samples_per_s"] > 0
+    assert final["val_accuracy"] == accuracy and final["best_val_accuracy"] == last_state["val_accuracy"]
+    assert f"step {LAST_STEP} train_ema_loss" in resumed.stdout
+    assert re.search(rf"step {LAST_STEP} train_ema_loss \S+ val_loss \S+ val_accuracy {accuracy:.4f} ", resumed.stdout)
     assert 0 <= final["data_wait_fraction"] <= 1 and final["tokens_per_s"] == pytest.approx(final["samples_per_s"] * 8)
 
     # The console, not a terminal here: periodic progress lines with every field, in both attempts.
@@ -112,6 +119,9 @@ def test_a_killed_and_rerun_run_is_one_wandb_run_one_metrics_file_and_one_report
     assert "Resumes: 1\n" in report.stdout
     assert f"  at global step {resumed_step}: re-run (a new driver" in report.stdout
     assert re.search(r"Best validation loss: \d\.\d{6} at global step \d+", report.stdout)
+    best = max((r for r in rows if r["kind"] == "checkpoint" and r.get("val_accuracy") is not None),
+               key=lambda r: (r["val_accuracy"], r["step"]))
+    assert f"Best validation accuracy: {best['val_accuracy']:.4f} at global step {best['step']}\n" in report.stdout
     png = (run_dir / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert f"Plot: {run_dir / 'loss.png'}" in report.stdout

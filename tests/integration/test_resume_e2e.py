@@ -17,6 +17,8 @@ from raytrain_app.checkpoint.format import load_state, save_checkpoint_dir
 from raytrain_app.cli.flags import parse_config
 from raytrain_app.cli.preflight import start_position
 from raytrain_app.core.schedule import lr_at
+from raytrain_app.datasets.formats import open_dataset
+from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.main import main
 from tests.conftest import computed_once, run_main, run_until_checkpoint
 from tests.helpers import (
@@ -57,6 +59,11 @@ def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, ray_address
     assert_resumed_mid_epoch(resumed.stdout, min(KILL_MID_EPOCH_2))
 
     assert_same_training_state(reference, ckpt(run_dir, LAST_STEP) / "state.pt")
+    # The inputs were standardised (--normalize standard, the default) with the training split's statistics,
+    # computed by the driver and kept, through the kill, in the weights.
+    mean, std = feature_stats(open_dataset(str(dataset)).train)
+    weights = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))["model_state_dict"]
+    assert torch.equal(weights["input_mean"], mean.float()) and torch.equal(weights["input_std"], std.float())
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import Trainer
 from raytrain_app.datasets.formats import open_dataset
+from raytrain_app.observability.metrics import read_rows
 from raytrain_app.ray_adapter.run_record import latest_run_metrics
 from raytrain_app.storage.location import parse_location
 from tests.conftest import (
@@ -129,7 +130,7 @@ def test_grid_sweep_on_s3_starts_every_trial_from_the_base(
             "--lr-grid", ",".join(map(str, grid)), "--scheduler", "none", "--sweep-name", "grid",
             "--max-concurrent-trials", "8",
             "--epochs", "2", "--eval-every", "3", "--keep-checkpoints", "10", *FIXED, "--warmup-steps", "0",
-            "--use-wandb", "--wandb-mode", "offline"]
+            "--use-wandb", "--wandb-mode", "offline", "--select-metric", "val_accuracy"]
     result = run_tune(args, ray_address)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -164,6 +165,14 @@ def test_grid_sweep_on_s3_starts_every_trial_from_the_base(
         assert lineage["sweep_name"] == "grid" and lineage["trial_id"] == trial_id
     assert sorted(seen_lrs) == grid
 
+    # --select-metric val_accuracy: each trial's best_model.pt is its first validation with its highest accuracy.
+    for trial_id, run_dir in runs.items():
+        validations = [r for r in read_rows(run_dir.join("metrics.jsonl"))
+                       if r["kind"] == "checkpoint" and r.get("val_accuracy") is not None]
+        top = max(validations, key=lambda r: (r["val_accuracy"], -r["step"]))
+        best_model = load_state(sweep_dir.join(f"trial-{trial_id}", "best_model.pt"))
+        assert (best_model["global_step"], best_model["eval_val_accuracy"]) == (top["step"], top["val_accuracy"])
+
     # wandb: a run per trial, grouped under the sweep's name, each saying which checkpoint it started from.
     wandb_runs = offline_runs(tmp_path)
     assert len({r["id"] for r in wandb_runs}) == len(grid) and {r["group"] for r in wandb_runs} == {"grid"}
@@ -179,11 +188,14 @@ def test_grid_sweep_on_s3_starts_every_trial_from_the_base(
     assert all(parse_location(r["best_checkpoint"]).is_file() for r in rows)
     described = png_trials(sweep_dir)
     assert all(f"lr={lr!r} status=finished" in described for lr in grid)
-    table = re.findall(r"^  [ *] +(\S+) +(\S+) +(\d+)  finished +(\S+)$", result.stdout, re.MULTILINE)
-    assert sorted((float(lr), int(steps)) for lr, _, steps, _ in table) == [(lr, STEPS_PER_EPOCH) for lr in grid]
+    table = re.findall(r"^  ([ *]) +(\S+) +(\S+) +(\S+) +(\d+)  finished +(\S+)$", result.stdout, re.MULTILINE)
+    assert sorted((float(lr), int(steps)) for _, lr, _, _, steps, _ in table) == [(lr, STEPS_PER_EPOCH) for lr in grid]
 
-    # The winner's best_model.pt feeds `raytrain_app.main --resume-from-checkpoint` as printed.
-    best = min(rows, key=lambda r: float(r["best_val_loss"]))
+    # The sweep ranks trials by accuracy; the winner's best_model.pt feeds `raytrain_app.main
+    # --resume-from-checkpoint` as printed.
+    assert "trials, ranked by val_accuracy" in result.stdout
+    best = max(rows, key=lambda r: float(r["best_val_accuracy"]))  # rows are in learning-rate order, as the table
+    assert [float(lr) for mark, lr, *_ in table if mark == "*"] == [float(best["lr"])]
     command = next(line for line in result.stdout.splitlines() if "Continue training it:" in line)
     assert f"--resume-from-checkpoint {best['best_checkpoint']}" in command.replace("'", "")
     from raytrain_app.main import prepare
