@@ -179,13 +179,13 @@ def test_the_best_checkpoint_of_a_run_folder_skips_a_broken_one(tmp_path: Path) 
     assert resolve_checkpoint(str(tmp_path / "run")).path.endswith("checkpoint_step=000008/state.pt")
 
 
-def ray_checkpoint_manager(run_dir: Path, keep: int):  # noqa: ANN201
+def ray_checkpoint_manager(run_dir: Path, keep: int, score: str = "val_loss", order: str = "min"):  # noqa: ANN201
     """Ray Train's own checkpoint manager, loading the run folder's record exactly as a restarted run does."""
     from ray.train import CheckpointConfig
     from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
     from ray.train.v2._internal.execution.storage import StorageContext
 
-    config = CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min")
+    config = CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=score, checkpoint_score_order=order)
     return CheckpointManager(checkpoint_config=config,
                              storage_context=StorageContext(storage_path=str(run_dir.parent),
                                                             experiment_dir_name=run_dir.name))
@@ -227,6 +227,35 @@ def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: 
     asyncio.run(register())
     assert {p.name for p in run.glob("checkpoint_step=*")} == {
         "checkpoint_step=000004", "checkpoint_step=000016", "checkpoint_step=000020"}  # 16: never recorded
+
+
+def test_a_run_selecting_by_accuracy_is_rebuilt_and_resolved_by_accuracy(tmp_path: Path) -> None:
+    """--select-metric val_accuracy: the rebuilt record keeps Ray's order for that score (lowest accuracy first),
+    Ray then deletes the least accurate, and the run folder's best checkpoint is its most accurate one."""
+    import asyncio
+
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.training_report import _TrainingReport
+
+    run = tmp_path / "run"
+    accuracies = {4: 0.7, 8: 0.5, 12: 0.6}  # the losses rank them the other way round
+    for step, accuracy in accuracies.items():
+        save_checkpoint_dir(str(run / f"checkpoint_step={step:06d}"), {
+            **checkpoint_state(step, accuracy), "eval_val_accuracy": accuracy,
+            "config": {"select_metric": "val_accuracy"}})
+    (run / "checkpoint_manager_snapshot.json").write_text("{")
+    plan_recovery(str(run), warn=lambda line: None).apply()
+    assert resolve_checkpoint(str(run)).path.endswith("checkpoint_step=000004/state.pt")
+    manager = ray_checkpoint_manager(run, keep=1, score="val_accuracy", order="max")
+    assert [r.metrics["global_step"] for r in manager._checkpoint_results] == [8, 12, 4]  # worst first
+    save_checkpoint_dir(str(run / "checkpoint_step=000020"), {**checkpoint_state(20, 0.1), "eval_val_accuracy": 0.55})
+    new = Checkpoint(path=str(run / "checkpoint_step=000020"))
+
+    async def register() -> None:
+        manager.register_checkpoint(_TrainingReport(checkpoint=new, metrics={"val_accuracy": 0.55}, validation=False))
+
+    asyncio.run(register())
+    assert {p.name for p in run.glob("checkpoint_step=*")} == {"checkpoint_step=000004", "checkpoint_step=000020"}
 
 
 def test_a_damaged_manifest_or_meta_is_a_problem_not_a_crash(tmp_path: Path) -> None:
