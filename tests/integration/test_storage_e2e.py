@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from raytrain_app.checkpoint.format import load_state
 from raytrain_app.cli.flags import parse_config
 from raytrain_app.core.schedule import lr_at
+from raytrain_app.evaluate import main as evaluate_main
 from raytrain_app.storage.location import parse_location
 from tests.conftest import (
     REPO_ROOT,
@@ -31,6 +33,7 @@ from tests.helpers import (
     STEPS_PER_EPOCH,
     assert_resumed_mid_epoch,
     assert_same_training_state,
+    run_in_process,
     run_name_of,
     train_args,
 )
@@ -141,6 +144,20 @@ def test_fine_tune_from_an_s3_run_folder_on_parquet_data_on_s3(tmp_path: Path, d
     total = (EPOCHS + 1) * STEPS_PER_EPOCH
     assert final["optimizer_state_dict"]["param_groups"][0]["lr"] == lr_at(
         final["global_step"] - 1, peak_lr=2e-4, warmup_steps=20, total_steps=total)
+
+    # The run folder on S3 scored on the Parquet data on S3, written to S3, is the same as scored on the local
+    # pickle it was converted from.
+    scores = {}
+    for name, where in (("s3", data), ("local", str(dataset))):
+        out = s3_uri(bucket, f"eval-{name}", s3_run["endpoint"])
+        scored = run_in_process(evaluate_main, ["--checkpoint", source, "--data", where, "--split", "val",
+                                                "--out", out])
+        assert scored.returncode == 0, scored.stderr
+        scores[name] = json.loads(parse_location(out).join("metrics.json").read_bytes())
+        assert parse_location(out).join("confusion.png").is_file()
+    assert scores["s3"]["checkpoint"].startswith(f"s3://runs/{s3_run['prefix']}/")
+    for key in ("loss", "accuracy", "confusion", "classes", "global_step"):
+        assert scores["s3"][key] == scores["local"][key], key
 
 
 def _fails_fast(args: list[str], expected: str) -> None:
