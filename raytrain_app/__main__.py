@@ -18,6 +18,8 @@ COMMANDS = {
     "report": ("raytrain_app.report", "a run's summary and loss plot"),
     "data": ("raytrain_app.data", "make a synthetic dataset, or convert a pickle to Parquet"),
     "plan": ("raytrain_app.plan", "the memory plan of a training command: does it fit the GPUs?"),
+    "evaluate": ("raytrain_app.evaluate", "score a checkpoint on a test split: loss, accuracy, per-class metrics"),
+    "predict": ("raytrain_app.predict", "batch predictions of a checkpoint over Parquet or pickle data (Ray Data)"),
 }
 
 

@@ -80,6 +80,12 @@ def reference() -> str:
         "- `python -m raytrain_app.report RUN` (`raytrain report`): a run's summary and loss plot.",
         "- `python -m raytrain_app.data synth|convert` (`raytrain data`): a synthetic dataset; a pickle converted "
         "to Parquet.",
+        "- `python -m raytrain_app.plan` (`raytrain plan`): the memory plan of a training command: does it fit "
+        "the GPUs?",
+        "- `python -m raytrain_app.evaluate --checkpoint X --data D` (`raytrain evaluate`): a checkpoint scored on "
+        "a test split: loss, accuracy, per-class precision, recall and F1, a confusion matrix.",
+        "- `python -m raytrain_app.predict --checkpoint X --data D --out OUT` (`raytrain predict`): batch "
+        "predictions over Parquet files or a pickle with Ray Data, written whole or not at all.",
         "",
         "## Exit codes",
         "",

@@ -98,3 +98,22 @@ def test_recovery_kills_a_worker_of_both_runs_and_times_the_restart(ray_address:
     # The first step after the restart came after the kill.
     assert positive(ours["kill_to_first_step_s"]) and positive(minimal["kill_to_first_step_s"]), figures
     assert math.isfinite(figures["extra_recovery_s_vs_minimal"])
+
+
+@pytest.mark.e2e
+def test_predict_throughput_scores_the_same_rows_both_ways(ray_address: str) -> None:
+    figures = run_benchmark("predict_throughput.py", "--rows", "2000", "--files", "2", "--seq-len", "8",
+                            "--feature-dim", "4", "--hidden-dim", "16", "--num-heads", "2", "--num-replicas", "2",
+                            "--repeats", "1", ray_address=ray_address)
+    assert set(figures) == {"rows", "batch_size", "model", "bare", "ray_data", "rows_per_s_ratio_ray_vs_bare",
+                            "target_ratio", "repeats", "all_rows_per_s"}
+    bare, ray = figures["bare"], figures["ray_data"]
+    # The same 2000 rows both ways, every one scored by the command (its _SUCCESS summary counts them).
+    assert figures["rows"] == bare["rows"] == ray["rows"] == 2000
+    assert set(bare) == {"rows", "loop_s", "rows_per_s", "read_s", "threads"}
+    assert set(ray) == {"rows", "pipeline_s", "rows_per_s", "command_s", "replicas"}
+    assert ray["replicas"] == "2 x 1 CPU, batch 256"  # the pool asked for
+    assert {side: len(rates) for side, rates in figures["all_rows_per_s"].items()} == {"bare": 1, "ray": 1}
+    for value in (bare["loop_s"], bare["rows_per_s"], ray["pipeline_s"], ray["command_s"],
+                  figures["rows_per_s_ratio_ray_vs_bare"]):
+        assert positive(value), figures
