@@ -53,14 +53,16 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 def train_all(tmp_path: Path, runs: dict[str, dict[str, Any]], *, world_size: int,
               timeout_s: float = 240) -> dict[str, dict[str, Any]]:
     """Several runs one after the other in the same `world_size` processes (starting processes and importing
-    torch costs more than training this model): {name: {"config", "resume", "stop_at_step"}} -> {name: results
-    as `train` returns them}."""
+    torch costs more than training this model): {name: {"config", "resume", "stop_at_step", "input_mean"}} ->
+    {name: results as `train` returns them}. `input_mean`: a value the model's input mean holds before the
+    checkpoint is restored (what restoring must overwrite)."""
     specs = []
     for name, run in runs.items():
         out_dir = tmp_path / name
         out_dir.mkdir(parents=True)
         specs.append({"config": run["config"], "resume": str(run["resume"]) if run.get("resume") else None,
-                      "stop_at_step": run.get("stop_at_step"), "out_dir": str(out_dir)})
+                      "stop_at_step": run.get("stop_at_step"), "out_dir": str(out_dir),
+                      "input_mean": run.get("input_mean")})
     init_file = tmp_path / f"init-{next(iter(runs))}"
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker, args=(rank, world_size, str(init_file), specs))
@@ -114,6 +116,8 @@ def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
     model = SequenceTransformer(cfg)
     if not spec["resume"] and cfg.normalize == "standard":  # as the driver does for a run from scratch
         set_normalization(model, *feature_stats(data.train))
+    if spec.get("input_mean") is not None:
+        model.input_mean.fill_(spec["input_mean"])
     trainer = Trainer(cfg, model, parallelize(cfg, model, device, world_size), device)
     if spec["resume"]:
         state = load_state(os.path.join(spec["resume"], STATE_FILE), mmap=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_app.checkpoint.format import STATE_FILE, load_state
+from raytrain_app.checkpoint.format import STATE_FILE, load_state, save_checkpoint_dir
 from raytrain_app.checkpoint.resolve import summarize
 from raytrain_app.checkpoint.state import restore_training_state, training_state, with_training_state
 from raytrain_app.core.config import TrainConfig
@@ -24,7 +24,7 @@ from raytrain_app.datasets.formats import open_dataset, write_pickle_atomic
 from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.datasets.parquet import write_parquet_dataset
 from raytrain_app.main import prepare
-from tests.distributed import runs_folder
+from tests.distributed import runs_folder, train_all
 from tests.helpers import synthetic
 
 SCALE = np.array([1.0, 10.0, 100.0, 0.1], dtype=np.float32)
@@ -187,3 +187,18 @@ def summarize_file(path: Path) -> dict:
     from raytrain_app.storage.location import parse_location
 
     return summarize(parse_location(str(path))).model_shapes
+
+
+def test_a_checkpoint_from_before_normalisation_loads_into_fsdp_without_statistics(runs: Path, tmp_path: Path) -> None:
+    """The same through a sharded model (FSDP takes a full state by keys; what the state lacks it keeps), in a
+    real gloo process: the model held other statistics before the restore, and has none after it."""
+    state = load_state(str(runs / "ddp2" / "checkpoint_step=000005" / STATE_FILE))
+    for name in ("input_mean", "input_std"):
+        del state["model_state_dict"][name]
+    save_checkpoint_dir(str(tmp_path / "old"), state)
+    cfg = {**state["config"], "strategy": "fsdp", "epochs": 1}
+    result = train_all(tmp_path / "runs", {"fsdp1": {"config": cfg, "resume": tmp_path / "old", "input_mean": 7.0}},
+                       world_size=1)["fsdp1"]
+    assert torch.equal(result["weights"]["input_mean"], torch.zeros(4))
+    assert torch.equal(result["weights"]["input_std"], torch.ones(4))
+    assert sorted(result["losses"]) == [6, 7, 8]  # and it trained on from the checkpoint's step 5
