@@ -24,7 +24,7 @@ from raytrain_app.checkpoint.inference import read_weights, resolve_state_file
 from raytrain_app.checkpoint.resolve import parent_location, summarize
 from raytrain_app.cli.errors import run_command
 from raytrain_app.core.config import as_flags
-from raytrain_app.core.model import NORMALIZATION_KEYS
+from raytrain_app.core.model import NORMALIZATION_KEYS, has_input_stats
 from raytrain_app.storage.location import Location, parse_location
 from raytrain_app.storage.publish import publish_file
 
@@ -59,9 +59,8 @@ def _accuracy(value: Any) -> str:
     return "none" if value is None else f"{float(value):.4f}"
 
 
-def _normalization(state: dict[str, Any]) -> str:
-    weights = state.get("model_state_dict") or {}
-    if "input_mean" not in weights and "input_mean" not in (state.get("model_shapes") or {}):
+def _normalization(state: dict[str, Any], shapes: dict[str, Any]) -> str:
+    if not has_input_stats(shapes):
         return "none (written before --normalize)"
     return str((state.get("config") or {}).get("normalize", "standard")) + " (statistics in the weights)"
 
@@ -82,7 +81,7 @@ def show(where: str) -> list[str]:
              f"{_loss(state.get('val_loss'))}; train EMA loss: {_loss(state.get('train_ema_loss'))}",
              f"Validation accuracy at this checkpoint: {_accuracy(state.get('eval_val_accuracy'))}; best so far: "
              f"{_accuracy(state.get('val_accuracy'))}",
-             f"Input normalisation: {_normalization(state)}",
+             f"Input normalisation: {_normalization(state, summary.model_shapes)}",
              f"Model: {params:,} parameters; state file {_size(state_file.info().size)}"
              + (f"; weights and optimizer state sharded by {sharded['world_size']} worker(s) in {sharded['dir']}/"
                 if sharded else "; optimizer state" if summary.has_optimizer else "; no optimizer state"),

@@ -55,9 +55,9 @@ def fit_to_checkpoint(
 def _checkpoint_normalization(cfg: TrainConfig, given: set[str], summary: StateSummary) -> str:
     """A run started from a checkpoint standardises its inputs as the checkpoint's weights expect: with the
     statistics in the checkpoint (whatever data this run has), or not at all when the checkpoint has none."""
-    from raytrain_app.core.model import NORMALIZATION_KEYS
+    from raytrain_app.core.model import has_input_stats
 
-    if set(NORMALIZATION_KEYS) <= set(summary.model_shapes):
+    if has_input_stats(summary.model_shapes):
         saved = summary.config.get("normalize") or "standard"
     else:
         saved = "none"  # written before --normalize existed: trained on the features as they are
@@ -72,12 +72,12 @@ def check_weights_fit(cfg: TrainConfig, summary: StateSummary) -> None:
     """Compare the checkpoint's tensors with the model on the meta device: no memory, no compute."""
     import torch
 
-    from raytrain_app.core.model import NORMALIZATION_KEYS, SequenceTransformer
+    from raytrain_app.core.model import NORMALIZATION_KEYS, SequenceTransformer, has_input_stats
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in SequenceTransformer(cfg).state_dict().items()}
     found = summary.model_shapes
-    if not set(NORMALIZATION_KEYS) & set(found):  # written before input normalisation: loads as none
+    if not has_input_stats(found):  # written before input normalisation: loads as none
         expected = {k: v for k, v in expected.items() if k not in NORMALIZATION_KEYS}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     wrong = [f"{k} {found[k]} vs {expected[k]}" for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]

@@ -21,6 +21,7 @@ from raytrain_app.checkpoint.format import (
     SHARDS_DIR,
     CheckpointError,
     finish_sharded_dir,
+    model_shapes_of,
     save_checkpoint_dir,
 )
 from raytrain_app.checkpoint.sharded import (
@@ -32,7 +33,7 @@ from raytrain_app.checkpoint.sharded import (
     sharded_tensors,
 )
 from raytrain_app.core.distributed import all_gather
-from raytrain_app.core.model import NORMALIZATION_KEYS, set_normalization
+from raytrain_app.core.model import has_input_stats, set_normalization
 from raytrain_app.core.rng import capture_rng_state, restore_rng_state, seed_everything
 from raytrain_app.core.trainer import CheckpointFn, Scores, Trainer, resume_batch_index
 
@@ -141,7 +142,8 @@ def restore_training_state(trainer: Trainer, state: dict[str, Any], *, fork: boo
     report.reset = reset and has_optimizer
     report.optimizer = has_optimizer and not reset
     optimizer = trainer.optimizer if report.optimizer else None
-    has_input_stats = _has_input_stats(state)  # before loading: a load may add the missing keys to the dict
+    # Decided before loading: FSDP's full-state load adds the keys a state lacks to its dict.
+    with_input_stats = has_input_stats(model_shapes_of(state))
     if "sharded" in state:
         if checkpoint_dir is None:
             raise CheckpointError("a sharded checkpoint is loaded from its folder, not from its state.pt alone")
@@ -153,7 +155,7 @@ def restore_training_state(trainer: Trainer, state: dict[str, Any], *, fork: boo
         trainer.model.load_state_dict(state["model_state_dict"])
         if optimizer is not None:
             trainer.optimizer.load_state_dict(state["optimizer_state_dict"])
-    if not has_input_stats:
+    if not with_input_stats:
         # Written before --normalize: its weights expect the features as they are. Set here for every layout (a
         # sharded model's full-state load keeps the buffers it had for keys the state lacks).
         set_normalization(trainer.model, torch.zeros(trainer.cfg.feature_dim), torch.ones(trainer.cfg.feature_dim))
@@ -193,11 +195,6 @@ def restore_training_state(trainer: Trainer, state: dict[str, Any], *, fork: boo
     else:  # a checkpoint from fewer ranks or another tool: a fresh, still deterministic stream
         seed_everything(trainer.cfg.seed + trainer.global_step, trainer.rank)
     return report
-
-
-def _has_input_stats(state: dict[str, Any]) -> bool:
-    names = state.get("model_shapes") if "sharded" in state else state.get("model_state_dict")
-    return set(NORMALIZATION_KEYS) <= set(names or {})
 
 
 def _load_ema(trainer: Trainer, state: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,10 +94,10 @@ def set_normalization(model: nn.Module, mean: torch.Tensor, std: torch.Tensor) -
         model.input_std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
 
-def is_normalizing(state_dict: dict[str, torch.Tensor]) -> bool:
-    """Whether weights standardise their inputs (statistics other than zeros and ones)."""
-    mean, std = state_dict.get("input_mean"), state_dict.get("input_std")
-    return mean is not None and std is not None and bool((mean != 0).any() or (std != 1).any())
+def has_input_stats(weight_names: Iterable[str]) -> bool:
+    """Whether weights (their names) carry input statistics: False for checkpoints written before --normalize,
+    whose weights expect the features as they are."""
+    return set(NORMALIZATION_KEYS) <= set(weight_names)
 
 
 def _identity_normalization_if_absent(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:

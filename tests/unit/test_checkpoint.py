@@ -191,17 +191,27 @@ def ray_checkpoint_manager(run_dir: Path, keep: int, score: str = "val_loss", or
                                                             experiment_dir_name=run_dir.name))
 
 
+def register_with_ray(manager, folder: Path, metrics: dict) -> None:  # noqa: ANN001
+    """Report a new checkpoint to Ray Train's checkpoint manager, as a run does (it then deletes what it keeps no
+    more)."""
+    import asyncio
+
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.training_report import _TrainingReport
+
+    async def register() -> None:
+        manager.register_checkpoint(_TrainingReport(checkpoint=Checkpoint(path=str(folder)), metrics=metrics,
+                                                    validation=False))
+
+    asyncio.run(register())
+
+
 @pytest.mark.parametrize("damage", [cut_off, flip_a_byte, Path.unlink])
 def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: Path, damage, capsys) -> None:  # noqa: ANN001
     """Ray writes its record in place: a kill during that write leaves it cut off (or, before the first one,
     missing), and Ray then refuses to start, or starts over. The rebuilt record loads in Ray's own checkpoint
     manager, names the newest whole checkpoint, and keeps Ray's order (worst loss first), so the checkpoint Ray
     deletes next is the worst, never the best."""
-    import asyncio
-
-    from ray.train import Checkpoint
-    from ray.train.v2._internal.execution.training_report import _TrainingReport
-
     run = tmp_path / "run"
     losses = {4: 0.4, 8: 0.6, 12: 0.5, 16: 0.7}  # not in step order
     for step, loss in losses.items():
@@ -219,12 +229,7 @@ def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: 
     assert manager.latest_checkpoint_result.metrics["global_step"] == 12
     assert [r.metrics["global_step"] for r in manager._checkpoint_results] == [8, 12, 4]  # worst first
     save_checkpoint_dir(str(run / "checkpoint_step=000020"), {**checkpoint_state(20, 0.45), "eval_val_loss": 0.45})
-    new = Checkpoint(path=str(run / "checkpoint_step=000020"))
-
-    async def register() -> None:
-        manager.register_checkpoint(_TrainingReport(checkpoint=new, metrics={"val_loss": 0.45}, validation=False))
-
-    asyncio.run(register())
+    register_with_ray(manager, run / "checkpoint_step=000020", {"val_loss": 0.45})
     assert {p.name for p in run.glob("checkpoint_step=*")} == {
         "checkpoint_step=000004", "checkpoint_step=000016", "checkpoint_step=000020"}  # 16: never recorded
 
@@ -232,11 +237,6 @@ def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: 
 def test_a_run_selecting_by_accuracy_is_rebuilt_and_resolved_by_accuracy(tmp_path: Path) -> None:
     """--select-metric val_accuracy: the rebuilt record keeps Ray's order for that score (lowest accuracy first),
     Ray then deletes the least accurate, and the run folder's best checkpoint is its most accurate one."""
-    import asyncio
-
-    from ray.train import Checkpoint
-    from ray.train.v2._internal.execution.training_report import _TrainingReport
-
     run = tmp_path / "run"
     accuracies = {4: 0.7, 8: 0.5, 12: 0.6}  # the losses rank them the other way round
     for step, accuracy in accuracies.items():
@@ -249,12 +249,7 @@ def test_a_run_selecting_by_accuracy_is_rebuilt_and_resolved_by_accuracy(tmp_pat
     manager = ray_checkpoint_manager(run, keep=1, score="val_accuracy", order="max")
     assert [r.metrics["global_step"] for r in manager._checkpoint_results] == [8, 12, 4]  # worst first
     save_checkpoint_dir(str(run / "checkpoint_step=000020"), {**checkpoint_state(20, 0.1), "eval_val_accuracy": 0.55})
-    new = Checkpoint(path=str(run / "checkpoint_step=000020"))
-
-    async def register() -> None:
-        manager.register_checkpoint(_TrainingReport(checkpoint=new, metrics={"val_accuracy": 0.55}, validation=False))
-
-    asyncio.run(register())
+    register_with_ray(manager, run / "checkpoint_step=000020", {"val_accuracy": 0.55})
     assert {p.name for p in run.glob("checkpoint_step=*")} == {"checkpoint_step=000004", "checkpoint_step=000020"}
 
 
