@@ -31,6 +31,7 @@ from raytrain_app.cli.errors import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_US
 from raytrain_app.cli.flags import parse_config, parse_sweep_config
 from raytrain_app.core.config import sweep_identity_hash
 from raytrain_app.core.errors import UserError
+from raytrain_app.ray_adapter.joining import ClusterUnreachable, check_job_api
 from raytrain_app.storage.location import parse_location
 
 DEFAULT_RUNTIME_ENV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs",
@@ -106,6 +107,10 @@ def load_runtime_env(path: str) -> dict[str, Any]:
 
 
 def connect(address: str | None) -> Any:
+    try:
+        check_job_api(address)  # in seconds: Ray's client may wait for minutes on a head that does not answer
+    except ClusterUnreachable as e:
+        raise JobsError(str(e)) from None
     from ray.job_submission import JobSubmissionClient
 
     try:

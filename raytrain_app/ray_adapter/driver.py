@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
+import sys
 from typing import Any
 
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.ray_adapter.joining import plan_join
 from raytrain_app.storage.location import FORWARDED_ENV_VARS, Location
 
 # This driver process's id in the run's metrics: a restore under the same id is a worker restart, under another
@@ -27,17 +28,18 @@ DEFAULT_POLL_INTERVAL_S = "0.2"
 
 def connect_ray(num_cpus: int) -> None:
     """Join the cluster this process belongs to (RAY_ADDRESS, `ray job submit`, a local `ray start`), or start
-    a local instance with `num_cpus` logical CPUs."""
-    address = os.environ.get("RAY_ADDRESS")
-    local_cluster_file = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")  # written by `ray start`
-    start_local = not address and not os.path.exists(local_cluster_file)
-    if start_local:
+    a private local instance with `num_cpus` logical CPUs. Which one is decided in seconds (`joining.plan_join`):
+    a cluster that does not answer is one line and exit code 2, never a wait in `ray.init`."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    join = plan_join()
+    if join.note:
+        print(join.note, flush=True)
+    if join.starts_local:
         # A private instance stays on loopback; Ray reads this at import time, so set it before importing ray.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    if ray.is_initialized():
-        return
     env_vars = {
         # Endpoints and credentials the driver resolved storage with reach every worker, and wandb's settings.
         **{name: os.environ[name] for name in FORWARDED_ENV_VARS if name in os.environ},
@@ -50,10 +52,10 @@ def connect_ray(num_cpus: int) -> None:
     # In a job, Ray refuses a driver runtime env that names a variable the job's runtime env already sets
     # (jobs/runtime_env.yaml may set AWS_REGION, say): leave those to the job, which sets them everywhere.
     env_vars = {k: v for k, v in env_vars.items() if k not in _job_env_vars()}
-    if start_local:
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars})
+    if join.starts_local:
+        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars})
     else:
-        ray.init(address=address or "auto", runtime_env={"env_vars": env_vars})
+        ray.init(address=join.address, runtime_env={"env_vars": env_vars})
 
 
 def _job_env_vars() -> set[str]:
