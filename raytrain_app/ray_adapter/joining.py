@@ -18,21 +18,18 @@ one question (its cluster id, over gRPC with a deadline, with the token Ray woul
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from raytrain_app.core.errors import UserError
+from raytrain_app.ray_adapter.ray_compat import GCS_PROBE_METHOD, address_record
 
 # How long the head's GCS has to answer. A healthy one answers in milliseconds, even on a busy machine; a head
 # far away over a slow link may need more: RAYTRAIN_CONNECT_TIMEOUT_S.
 CONNECT_TIMEOUT_S = 10.0
 TIMEOUT_ENV_VAR = "RAYTRAIN_CONNECT_TIMEOUT_S"
 
-# The cheapest RPC every GCS serves; Ray's own clients call it first when they connect. An empty request is a
-# valid GetClusterIdRequest, and the reply is not decoded: only whether and how the GCS answers matters.
-_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
 
 
 class ClusterUnreachable(UserError):
@@ -77,13 +74,6 @@ def connect_timeout(environ: Mapping[str, str] = os.environ) -> float:
     return value
 
 
-def address_record(environ: Mapping[str, str] = os.environ) -> Path:
-    """The file `ray start --head` writes its address to (`ray/ray_current_cluster` in Ray's temp folder), found
-    by Ray's own rule: RAY_TMPDIR, else TMPDIR on Linux, else /tmp."""
-    base = environ.get("RAY_TMPDIR") or (environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
-    return Path(base or "/tmp") / "ray" / "ray_current_cluster"
-
-
 def auth_token(environ: Mapping[str, str], *, explicit_address: bool) -> tuple[str | None, str]:
     """The token Ray's client would send and where it came from. Ray 2.60 sends one when RAY_AUTH_MODE=token, or
     (with RAY_AUTH_MODE unset) when joining a local cluster it found by itself and a token exists; it reads
@@ -108,7 +98,7 @@ def probe(address: str, token: str | None, token_source: str = "",
 
     channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
     try:
-        ask = channel.unary_unary(_PROBE_METHOD)  # no serializers: bytes in, bytes out
+        ask = channel.unary_unary(GCS_PROBE_METHOD)  # no serializers: bytes in, bytes out
         metadata = [("authorization", f"Bearer {token}")] if token else None
         ask(b"", timeout=timeout_s, metadata=metadata)
         return Answer(ok=True)

@@ -12,9 +12,11 @@ It does not import Ray at import time: the driver sets environment variables Ray
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 SUPPORTED_RAY_VERSION = "2.60.0"
@@ -142,3 +144,17 @@ def override_restored_tuner(tuner: Any, *, max_concurrent_trials: int, failure_c
     internal = tuner._local_tuner
     internal._tune_config.max_concurrent_trials = max_concurrent_trials
     internal._run_config.failure_config = failure_config
+
+
+# The cheapest RPC every GCS serves, from Ray's internal gRPC protocol (src/ray/protobuf/gcs_service.proto); Ray's
+# own clients call it first when they connect. An empty request is a valid GetClusterIdRequest, and the reply is
+# not decoded: only whether and how the GCS answers matters (joining.probe).
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+
+
+def address_record(environ: Mapping[str, str] = os.environ) -> Path:
+    """The file `ray start --head` writes its address to (`ray/ray_current_cluster` in Ray's temp folder), found
+    by Ray's own rule (`ray._common.utils.get_default_system_temp_dir`): RAY_TMPDIR, else TMPDIR on Linux, else
+    /tmp. Computed here rather than imported: the driver decides whether to join before it imports Ray."""
+    base = environ.get("RAY_TMPDIR") or (environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    return Path(base or "/tmp") / "ray" / "ray_current_cluster"

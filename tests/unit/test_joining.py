@@ -17,12 +17,12 @@ from raytrain_app.core.errors import UserError
 from raytrain_app.ray_adapter.joining import (
     ClusterUnreachable,
     Join,
-    address_record,
     auth_token,
     check_job_api,
     connect_timeout,
     plan_join,
 )
+from raytrain_app.ray_adapter.ray_compat import address_record
 
 
 def free_port() -> int:
