@@ -6,7 +6,7 @@ DEMO_DATA := data/demo.pkl
 
 .PHONY: demo test install lint layers docs clean bytecode
 
-# Recreated when pyproject.toml changes. Its torch pin resolves to the CPU wheel kept on this project's machines.
+# Recreated when pyproject.toml changes (torch: the version pyproject.toml pins; see its comment on the build).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'

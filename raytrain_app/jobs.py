@@ -107,6 +107,9 @@ def load_runtime_env(path: str) -> dict[str, Any]:
 
 
 def connect(address: str | None) -> Any:
+    if address:  # Ray's client prefers RAY_API_SERVER_ADDRESS and RAY_ADDRESS to its argument: --address wins here
+        for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            os.environ.pop(name, None)
     try:
         check_job_api(address)  # in seconds: Ray's client may wait for minutes on a head that does not answer
     except ClusterUnreachable as e:

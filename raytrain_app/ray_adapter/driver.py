@@ -32,6 +32,8 @@ def connect_ray(num_cpus: int) -> None:
     a cluster that does not answer is one line and exit code 2, never a wait in `ray.init`."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
+    if not os.environ.get("RAY_ADDRESS", "unset").strip():
+        del os.environ["RAY_ADDRESS"]  # blank: no address (ray.init would take it as given and fail to parse it)
     join = plan_join()
     if join.note:
         print(join.note, flush=True)

@@ -20,10 +20,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from raytrain_app.core.errors import UserError
-from raytrain_app.ray_adapter.ray_compat import GCS_PROBE_METHOD, address_record
+from raytrain_app.ray_adapter.ray_compat import (
+    AUTH_BEARER_PREFIX,
+    AUTH_METADATA_KEY,
+    GCS_PROBE_METHOD,
+    address_record,
+    client_auth_token,
+)
 
 # How long the head's GCS has to answer. A healthy one answers in milliseconds, even on a busy machine; a head
 # far away over a slow link may need more: RAYTRAIN_CONNECT_TIMEOUT_S.
@@ -75,19 +80,19 @@ def connect_timeout(environ: Mapping[str, str] = os.environ) -> float:
 
 
 def auth_token(environ: Mapping[str, str], *, explicit_address: bool) -> tuple[str | None, str]:
-    """The token Ray's client would send and where it came from. Ray 2.60 sends one when RAY_AUTH_MODE=token, or
-    (with RAY_AUTH_MODE unset) when joining a local cluster it found by itself and a token exists; it reads
-    RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token."""
-    mode = environ.get("RAY_AUTH_MODE")
-    if (mode or "").lower() != "token" and (mode is not None or explicit_address):
-        return None, ""
-    if environ.get("RAY_AUTH_TOKEN"):
-        return environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
-    path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path(environ.get("HOME") or Path.home()) / ".ray" / "auth_token")
-    try:
-        return path.read_text().strip() or None, str(path)
-    except OSError:
-        return None, str(path)
+    """The token Ray's client would send (`ray_compat.client_auth_token`); a RAY_AUTH_TOKEN_PATH that Ray would
+    read and cannot is refused here, as Ray would refuse it."""
+    token, source = client_auth_token(environ, explicit_address=explicit_address)
+    path = environ.get("RAY_AUTH_TOKEN_PATH")
+    if token is None and path and source == path:
+        raise ClusterUnreachable(f"RAY_AUTH_TOKEN_PATH={path}: the file cannot be read or is empty; put the "
+                                 "cluster's token in it")
+    return token, source
+
+
+def uses_tls(environ: Mapping[str, str]) -> bool:
+    """RAY_USE_TLS: the cluster's gRPC is TLS, which the probe does not speak; such a cluster is joined unprobed."""
+    return environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true", "yes")
 
 
 def probe(address: str, token: str | None, token_source: str = "",
@@ -99,7 +104,7 @@ def probe(address: str, token: str | None, token_source: str = "",
     channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
     try:
         ask = channel.unary_unary(GCS_PROBE_METHOD)  # no serializers: bytes in, bytes out
-        metadata = [("authorization", f"Bearer {token}")] if token else None
+        metadata = [(AUTH_METADATA_KEY, AUTH_BEARER_PREFIX + token)] if token else None
         ask(b"", timeout=timeout_s, metadata=metadata)
         return Answer(ok=True)
     except grpc.RpcError as e:
@@ -138,6 +143,8 @@ def plan_join(environ: Mapping[str, str] = os.environ, timeout_s: float | None =
     address = (environ.get("RAY_ADDRESS") or "").strip()
     if address == "local":
         return Join("local")
+    if uses_tls(environ):
+        return Join(address or "auto") if address or address_record(environ).exists() else Join("local")
     if address and address != "auto":
         if address.startswith(("http://", "https://")):
             raise ClusterUnreachable(
@@ -191,6 +198,8 @@ def check_job_api(address: str | None, environ: Mapping[str, str] = os.environ,
             raise ClusterUnreachable(f"cannot reach the Ray job API at {given}: {problem}; {fix}")
         return
     # A GCS address (or the recorded local cluster): Ray's client asks that head where its job API is.
+    if uses_tls(environ):
+        return
     if given == "auto":
         record = address_record(environ)
         try:
@@ -200,10 +209,11 @@ def check_job_api(address: str | None, environ: Mapping[str, str] = os.environ,
         if not target:
             raise ClusterUnreachable("no Ray job API to talk to: pass --address (http://127.0.0.1:8265 through "
                                      "the tunnel `ray dashboard cluster.yaml` opens) or set RAY_API_SERVER_ADDRESS")
-        where, explicit = f"the Ray cluster recorded in {record} ({target})", False
+        where = f"the Ray cluster recorded in {record} ({target})"
     else:
-        target, where, explicit = given.removeprefix("ray://"), f"the Ray cluster at {given}", True
-    token, source = auth_token(environ, explicit_address=explicit)
+        target, where = given.removeprefix("ray://"), f"the Ray cluster at {given}"
+    # The job client sends a token only with RAY_AUTH_MODE=token, however it found the cluster.
+    token, source = auth_token(environ, explicit_address=True)
     answer = probe(target, token, source, timeout_s, ray_client=given.startswith("ray://"))
     if not answer.ok:
         raise ClusterUnreachable(f"cannot reach the Ray job API of {where}: {answer.problem}"

@@ -156,5 +156,34 @@ def address_record(environ: Mapping[str, str] = os.environ) -> Path:
     """The file `ray start --head` writes its address to (`ray/ray_current_cluster` in Ray's temp folder), found
     by Ray's own rule (`ray._common.utils.get_default_system_temp_dir`): RAY_TMPDIR, else TMPDIR on Linux, else
     /tmp. Computed here rather than imported: the driver decides whether to join before it imports Ray."""
-    base = environ.get("RAY_TMPDIR") or (environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
-    return Path(base or "/tmp") / "ray" / "ray_current_cluster"
+    if "RAY_TMPDIR" in environ:
+        base = environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and "TMPDIR" in environ:
+        base = environ["TMPDIR"]
+    else:
+        base = "/tmp"
+    return Path(os.path.join(base, "ray", "ray_current_cluster"))
+
+
+# How Ray's clients carry the token on gRPC (ray/_private/authentication/authentication_constants.py).
+AUTH_METADATA_KEY = "authorization"
+AUTH_BEARER_PREFIX = "Bearer "
+
+
+def client_auth_token(environ: Mapping[str, str], *, explicit_address: bool) -> tuple[str | None, str]:
+    """The token a Ray 2.60 client would send, and where it came from ("" when it sends none). `ray.init` sends
+    one when RAY_AUTH_MODE=token, or, with RAY_AUTH_MODE unset, when it joins a local cluster it found by itself
+    (`address in (None, "auto")`, worker.py) and a token exists; the job client only with RAY_AUTH_MODE=token.
+    Ray's token loader reads RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token. A
+    token file that cannot be read gives (None, its path)."""
+    mode = environ.get("RAY_AUTH_MODE")
+    if (mode or "").lower() != "token" and (mode is not None or explicit_address):
+        return None, ""
+    if environ.get("RAY_AUTH_TOKEN"):
+        return environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    home = Path(environ.get("HOME") or Path.home())
+    path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or home / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None, str(path)
+    except OSError:
+        return None, str(path)

@@ -190,9 +190,13 @@ def test_every_kuberay_step_names_the_rayjob_as_it_is() -> None:
         for command in commands:
             for word in command:
                 if word.startswith(("job/", "svc/")):
-                    assert word in (f"job/{name}", f"svc/{name}-head-svc"), word
+                    # KubeRay names a RayJob's cluster <name>-raycluster-<random>: its head Service is found by
+                    # the cluster name the RayJob's status gives (a $(...) in the command)
+                    assert word in (f"job/{name}", "svc/{subst}-head-svc"), word
             if command[1:3] == ["get", "rayjob"]:
                 assert command[3] == name
+                if "jsonpath='{.status.rayClusterName}'" in " ".join(command) or "-o" in command:
+                    assert after(command, "-o").startswith("jsonpath={.status.")
     cloud = commands_in("cloud.md")
     assert any(c[:3] == ["ray", "job", "stop"] for c in cloud)  # stop, gracefully
     [helm] = [c for c in cloud if c[:2] == ["helm", "install"]]

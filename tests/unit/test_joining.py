@@ -71,10 +71,29 @@ def test_no_address_and_no_record_starts_a_private_instance(tmp_path: Path) -> N
     assert plan_join({"RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": "local"}).starts_local
 
 
-def test_the_record_is_where_ray_start_writes_it(tmp_path: Path) -> None:
-    assert address_record({"RAY_TMPDIR": "/a", "TMPDIR": "/b"}) == Path("/a/ray/ray_current_cluster")
-    assert address_record({"TMPDIR": "/b"}) == Path("/b/ray/ray_current_cluster")
-    assert address_record({}) == Path("/tmp/ray/ray_current_cluster")
+@pytest.mark.parametrize("environ", [{"RAY_TMPDIR": "/a", "TMPDIR": "/b"}, {"TMPDIR": "/b"}, {}, {"RAY_TMPDIR": ""}])
+def test_the_record_is_where_ray_start_writes_it(environ: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._common.utils import get_ray_address_file  # Ray's own rule, which ray_compat copies
+
+    for name in ("RAY_TMPDIR", "TMPDIR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert address_record(environ) == Path(get_ray_address_file(None))
+
+
+def test_the_probe_speaks_rays_own_protocol() -> None:
+    """The RPC the probe calls and the way it carries the token are Ray 2.60's (ray_compat copies them)."""
+    import inspect
+
+    import ray.core.generated.gcs_service_pb2_grpc as gcs_grpc
+    from ray._private.authentication import authentication_constants as auth
+
+    from raytrain_app.ray_adapter import ray_compat
+
+    assert f"'{ray_compat.GCS_PROBE_METHOD}'" in inspect.getsource(gcs_grpc)
+    assert (ray_compat.AUTH_METADATA_KEY, ray_compat.AUTH_BEARER_PREFIX) == (
+        auth.AUTHORIZATION_HEADER_NAME, auth.AUTHORIZATION_BEARER_PREFIX)
 
 
 def test_a_dead_record_gives_a_private_instance_with_a_note(tmp_path: Path) -> None:
@@ -148,6 +167,9 @@ def test_the_token_is_the_one_ray_would_send(tmp_path: Path) -> None:
     assert auth_token({"HOME": str(home)}, explicit_address=True)[0] is None
     assert auth_token({"HOME": str(home)}, explicit_address=False)[0] == "from-home"
     assert auth_token({"HOME": str(home), "RAY_AUTH_MODE": "disabled"}, explicit_address=False)[0] is None
+    # A token file Ray would read and cannot: named, as Ray would refuse it.
+    with pytest.raises(ClusterUnreachable, match=f"RAY_AUTH_TOKEN_PATH={tmp_path}/missing: the file cannot be read"):
+        auth_token({**token_mode, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, explicit_address=True)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "inf", "nan"])
