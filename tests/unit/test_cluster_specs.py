@@ -348,6 +348,36 @@ def test_the_image_installs_pyprojects_dependencies_then_the_package_alone() -> 
                         "RUN pip install --no-cache-dir --no-deps /tmp/raytrain/wheels/*.whl"]
 
 
+def test_the_package_alone_builds_installs_and_runs_from_the_images_build_context(tmp_path: Path) -> None:
+    """What the image's build stage does, on this machine: a wheel built from only the two things the Dockerfile
+    copies (and .dockerignore lets through), installed without deps and not editable, holds every module of the
+    package and nothing else, and its commands run from it."""
+    import shutil
+    import zipfile
+
+    context = tmp_path / "context"
+    context.mkdir()
+    shutil.copy(REPO_ROOT / "pyproject.toml", context)
+    shutil.copytree(REPO_ROOT / "raytrain_app", context / "raytrain_app", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path / "wheels"), str(context)], check=True, capture_output=True,
+                   timeout=120)
+    [wheel] = (tmp_path / "wheels").glob("raytrain_app-*.whl")
+    modules = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    expected = {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "raytrain_app").rglob("*.py")}
+    assert modules == expected
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
+                    str(site), str(wheel)], check=True, capture_output=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "raytrain_app.main", "--help"], cwd=tmp_path, text=True,
+                            capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
+    assert result.returncode == 0 and "--resume-from-checkpoint" in result.stdout, result.stderr
+    check = ("import raytrain_app.main, raytrain_app.ray_adapter.joining as j; print(j.__file__)")
+    located = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, text=True, capture_output=True,
+                             timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
+    assert located.stdout.strip().startswith(str(site)), located.stderr  # the installed copy, not this tree
+
+
 def hadolint(dockerfile: Path) -> tuple[int, list[dict]]:
     result = subprocess.run([str(HADOLINT), "--no-color", "-f", "json", str(dockerfile)], capture_output=True,
                             text=True, timeout=60, cwd=REPO_ROOT)
