@@ -36,7 +36,6 @@ CONNECT_TIMEOUT_S = 10.0
 TIMEOUT_ENV_VAR = "RAYTRAIN_CONNECT_TIMEOUT_S"
 
 
-
 class ClusterUnreachable(UserError):
     """The cluster a command was told to join does not answer, or refuses it."""
 
