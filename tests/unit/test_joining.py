@@ -179,17 +179,18 @@ def test_a_bad_connect_timeout_is_refused(value: str) -> None:
     assert connect_timeout({RAYTRAIN_TIMEOUT: "2.5"}) == 2.5 and connect_timeout({}) == 10.0
 
 
-def test_the_jobs_helpers_address_flag_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch,
-                                                                  job_api: str) -> None:
+def test_the_jobs_helpers_address_flag_wins_over_the_environment(job_api: str) -> None:
     """Ray's job client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given; the helper's
-    --address (here the session cluster's job API) must win, as documented, with dead addresses in both."""
-    from raytrain_app.jobs import main as jobs_main
-    from tests.helpers import run_in_process
+    --address (here the session cluster's job API) must win, as documented, with dead addresses in both. A process
+    of its own: Ray's token loader caches what it read in a process."""
+    import subprocess
 
-    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the session cluster's token is this process's (conftest)
-    result = run_in_process(jobs_main, ["status", "no-such-run", "--address", job_api])
-    assert result.returncode == 2
+    from tests.conftest import REPO_ROOT, base_env, main_command
+
+    env = {**base_env(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{free_port()}",
+           "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    result = subprocess.run(main_command("status", "no-such-run", "--address", job_api, module="raytrain_app.jobs"),
+                            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line == "error: no job of run or submission id 'no-such-run' on this cluster (see `ray job list`)", line

@@ -23,7 +23,10 @@ from raytrain_app.cli.flags import parse_config
 from tests.conftest import REPO_ROOT
 
 RAYJOB_YAML = REPO_ROOT / "jobs" / "rayjob.yaml"
-CRD_YAML = REPO_ROOT.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"  # KubeRay v1.7.0, unmodified
+# KubeRay v1.7.0's RayJob CRD (ray-operator/config/crd/bases/ray.io_rayjobs.yaml in ray-project/kuberay,
+# Apache-2.0: its LICENSE beside it), gzipped and otherwise unmodified: the check needs nothing outside the repository.
+CRD_GZ = REPO_ROOT / "tests" / "fixtures" / "kuberay" / "ray.io_rayjobs.yaml.gz"
+CRD_SHA256 = "01a5cf3b17c1769fda44af7e82debcd98722f0c27b9ab84d084681c6649121f5"
 CRD_KUBERAY_VERSION = (1, 7, 0)
 IMAGE = "123456789012.dkr.ecr.us-west-2.amazonaws.com/raytrain:0.1.0"
 CAPACITY_TYPE = "karpenter.sh/capacity-type"
@@ -76,8 +79,18 @@ def load(path: Path) -> Any:
 
 
 @functools.cache
+def crd_text() -> str:
+    import gzip
+    import hashlib
+
+    raw = gzip.decompress(CRD_GZ.read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == CRD_SHA256  # the v1.7.0 file, byte for byte
+    return raw.decode()
+
+
+@functools.cache
 def crd_v1_schema() -> dict:
-    crd = load(CRD_YAML)
+    crd = yaml.load(crd_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
 
