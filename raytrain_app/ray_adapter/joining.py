@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from raytrain_app.core.errors import UserError
 from raytrain_app.ray_adapter.ray_compat import (
@@ -89,6 +90,19 @@ def auth_token(environ: Mapping[str, str], *, explicit_address: bool) -> tuple[s
     return token, source
 
 
+def _no_answer(timeout_s: float) -> str:
+    return f"no answer within {timeout_s:g} s (the head is hung, overloaded or unreachable)"
+
+
+def _recorded_address(environ: Mapping[str, str]) -> tuple[Path, str]:
+    """The `ray start` record and the address in it ("" when there is none)."""
+    record = address_record(environ)
+    try:
+        return record, record.read_text().strip()
+    except OSError:
+        return record, ""
+
+
 def uses_tls(environ: Mapping[str, str]) -> bool:
     """RAY_USE_TLS: the cluster's gRPC is TLS, which the probe does not speak; such a cluster is joined unprobed."""
     return environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true", "yes")
@@ -110,7 +124,7 @@ def probe(address: str, token: str | None, token_source: str = "",
         code, details = e.code(), (e.details() or "").strip().splitlines()[:1]
         detail = details[0][:160] if details else code.name
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return Answer(False, f"no answer within {timeout_s:g} s (the head is hung, overloaded or unreachable)")
+            return Answer(False, _no_answer(timeout_s))
         if code == grpc.StatusCode.UNAVAILABLE:
             if "connection refused" in detail.lower():  # nothing listens: the cluster is gone
                 return Answer(False, "nothing answers there (connection refused)", gone=True)
@@ -158,11 +172,7 @@ def plan_join(environ: Mapping[str, str] = os.environ, timeout_s: float | None =
             raise ClusterUnreachable(f"RAY_ADDRESS={address}: {answer.problem}{fix}")
         return Join(address)
 
-    record = address_record(environ)
-    try:
-        recorded = record.read_text().strip()
-    except OSError:
-        recorded = ""
+    record, recorded = _recorded_address(environ)
     if not recorded:
         if address == "auto":
             raise ClusterUnreachable(f"RAY_ADDRESS=auto, but no Ray cluster was started on this machine ({record} "
@@ -200,11 +210,7 @@ def check_job_api(address: str | None, environ: Mapping[str, str] = os.environ,
     if uses_tls(environ):
         return
     if given == "auto":
-        record = address_record(environ)
-        try:
-            target = record.read_text().strip()
-        except OSError:
-            target = ""
+        record, target = _recorded_address(environ)
         if not target:
             raise ClusterUnreachable("no Ray job API to talk to: pass --address (http://127.0.0.1:8265 through "
                                      "the tunnel `ray dashboard cluster.yaml` opens) or set RAY_API_SERVER_ADDRESS")
@@ -230,12 +236,6 @@ def _http_problem(url: str, timeout_s: float) -> str | None:
             return None
     except urllib.error.HTTPError:
         return None
-    except TimeoutError:
-        return f"no answer within {timeout_s:g} s (the head is hung, overloaded or unreachable)"
-    except urllib.error.URLError as e:
-        reason = e.reason
-        if isinstance(reason, TimeoutError):
-            return f"no answer within {timeout_s:g} s (the head is hung, overloaded or unreachable)"
-        return f"nothing answers there ({reason})"
-    except OSError as e:
-        return f"nothing answers there ({e})"
+    except OSError as e:  # URLError, TimeoutError and connection errors are all OSErrors
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        return _no_answer(timeout_s) if isinstance(reason, TimeoutError) else f"nothing answers there ({reason})"

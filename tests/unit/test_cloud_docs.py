@@ -18,7 +18,9 @@ from tests.conftest import REPO_ROOT
 
 DOCS = {name: REPO_ROOT / "docs" / name for name in ("cloud.md", "cluster-and-jobs.md")}
 CLUSTER = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
-RAYJOB = yaml.safe_load((REPO_ROOT / "jobs" / "rayjob.yaml").read_text())
+RAYJOB_TEXT = (REPO_ROOT / "jobs" / "rayjob.yaml").read_text()
+RAYJOB = yaml.safe_load(RAYJOB_TEXT)
+REMOTE_TOKEN_FOLDER = "/home/ray/raytrain_cluster"  # where cluster.yaml mounts the token folder on every node
 # What the docs' shell variables stand for in the files, which hold the example account and bucket.
 VARIABLES = {"$ACCOUNT": "123456789012", "$BUCKET": "my-bucket", "$HOME": "~"}
 
@@ -127,8 +129,6 @@ def test_the_clients_token_is_the_one_the_nodes_get() -> None:
     assert f"RAY_AUTH_TOKEN_PATH={REMOTE_TOKEN_FOLDER}/auth_token" in node_env and "RAY_AUTH_MODE=token" in node_env
 
 
-REMOTE_TOKEN_FOLDER = "/home/ray/raytrain_cluster"
-
 
 def test_the_image_built_and_pushed_is_the_one_every_node_and_pod_runs() -> None:
     for doc in DOCS:
@@ -203,5 +203,3 @@ def test_every_kuberay_step_names_the_rayjob_as_it_is() -> None:
     header = RAYJOB_TEXT.split("apiVersion:")[0]
     assert f"KubeRay operator >= {after(helm, '--version')}" in " ".join(header.split())
 
-
-RAYJOB_TEXT = (REPO_ROOT / "jobs" / "rayjob.yaml").read_text()

@@ -24,6 +24,8 @@ from raytrain_app.ray_adapter.joining import (
 )
 from raytrain_app.ray_adapter.ray_compat import address_record
 
+RAYTRAIN_TIMEOUT = "RAYTRAIN_CONNECT_TIMEOUT_S"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -119,8 +121,6 @@ def test_a_silent_record_or_address_is_refused_at_the_deadline(tmp_path: Path, s
                     "Start that cluster or correct the address, or unset RAY_ADDRESS to run on a private local "
                     "instance")
 
-
-RAYTRAIN_TIMEOUT = "RAYTRAIN_CONNECT_TIMEOUT_S"
 
 
 @pytest.mark.parametrize(("address", "problem"), [
