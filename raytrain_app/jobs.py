@@ -182,7 +182,7 @@ async def _follow(client: Any, submission_id: str, reconnect_timeout: float) -> 
             _wait_for_api(client, reconnect_timeout)
             try:
                 client.get_job_info(submission_id)
-            except Exception as again:  # noqa: BLE001
+            except Exception as again:  # noqa: BLE001 - lost again: the next round finds out which
                 if "does not exist" in str(again):  # the restarted head does not know the job
                     return None
 

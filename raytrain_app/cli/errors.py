@@ -52,7 +52,7 @@ def run_command(body: Callable[[], int], *, debug: bool = False, interrupted: st
             raise
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # noqa: BLE001 - a failure we did not foresee: still one line, unless --debug
+    except Exception as e:  # a failure we did not foresee: still one line, unless --debug
         if debug:
             raise
         print(f"error: {describe(e)}", file=sys.stderr)

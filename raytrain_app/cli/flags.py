@@ -52,16 +52,16 @@ def load_config_file(path: str, allowed: set[str]) -> dict[str, Any]:
     """Read a YAML or TOML settings file; keys may use dashes or underscores."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config file not found: {path}")
+    import yaml
+
     with open(path, "rb") as f:
         raw = f.read()
     try:
         if path.endswith(".toml"):
             values = tomllib.loads(raw.decode())
         else:
-            import yaml
-
             values = yaml.safe_load(raw) or {}
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
+    except (ValueError, yaml.YAMLError) as e:  # TOML and UnicodeDecode errors, a YAML date 2020-13-45: ValueErrors
         raise ConfigError(f"--config {path} could not be parsed: {e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path} must hold a mapping of settings, got {type(values).__name__}")

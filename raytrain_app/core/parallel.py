@@ -47,7 +47,7 @@ def parallelize(cfg: TrainConfig, model: nn.Module, device: torch.device, world_
     return ddp
 
 
-def all_reduce_in_bf16(group, bucket):  # noqa: ANN001, ANN201 - DDP checks the annotations, as objects, not strings
+def all_reduce_in_bf16(group, bucket):  # unannotated: DDP checks the annotations, as objects, not strings
     """DDP communication hook: all-reduce a bucket of gradients in bf16 (half the bytes of fp32), then write the
     mean back into the fp32 bucket. PyTorch's own `bf16_compress_hook` refuses any backend but NCCL (by its
     name); this one is the same arithmetic on any backend, gloo on CPU included."""

@@ -147,7 +147,7 @@ class Trainer:
         self.checkpoints: PendingCheckpoints | None = None
 
     # --- step, evaluation, loop ---------------------------------------------------------------------------
-    def _autocast(self):  # noqa: ANN202
+    def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.use_amp)
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

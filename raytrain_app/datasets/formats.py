@@ -56,7 +56,7 @@ _SAFE_GLOBALS = {
 class RestrictedUnpickler(pickle.Unpickler):
     """Admits only arrays, dtypes and plain containers: loading a dataset never executes code from it."""
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+    def find_class(self, module: str, name: str):  # pickle's signature
         try:
             return _SAFE_GLOBALS[(module, name)]
         except KeyError:

@@ -201,7 +201,7 @@ class RunMetrics:
         if self.wandb is not None and for_wandb:
             try:
                 log_to_wandb(self.wandb, for_wandb)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - logging must not cost the training run
                 _wandb_failed("stopped logging", e)
                 self.wandb = None
 
@@ -227,7 +227,7 @@ class RunMetrics:
                 # finish() returns before wandb's service has written the run's last records, and Ray ends a
                 # worker's process without running atexit hooks (where wandb waits for it): wait here.
                 wandb.teardown(exit_code=1 if failed else 0)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - nor may finishing it
                 _wandb_failed("could not finish", e)
 
 
@@ -269,7 +269,7 @@ def _netrc_api_key() -> str | None:
         from wandb.sdk.lib.wbauth import wbnetrc
 
         return wbnetrc.read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    except Exception:  # noqa: BLE001 - no .netrc, or a wandb without this helper: no key
+    except Exception:  # noqa: BLE001 - wandb's private helper, absent or different in other versions: no key
         return None
 
 

@@ -88,14 +88,14 @@ class ProgressDisplay:
 
 
 def read_from(control: Any) -> Callable[[float], dict[str, Any] | None]:
-    """The reader of a run's control actor (see graceful_stop.StopRequest)."""
+    """The reader of a run's control actor (see ray_adapter.control.StopRequest)."""
 
     def read(timeout: float) -> dict[str, Any] | None:
         import ray
 
         try:
             return ray.get(control.progress.remote(), timeout=timeout)
-        except Exception:  # noqa: BLE001 - a busy or restarting cluster: the next tick asks again
+        except ray.exceptions.RayError:  # a busy or restarting cluster: the next tick asks again
             return None
 
     return read

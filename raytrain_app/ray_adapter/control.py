@@ -138,7 +138,7 @@ class Interrupts:
                     return
             except ray.exceptions.GetTimeoutError:
                 continue  # a busy node: ask again
-            except Exception as e:  # noqa: BLE001 - the driver and its actor are gone: Ray ends these workers too
+            except ray.exceptions.RayError as e:  # the driver and its actor are gone: Ray ends these workers too
                 print(f"Stop requests can no longer be received ({type(e).__name__}): the driver is gone.",
                       flush=True)
                 return

@@ -106,7 +106,7 @@ def autoscaler_max_resources() -> dict[str, float] | None:
 
     try:
         found = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler state on this cluster: treat it as fixed
+    except Exception:  # noqa: BLE001 - a private API, its failures undocumented: the cluster then counts as fixed
         return None
     return {k: float(v) for k, v in found.items()} if found else None
 
@@ -121,7 +121,7 @@ def preemption_reader() -> Callable[[], Any]:
         from ray.train.v2._internal.execution.context import get_train_context
 
         context = get_train_context()
-    except Exception:  # noqa: BLE001 - not in a Ray Train worker: no notices
+    except RuntimeError:  # not in a Ray Train worker: no notices
         return lambda: None
     return lambda: getattr(context.preemption_context, "preemption_info", None)
 

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 SCHEMES = ("file", "s3", "gs", "gcs")
 
 
-# Credentials and endpoints the driver forwards to every Ray worker (see driver.connect_ray).
+# Credentials and endpoints the driver forwards to every Ray worker (see ray_adapter.driver.connect_ray).
 FORWARDED_ENV_VARS = (
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS",
@@ -185,7 +185,7 @@ def _gcs_options(options: dict[str, str]) -> dict[str, object]:
     return out
 
 
-def _guarded(action, uri: str):  # noqa: ANN001, ANN202 - a thin wrapper that turns pyarrow errors into one line
+def _guarded(action, uri: str):  # turns pyarrow errors into one line
     try:
         return action()
     except (FileNotFoundError, StorageError):

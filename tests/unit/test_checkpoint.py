@@ -90,7 +90,7 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path: Path) -> None:
     import os
 
     class Evil:
-        def __reduce__(self):  # noqa: ANN204
+        def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"model_state_dict": {}, "x": Evil()}, tmp_path / "evil.pt")
@@ -99,7 +99,7 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path: Path) -> None:
     assert not (tmp_path / "pwned").exists()
 
 
-def test_published_files_are_readable_by_others_as_the_umask_allows(tmp_path) -> None:  # noqa: ANN001
+def test_published_files_are_readable_by_others_as_the_umask_allows(tmp_path) -> None:
     import os
 
     from raytrain_app.checkpoint.format import write_best_model
@@ -124,7 +124,7 @@ def cut_off(path: Path) -> None:
     (lambda d: (d / "state.pt").unlink(), "state.pt is missing"),
     (lambda d: shutil.rmtree(d), "does not exist"),
 ])
-def test_a_checkpoint_that_is_not_whole_is_named_with_its_problem(tmp_path: Path, damage, problem: str) -> None:  # noqa: ANN001
+def test_a_checkpoint_that_is_not_whole_is_named_with_its_problem(tmp_path: Path, damage, problem: str) -> None:
     folder = tmp_path / "checkpoint_step=000005"
     save_checkpoint_dir(str(folder), checkpoint_state(5, 0.5))
     damage(folder)
@@ -144,7 +144,7 @@ def test_a_checkpoint_written_before_manifests_still_loads(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("damage", [cut_off, flip_a_byte, Path.unlink])
-def test_a_broken_latest_checkpoint_falls_back_and_rays_record_follows(tmp_path: Path, damage, capsys) -> None:  # noqa: ANN001
+def test_a_broken_latest_checkpoint_falls_back_and_rays_record_follows(tmp_path: Path, damage, capsys) -> None:
     snapshot_file = ray_run(tmp_path / "run", [4, 8, 12])
     damage(tmp_path / "run" / "checkpoint_step=000012" / "state.pt")
     chosen = recover_run(str(tmp_path / "run"))
@@ -179,7 +179,7 @@ def test_the_best_checkpoint_of_a_run_folder_skips_a_broken_one(tmp_path: Path) 
     assert resolve_checkpoint(str(tmp_path / "run")).path.endswith("checkpoint_step=000008/state.pt")
 
 
-def ray_checkpoint_manager(run_dir: Path, keep: int, score: str = "val_loss", order: str = "min"):  # noqa: ANN201
+def ray_checkpoint_manager(run_dir: Path, keep: int, score: str = "val_loss", order: str = "min"):
     """Ray Train's own checkpoint manager, loading the run folder's record exactly as a restarted run does."""
     from ray.train import CheckpointConfig
     from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
@@ -191,7 +191,7 @@ def ray_checkpoint_manager(run_dir: Path, keep: int, score: str = "val_loss", or
                                                             experiment_dir_name=run_dir.name))
 
 
-def register_with_ray(manager, folder: Path, metrics: dict) -> None:  # noqa: ANN001
+def register_with_ray(manager, folder: Path, metrics: dict) -> None:
     """Report a new checkpoint to Ray Train's checkpoint manager, as a run does (it then deletes what it keeps no
     more)."""
     import asyncio
@@ -207,7 +207,7 @@ def register_with_ray(manager, folder: Path, metrics: dict) -> None:  # noqa: AN
 
 
 @pytest.mark.parametrize("damage", [cut_off, flip_a_byte, Path.unlink])
-def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: Path, damage, capsys) -> None:  # noqa: ANN001
+def test_a_damaged_or_missing_ray_record_is_rebuilt_in_rays_own_order(tmp_path: Path, damage, capsys) -> None:
     """Ray writes its record in place: a kill during that write leaves it cut off (or, before the first one,
     missing), and Ray then refuses to start, or starts over. The rebuilt record loads in Ray's own checkpoint
     manager, names the newest whole checkpoint, and keeps Ray's order (worst loss first), so the checkpoint Ray

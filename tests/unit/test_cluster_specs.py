@@ -348,7 +348,7 @@ def test_the_image_installs_pyprojects_dependencies_then_the_package_alone() -> 
                         "RUN pip install --no-cache-dir --no-deps /tmp/raytrain/wheels/*.whl"]
 
 
-def test_the_package_alone_builds_installs_and_runs_from_the_images_build_context(tmp_path: Path) -> None:
+def test_the_package_alone_builds_installs_and_runs_from_the_images_build_context(tmp_path: Path, pip) -> None:
     """What the image's build stage does, on this machine: a wheel built from only the two things the Dockerfile
     copies (and .dockerignore lets through), installed without deps and not editable, holds every module of the
     package and nothing else, and its commands run from it."""
@@ -359,16 +359,13 @@ def test_the_package_alone_builds_installs_and_runs_from_the_images_build_contex
     context.mkdir()
     shutil.copy(REPO_ROOT / "pyproject.toml", context)
     shutil.copytree(REPO_ROOT / "raytrain_app", context / "raytrain_app", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(tmp_path / "wheels"), str(context)], check=True, capture_output=True,
-                   timeout=120)
+    pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path / "wheels"), str(context))
     [wheel] = (tmp_path / "wheels").glob("raytrain_app-*.whl")
     modules = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
     expected = {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "raytrain_app").rglob("*.py")}
     assert modules == expected
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
-                    str(site), str(wheel)], check=True, capture_output=True, timeout=120)
+    pip("install", "--quiet", "--no-deps", "--no-index", "--target", str(site), str(wheel))
     result = subprocess.run([sys.executable, "-m", "raytrain_app.main", "--help"], cwd=tmp_path, text=True,
                             capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
     assert result.returncode == 0 and "--resume-from-checkpoint" in result.stdout, result.stderr
@@ -414,6 +411,38 @@ def test_runtime_env_lets_the_driver_save_on_stop() -> None:
     assert env["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
     assert int(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
     assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray requires string values
+
+
+def test_a_job_uploads_the_package_and_leaves_tests_docs_and_benchmarks_behind(tmp_path: Path) -> None:
+    """The archive Ray's own packaging makes of this repository as a job's working_dir, with the excludes of
+    jobs/runtime_env.yaml alone (Ray's default excludes and .gitignore switched off, as
+    RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 and RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES='' do): every file of the
+    package, no folder but the package's, no bytecode."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import _get_excludes, _zip_files
+
+    excludes = load(RUNTIME_ENV_YAML)["excludes"]
+    archive = tmp_path / "working_dir.zip"
+    _zip_files(str(REPO_ROOT), excludes, str(archive), include_gitignore=False)
+    uploaded = set(zipfile.ZipFile(archive).namelist())
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                 check=True).stdout.splitlines())
+    package = {name for name in tracked if name.startswith("raytrain_app/")}
+    assert len(package) > 50 and package <= uploaded
+    # Of the repository's own files, those of no folder but the package (whatever else a checkout holds is judged
+    # by the paths below).
+    assert {name.split("/")[0] for name in uploaded & tracked if "/" in name} == {"raytrain_app"}
+    assert not [name for name in uploaded if "__pycache__" in name or name.endswith(".pyc")]
+    # Ray's own matcher on paths this checkout may not have: local state, wheels, caches.
+    skipped = _get_excludes(REPO_ROOT, excludes)
+    for path in ("tests/unit/test_config.py", "docs/cli.md", "benchmarks/recovery.py", "jobs/Dockerfile",
+                 "data/demo.pkl", "checkpoints/run-x/best_model.pt", "wandb/latest-run", ".git/HEAD",
+                 ".venv/bin/python", ".mypy_cache/x.json", ".env", "click-8.5.1-py3-none-any.whl",
+                 "raytrain_app/core/__pycache__/model.pyc"):
+        assert skipped(REPO_ROOT / path), path
+    for path in ("raytrain_app/main.py", "raytrain_app/datasets/parquet.py", "train.yaml"):  # a --config file
+        assert not skipped(REPO_ROOT / path), path
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -33,7 +33,7 @@ class _RunsCode:
     def __init__(self, marker: str) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204 - what a malicious pickle does
+    def __reduce__(self):  # what a malicious pickle does
         return (os.system, (f"touch {self.marker}",))
 
 
@@ -126,7 +126,7 @@ def test_augmentation_noise_is_keyed_by_batch_position() -> None:
     assert augment(x, 0.0, seed=0, epoch=1, rank=0, batch_index=5) is x
 
 
-def load_split(n: int):  # noqa: ANN201
+def load_split(n: int):
     from raytrain_app.datasets.dataset import Split
 
     x = torch.arange(n, dtype=torch.float32).view(n, 1, 1).expand(n, 2, 3).contiguous()

@@ -134,7 +134,7 @@ def with_labels_up_to(tmp_path: Path, top: int) -> Path:
     (lambda p: write(p, "n.pkl", num_test=0), "has no test split"),
 ], ids=["feature-dim", "seq-len", "label-kind", "classes", "no-test-split"])
 def test_data_that_does_not_fit_the_checkpoint_exits_2_with_one_line_and_writes_nothing(
-        scored: tuple[Path, Path], tmp_path: Path, make_data, message: str) -> None:  # noqa: ANN001
+        scored: tuple[Path, Path], tmp_path: Path, make_data, message: str) -> None:
     data = make_data(tmp_path)
     result = run_in_process(main, ["--checkpoint", str(scored[1]), "--data", str(data), "--out", str(tmp_path / "o")])
     assert result.returncode == 2 and result.stdout == ""
