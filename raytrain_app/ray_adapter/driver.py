@@ -1,7 +1,7 @@
 """Driver-side Ray: join or start a cluster, and build the TorchTrainer for one run.
 
 Shared by `raytrain_app.main` (one run) and `raytrain_app.tune` (one run per trial); the worker side is
-`train_worker.py`.
+`ray_adapter.worker`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import secrets
 import sys
 from typing import Any
 
-from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.config import ConfigError, TrainConfig
+from raytrain_app.ray_adapter.fault_injection import STEP_DELAY_ENV_VAR
 from raytrain_app.ray_adapter.joining import plan_join
 from raytrain_app.storage.location import FORWARDED_ENV_VARS, Location
 
@@ -46,6 +47,7 @@ def connect_ray(num_cpus: int) -> None:
         # Endpoints and credentials the driver resolved storage with reach every worker, and wandb's settings.
         **{name: os.environ[name] for name in FORWARDED_ENV_VARS if name in os.environ},
         **{name: value for name, value in os.environ.items() if name.startswith("WANDB_")},
+        **({STEP_DELAY_ENV_VAR: os.environ[STEP_DELAY_ENV_VAR]} if STEP_DELAY_ENV_VAR in os.environ else {}),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
                                                             DEFAULT_POLL_INTERVAL_S),
         # Ray Train tees workers' print() into its logger, which doubles every line on the console.
@@ -71,11 +73,33 @@ def _job_env_vars() -> set[str]:
         return set()
 
 
+# How often an elastic run (--num-workers MIN-MAX) checks whether more workers fit now, in seconds; each check
+# that finds more restarts the group, bigger, from the latest checkpoint. Ray's default, 60 s, suits a cloud's
+# autoscaler; a cluster whose nodes come back in seconds may check more often. (docs/reliability.md)
+RESIZE_INTERVAL_ENV_VAR = "RAYTRAIN_ELASTIC_RESIZE_INTERVAL_S"
+DEFAULT_RESIZE_INTERVAL_S = 60.0
+
+
+def resize_interval_s(environ: dict[str, str] | None = None) -> float:
+    text = (os.environ if environ is None else environ).get(RESIZE_INTERVAL_ENV_VAR)
+    if text is None:
+        return DEFAULT_RESIZE_INTERVAL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{RESIZE_INTERVAL_ENV_VAR}={text}: give a number of seconds above 0 (default 60)")
+    return value
+
+
 def scaling_config(cfg: TrainConfig) -> Any:
     import ray.train
 
-    workers = (cfg.min_workers, cfg.num_workers) if cfg.elastic else cfg.num_workers
-    return ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu)
+    if not cfg.elastic:
+        return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu)
+    return ray.train.ScalingConfig(num_workers=(cfg.min_workers, cfg.num_workers), use_gpu=cfg.use_gpu,
+                                   elastic_resize_monitor_interval_s=resize_interval_s())
 
 
 def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_from: str | None,
@@ -87,7 +111,7 @@ def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_fro
     failure, continued from it when created again with the same name (a retry, a re-run).
 
     A new run starts from `init_from` (None: from scratch) and records `lineage`; see
-    `restore_training_state` for `fork_keeps_best`. `stop_request`: see `graceful_stop`. `verified_checkpoint`:
+    `restore_training_state` for `fork_keeps_best`. `stop_request`: see `ray_adapter.control`. `verified_checkpoint`:
     the name of the checkpoint folder the driver has just verified (`plan_recovery`): workers restoring it do
     not hash it again. `input_stats`: (mean, std) per feature a run from scratch standardises its inputs with
     (--normalize standard); a run from a checkpoint takes the checkpoint's."""

@@ -1,0 +1,23 @@
+"""Fault injection for the test suite: a delay after every optimizer step, so that a test can stop, kill or
+preempt a tiny run at a chosen step without making its data bigger.
+
+`RAYTRAIN_TEST_STEP_DELAY_S=0.2` makes every Ray Train worker sleep 0.2 s after each optimizer step. The sleep is
+outside the step, so nothing that is trained changes (a delayed run ends with the same bits as one without), only
+when steps happen. The driver forwards the variable to its workers. Never set it for real work.
+(docs/reliability.md, "Fault injection".)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+STEP_DELAY_ENV_VAR = "RAYTRAIN_TEST_STEP_DELAY_S"
+
+
+def step_delay_s(environ: Mapping[str, str] = os.environ) -> float:
+    """The delay asked for, in seconds; 0 when unset, negative or not a number."""
+    try:
+        return max(0.0, float(environ.get(STEP_DELAY_ENV_VAR, "0")))
+    except ValueError:
+        return 0.0
