@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo.pkl
 
-.PHONY: demo test install lint layers docs clean bytecode
+.PHONY: demo test check install lint layers docs clean bytecode
 
 # Recreated when pyproject.toml changes (torch: the version pyproject.toml pins; see its comment on the build).
 $(VENV)/.installed: pyproject.toml
@@ -27,9 +27,16 @@ bytecode: $(VENV)/.installed
 demo: bytecode $(DEMO_DATA)
 	$(PY) -m raytrain_app.main --data $(DEMO_DATA) --num-workers 2 --epochs 5
 
-# The layering and cycle contracts (pyproject.toml, docs/architecture.md) first: a second, then the tests.
-test: bytecode layers
+# Everything (CONTRIBUTING.md, "The test suite"): the layering and cycle contracts (pyproject.toml,
+# docs/architecture.md) and ruff first, seconds, then every test, Ray clusters, the S3 server and benchmarks
+# included. What CI runs.
+test: bytecode layers lint
 	$(PY) -m pytest -n 2 --dist worksteal
+
+# The quick tier, under a minute: the same contracts and ruff, then every test that uses none of the slow
+# fixtures (no Ray, no S3 server, no training process; tests/conftest.py marks the others `slow`).
+check: bytecode layers lint
+	$(PY) -m pytest -n 2 -m "not slow"
 
 layers: $(VENV)/.installed
 	$(VENV)/bin/lint-imports --no-cache

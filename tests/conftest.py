@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -48,11 +49,46 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_HERMETIC_DIR, ignore_errors=True)
 
 
+# --- the two tiers ---------------------------------------------------------------------------------------------
+# A test is `slow` when it uses, directly or through other fixtures, one of the fixtures registered here with
+# `@slow_resource`: a Ray cluster, the S3 server, processes that train (the gloo harness, benchmarks, commands
+# that start Ray). Nothing else marks a test: `make check` (-m "not slow") runs every other test, and a new test
+# lands in its tier by what it asks for. `require_slow` makes the helpers that start such things refuse to run in
+# a test that is not marked slow, so a test cannot reach them without the fixture and slip into the quick tier.
+SLOW_FIXTURES: set[str] = set()
+
+
+def slow_resource(fixture_function: Any) -> Any:
+    """Register a fixture (apply below @pytest.fixture's argument list, i.e. before it) as a slow resource."""
+    SLOW_FIXTURES.add(fixture_function.__name__)
+    return fixture_function
+
+
+_CURRENT: dict[str, pytest.Item] = {}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """End-to-end tests first (a stable sort: files keep their order). pytest-xdist hands each worker a contiguous
-    share and an idle worker takes tests from the end of another's, so with the short tests last the two workers
-    finish together instead of one waiting for the other's last long end-to-end test."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    """Mark the slow tier (above). Then end-to-end tests first (a stable sort: files keep their order).
+    pytest-xdist hands each worker a contiguous share and an idle worker takes tests from the end of another's, so
+    with the short tests last the two workers finish together instead of one waiting for the other's last long
+    end-to-end test."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is None, item.get_closest_marker("slow") is None))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _CURRENT["item"] = item
+
+
+def require_slow(what: str) -> None:
+    """Fail a test that starts `what` (a Ray cluster, a training process, ...) without asking for a slow fixture."""
+    item = _CURRENT.get("item")
+    if item is not None and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} {what} but uses none of the slow fixtures ({', '.join(sorted(SLOW_FIXTURES))}):"
+                    " ask for the one it needs, so that it runs in `make test` and not in `make check`",
+                    pytrace=False)
 
 
 def _free_port() -> int:
@@ -100,6 +136,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> No
 
 
 @pytest.fixture(scope="session")
+@slow_resource
 def s3_endpoint() -> str:
     """A real S3-protocol server (moto's standalone server) on 127.0.0.1 for the session; yields its URL."""
     port = _free_port()
@@ -161,6 +198,7 @@ def _stop_cluster(temp_dir: str, gcs_address: str) -> None:
 
 
 @pytest.fixture(scope="session")
+@slow_resource
 def ray_address() -> str:
     """A real local Ray cluster shared by every test that trains; its own temp dir, so a user's or the demo's
     cluster is never touched. Each pytest-xdist worker starts its own, so every port is its own too (Ray's
@@ -191,6 +229,36 @@ def ray_address() -> str:
 def job_api(ray_address: str) -> str:
     """The session cluster's job API (the dashboard's HTTP address), as `ray job submit --address` takes it."""
     return _CLUSTER["job_api"]
+
+
+@pytest.fixture(scope="session")
+@slow_resource
+def gloo_runs(shared_tmp: Path) -> Path:
+    """The uninterrupted runs of the gloo harness (tests/distributed.py: processes that train, without Ray),
+    trained once per test session."""
+    from tests.distributed import runs_folder
+
+    return runs_folder(shared_tmp)
+
+
+@pytest.fixture
+@slow_resource
+def gloo() -> Any:
+    """tests.distributed.train_all, for a test that trains on 1 or 2 gloo processes of its own."""
+    from tests.distributed import train_all
+
+    return train_all
+
+
+@pytest.fixture
+@slow_resource
+def pip() -> Any:
+    """`python -m pip ARGS...` in this environment, checked (a build or an install: tens of seconds)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True, timeout=300)
+
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -238,20 +306,25 @@ def parquet_dataset(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> 
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(shared_tmp: Path, dataset: Path, ray_address: str):  # noqa: ANN201
+def uninterrupted(shared_tmp: Path, dataset: Path, ray_address: str):
     """The final state.pt of an uninterrupted run of `tests.helpers.train_args` from the pickle, per worker count
     (trained once per test session, on first use, whichever pytest worker needs it first): what the resume, fault
     and storage tests' interrupted runs must end with, bit for bit. A Parquet copy of the data is read in the same
     order, so its runs must end with the same bits too."""
     # Here, not at the top: this file makes the environment hermetic before torch (tests.helpers imports it) loads.
-    from tests.helpers import LAST_STEP, assert_kept_checkpoints, ckpt, run_name_of, train_args
+    from tests.helpers import LAST_STEP, ckpt, run_name_of, train_args
 
     def final_state(workers: int) -> Path:
         def train(save_dir: Path) -> str:
-            result = run_main(train_args(dataset, save_dir, workers), ray_address)
+            # Every checkpoint kept (what is kept changes nothing that is trained): the fork and the diverging
+            # fine-tune start from them. --keep-checkpoints is checked on the run whose workers are killed
+            # three times (test_faults_e2e.py).
+            args = train_args(dataset, save_dir, workers)
+            args[args.index("--keep-checkpoints") + 1] = "100"
+            result = run_main(args, ray_address)
             assert result.returncode == 0, result.stdout + result.stderr
             run_dir = save_dir / run_name_of(result.stdout)
-            assert_kept_checkpoints(result.stdout, run_dir, keep=2)
+            assert sorted(p.name for p in run_dir.glob("checkpoint_step=*"))[-1] == ckpt(run_dir, LAST_STEP).name
             return str(ckpt(run_dir, LAST_STEP) / "state.pt")
 
         return Path(computed_once(shared_tmp, f"uninterrupted-{workers}", train))
@@ -264,9 +337,11 @@ def main_command(*args: str, module: str = "raytrain_app.main") -> list[str]:
 
 
 def run_main(args: list[str], ray_address: str | None = None, timeout: float = 300,
-             cwd: Path | None = None, module: str = "raytrain_app.main") -> subprocess.CompletedProcess:
-    env = base_env()
+             cwd: Path | None = None, module: str = "raytrain_app.main",
+             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**base_env(), **(extra_env or {})}
     if ray_address:
+        require_slow(f"runs python -m {module} on a Ray cluster")
         env["RAY_ADDRESS"] = ray_address
     return subprocess.run(main_command(*args, module=module), env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or REPO_ROOT)
@@ -281,8 +356,16 @@ def run_jobs(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     return run_main(list(args), timeout=120, cwd=cwd, module="raytrain_app.jobs")
 
 
+@pytest.fixture
+@slow_resource
+def benchmark() -> Any:
+    """`run_benchmark`, for a test that runs a benchmark script (a process that trains or times for seconds)."""
+    return run_benchmark
+
+
 def run_benchmark(script: str, *args: str, ray_address: str | None = None, timeout: float = 600) -> dict:
     """`python benchmarks/<script> ...` (on the cluster at `ray_address` if given); the JSON object it prints."""
+    require_slow(f"runs benchmarks/{script}")
     env = base_env()
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
@@ -307,14 +390,16 @@ def latest_checkpoint_step(run_dir: Path | str) -> int | None:
 
 
 def start_process(args: list[str], ray_address: str, module: str = "raytrain_app.main",
-                  extra_env: dict[str, str] | None = None,
-                  log_path: Path | None = None) -> tuple[subprocess.Popen, Any]:
+                  extra_env: dict[str, str] | None = None, log_path: Path | None = None,
+                  command: list[str] | None = None) -> tuple[subprocess.Popen, Any]:
     """Start a command as a real process in its own session (so the test can kill all of it); its output goes
-    to the returned file: a temporary one, or `log_path` (which a test may read while the process runs)."""
+    to the returned file: a temporary one, or `log_path` (which a test may read while the process runs).
+    `command`: a whole command line as a user would paste it (one this tool printed), instead of `args`."""
+    require_slow(f"starts python -m {module} on a Ray cluster")
     env = {**base_env(), "RAY_ADDRESS": ray_address, **(extra_env or {})}
-    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-    proc = subprocess.Popen(main_command(*args, module=module), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=REPO_ROOT, start_new_session=True)
+    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(command or main_command(*args, module=module), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
     return proc, log
 
 
@@ -329,22 +414,204 @@ def finish_process(proc: subprocess.Popen, log: Any, timeout: float = 240) -> st
     return log.read()
 
 
+# Waits poll a real condition no faster than this: the processes waited for need the two cores more than the test.
+POLL_S = 0.1
+
+
+def output_so_far(log: Any) -> str:
+    """What a process from `start_process` has written so far (its log file object or path), read without moving
+    the offset the process writes at."""
+    if log is None:
+        return ""
+    if isinstance(log, Path):
+        return log.read_text(errors="replace") if log.exists() else ""
+    return os.pread(log.fileno(), 1 << 24, 0).decode(errors="replace")
+
+
+def wait_until(condition: Any, what: str, *, timeout: float = 120, proc: subprocess.Popen | None = None,
+               log: Any = None, every: float = POLL_S) -> Any:
+    """Poll `condition()` every `every` seconds until it returns something true, and return that. Fail, naming
+    `what` and showing the output so far, if `proc` ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended (rc {proc.returncode}) before {what}:\n{output_so_far(log)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s:\n{output_so_far(log)}")
+        time.sleep(every)
+    return value
+
+
+def ray_train_processes(ray_address: str, *titles: str) -> list[int]:
+    """Pids of the processes titled `titles` (by default Ray Train's controllers and workers and Tune's trial
+    actors) running on the cluster at `ray_address` (its raylet's children; other clusters on this machine are
+    left alone)."""
+    import psutil
+
+    titles = titles or ("ray::TrainController", "ray::RayTrainWorker", "ray::ImplicitFunc")
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if not cmdline.startswith(titles):
+            continue
+        try:
+            if f"--gcs-address={ray_address}" in " ".join(proc.parent().cmdline()):
+                found.append(proc.pid)
+        except (psutil.Error, AttributeError):  # gone meanwhile, or no parent any more
+            continue
+    return found
+
+
+def wait_for_run_to_end(ray_address: str, timeout: float = 120) -> None:
+    """Once a driver is killed, Ray ends its run: its controller and workers exit, and nothing more is registered
+    in the run's record. Wait for that (a test reads or damages the record's latest checkpoint next)."""
+    wait_until(lambda: not ray_train_processes(ray_address), "the killed run's Ray Train processes to exit",
+               timeout=timeout)
+
+
 def run_until_checkpoint(args: list[str], ray_address: str, run_dir: Path | str, kill_at_steps: set[int],
-                         timeout: float = 240) -> str:
+                         timeout: float = 240, extra_env: dict[str, str] | None = None) -> str:
     """Start training as a real process and SIGKILL it once the run's latest registered checkpoint is one of
     `kill_at_steps`. Returns its output."""
-    proc, log = start_process(args, ray_address)
-    deadline = time.monotonic() + timeout
+    proc, log = start_process(args, ray_address, extra_env=extra_env)
     try:
-        while latest_checkpoint_step(run_dir) not in kill_at_steps:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f"training ended (rc {proc.returncode}) before a checkpoint at "
-                                     f"{sorted(kill_at_steps)} was registered:\n{log.read()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no checkpoint at {sorted(kill_at_steps)} in {run_dir} within {timeout} s")
-            time.sleep(0.01)
+        wait_until(lambda: latest_checkpoint_step(run_dir) in kill_at_steps,
+                   f"a registered checkpoint at {sorted(kill_at_steps)} in {run_dir}", timeout=timeout, proc=proc,
+                   log=log)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: the way a lost node or OOM kill ends it
     finally:
         output = finish_process(proc, log, timeout=30)
     return output
+
+
+# --- the suite's one interrupted run ----------------------------------------------------------------------------
+# Each step of the interrupted run waits this long (the workers' fault-injection delay, ray_adapter/fault_injection):
+# 48 steps become seconds, so every stop and kill lands where the test wants it without more data.
+STEP_DELAY = {"RAYTRAIN_TEST_STEP_DELAY_S": "0.1"}
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(shared_tmp: Path, dataset: Path, ray_address: str, uninterrupted) -> dict:
+    """The run of `tests.helpers.train_args` (2 workers, the pickle, wandb offline, progress lines every 0.5 s),
+    interrupted both ways a run is, then finished (computed once per test session; the resume and observability
+    tests read it):
+      1. SIGTERM to the driver once a checkpoint is registered in epoch 1 (as a job system or `kill` stops it):
+         it saves the step it is at and prints the command that continues;
+      2. that printed command, run as printed, SIGKILLed with its whole session (a lost node, an OOM kill) once
+         a checkpoint inside epoch 2 is registered and wandb has logged steps of epoch 2;
+      3. the same command again, to the end.
+    Returns each attempt's output and exit code, what was seen at each interruption, and the folders."""
+    from tests.helpers import PROGRESS, ckpt, offline_runs, run_name_of, train_args
+
+    uninterrupted(2)  # trained first: the reference must not compete with this run for the cores
+
+    def logged_steps(wandb_dir: Path) -> list[int]:
+        try:
+            return [s for run in offline_runs(wandb_dir) for s in run["steps"]]
+        except Exception:  # noqa: BLE001 - wandb's file caught mid-write (any parse error): read it again
+            return []
+
+    def compute(folder: Path) -> dict:
+        wandb_dir = folder / "wandb-files"
+        wandb_dir.mkdir(parents=True)
+        env = {**STEP_DELAY, "WANDB_DIR": str(wandb_dir)}  # the driver forwards WANDB_* to the workers
+        args = train_args(dataset, folder / "runs", 2, "--use-wandb", "--wandb-mode", "offline",
+                          "--progress-every", "0.5")
+        out: dict[str, Any] = {"args": args, "wandb_dir": str(wandb_dir)}
+
+        # 1. SIGTERM, to the driver alone, once Ray has registered a checkpoint and progress has been shown.
+        log_path = folder / "1-stopped.log"
+        proc, log = start_process(args, ray_address, extra_env=env, log_path=log_path)
+        run_dir = None
+        try:
+            run_dir = folder / "runs" / run_name_of(wait_until(
+                lambda: "Run: " in output_so_far(log) and output_so_far(log), "the run's name", proc=proc, log=log))
+            wait_until(lambda: (latest_checkpoint_step(run_dir) or 0) >= 3 and PROGRESS.search(output_so_far(log)),
+                       "a registered checkpoint and a progress line", proc=proc, log=log)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            out["stopped"] = finish_process(proc, log, timeout=30)
+        out["stopped_rc"], out["run_dir"] = proc.returncode, str(run_dir)
+        stop_step = latest_checkpoint_step(run_dir)
+        out["latest_after_stop"] = stop_step
+        out["stop_meta"] = json.loads((ckpt(run_dir, stop_step) / "meta.json").read_text())
+
+        # 2. The command it printed, as printed; SIGKILLed in epoch 2 once wandb holds steps past a checkpoint.
+        printed = [line.split("Continue (the same command): ", 1)[1] for line in out["stopped"].splitlines()
+                   if "Continue (the same command): " in line]
+        out["printed_continue"] = printed
+        proc, log = start_process([], ray_address, extra_env=env, log_path=folder / "2-killed.log",
+                                  command=shlex.split(printed[-1]) if printed else main_command(*args))
+
+        def killable() -> int | None:
+            latest = latest_checkpoint_step(run_dir) or 0
+            ok = latest > 16 and latest % 16 and max(logged_steps(wandb_dir), default=0) > 16
+            return latest if ok else None
+
+        try:
+            out["killed_at_least"] = wait_until(killable, "a checkpoint in epoch 2, and wandb steps of epoch 2",
+                                                proc=proc, log=log)
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            out["killed"] = finish_process(proc, log, timeout=30)
+        wait_for_run_to_end(ray_address)  # its workers go on for a moment after the driver: until they are gone
+        out["wandb_steps_at_kill"] = max(logged_steps(wandb_dir))
+
+        # 3. The same command again, to the end.
+        resumed = run_main(args, ray_address, extra_env=env)
+        out.update(resumed=resumed.stdout, resumed_err=resumed.stderr, resumed_rc=resumed.returncode)
+        return out
+
+    return computed_once(shared_tmp, "interrupted-run", compute)
+
+
+@pytest.fixture(scope="session")
+def killed_fsdp_run(shared_tmp: Path, dataset: Path, ray_address: str, s3_endpoint: str,
+                    uninterrupted) -> dict:
+    """Everything on the S3 server: the session's dataset converted to Parquet there by the data command, a
+    2-worker FSDP run reading it with --save-dir there, killed after a mid-epoch checkpoint; then one byte of
+    worker 1's shard of the latest checkpoint is flipped on the server, and the same command is run again.
+    (Computed once per test session: the storage tests read this run too.)"""
+
+    from raytrain_app.cli.flags import parse_config
+    from raytrain_app.data import main as data_main
+    from raytrain_app.storage.location import parse_location
+    from tests.helpers import flip_a_byte, run_in_process, train_args
+
+    uninterrupted(2)  # trained first: the reference must not compete with this run for the cores
+
+    def compute(folder: Path) -> dict:
+        bucket = make_bucket(s3_endpoint, "sharded")
+        prefix = f"runs-{secrets.token_hex(3)}"
+        data = s3_uri(bucket, f"{prefix}-data", s3_endpoint)
+        converted = run_in_process(data_main, ["convert", str(dataset), data])
+        assert converted.returncode == 0, converted.stdout + converted.stderr
+        save_dir = parse_location(s3_uri(bucket, prefix, s3_endpoint))
+        args = train_args(Path("/unused"), Path("/unused"), 2, "--strategy", "fsdp")
+        args[args.index("--data") + 1] = data
+        args[args.index("--save-dir") + 1] = save_dir.uri
+        args[args.index("--keep-checkpoints") + 1] = "100"
+        # Half as many checkpoints as the reference run (validation changes nothing that is trained): 6, 12, 16,
+        # 18, 24, 30, 32, ...; killed at 24 or 30, so the one before the damaged one is inside epoch 2 too.
+        args[args.index("--eval-every") + 1] = "6"
+        run_dir = save_dir.join(parse_config(args)[0].default_run_name())
+        killed = run_until_checkpoint(args, ray_address, run_dir.uri, {24, 30}, extra_env=STEP_DELAY)
+        wait_for_run_to_end(ray_address)  # Ray registers no more checkpoints of the killed run after this
+        latest = latest_checkpoint_step(run_dir.uri)
+        record = json.loads(run_dir.join("checkpoint_manager_snapshot.json").read_bytes())
+        recorded = [int(r["checkpoint_dir_name"].split("=")[1]) for r in record["checkpoint_results"]]
+        shard = run_dir.join(f"checkpoint_step={latest:06d}", "shards", "__1_0.distcp")
+        local = folder / "shard"
+        folder.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(shard.read_bytes())
+        flip_a_byte(local)
+        shard.write_bytes(local.read_bytes())
+        resumed = run_main(args, ray_address)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        return {"run_dir": run_dir.uri, "save_dir": save_dir.uri, "damaged": latest, "killed": killed,
+                "fallback": max(step for step in recorded if step < latest), "output": resumed.stdout,
+                "data": data, "run_name": run_dir.name, "endpoint": s3_endpoint}
+
+    run = computed_once(shared_tmp, "killed-fsdp-run", compute)
+    return {**run, "run_dir": parse_location(run["run_dir"]), "save_dir": parse_location(run["save_dir"])}

@@ -56,6 +56,9 @@ def train_all(tmp_path: Path, runs: dict[str, dict[str, Any]], *, world_size: in
     torch costs more than training this model): {name: {"config", "resume", "stop_at_step", "input_mean"}} ->
     {name: results as `train` returns them}. `input_mean`: a value the model's input mean holds before the
     checkpoint is restored (what restoring must overwrite)."""
+    from tests.conftest import require_slow
+
+    require_slow("trains on gloo processes")
     specs = []
     for name, run in runs.items():
         out_dir = tmp_path / name

@@ -127,6 +127,11 @@ MID_EPOCH_2 = {18, 21, 24, 27, 30}  # checkpoints inside epoch 2 (16 and 32 are 
 KILL_MID_EPOCH_2 = {18, 21, 24}
 
 
+# A progress line of a run of `train_args` on a console that is not a terminal, every field there.
+PROGRESS = re.compile(rf"progress: epoch \d+/{EPOCHS} step (\d+)/{LAST_STEP} \(\d+%\) train_ema_loss \d+\.\d{{4}} "
+                      r"best_val_loss \S+ best_val_accuracy \S+ samples/s \d+\.\d ETA \S+")
+
+
 def ckpt(run_dir: Path, step: int) -> Path:
     return run_dir / f"checkpoint_step={step:06d}"
 
@@ -236,6 +241,7 @@ def two_node_cluster(temp_dir: str) -> None:
               `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` makes, without starting a CLI process: under
               load that start took seconds, and the run could finish before the node was lost), prints `drained`;
       remove  SIGKILLs every process of the second node (a lost spot instance), prints `removed`;
+      add     starts a new second node with one CPU (the autoscaler's replacement), prints `added`;
     end of input shuts the cluster down."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on loopback; read when ray is imported
     from ray.cluster_utils import Cluster
@@ -268,6 +274,9 @@ def two_node_cluster(temp_dir: str) -> None:
             elif line.strip() == "remove":
                 cluster.remove_node(second, allow_graceful=False)
                 print("removed", flush=True)
+            elif line.strip() == "add":
+                second = cluster.add_node(num_cpus=1, temp_dir=temp_dir)
+                print("added", flush=True)
     finally:
         cluster.shutdown()
 

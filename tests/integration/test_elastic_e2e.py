@@ -1,7 +1,7 @@
 """Elastic training on a real two-node cluster on this machine: the node running one of two workers is announced
-for preemption (the workers save the current step) and then lost mid-training, and a `--num-workers 1-2` run
+for preemption (the workers save the current step) and then lost mid-training; a `--num-workers 1-2` run
 continues from its latest checkpoint on the node that is left, with the same effective batch (so the same
-number of steps), and finishes."""
+number of steps), grows back to two workers when a replacement node joins, and finishes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -24,22 +23,24 @@ from tests.conftest import (
     base_env,
     finish_process,
     latest_checkpoint_step,
+    slow_resource,
     start_process,
+    wait_until,
     write_dataset,
 )
 from tests.helpers import TINY_MODEL, ckpt
 
 pytestmark = pytest.mark.e2e
 
-EPOCHS, BATCH, ROWS = 3, 8, 2048
-STEPS_PER_EPOCH = ROWS // (2 * BATCH)  # 2 workers, or 1 worker accumulating 2 micro-batches: 128 either way
+EPOCHS, BATCH, ROWS = 4, 8, 256
+STEPS_PER_EPOCH = ROWS // (2 * BATCH)  # 2 workers, or 1 worker accumulating 2 micro-batches: 16 either way
 LAST_STEP = EPOCHS * STEPS_PER_EPOCH
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Long enough (about 10 s of training here) for the notice and the loss to land mid-run."""
-    return write_dataset(tmp_path_factory.mktemp("elastic-data") / "train.pkl", num_train=ROWS)
+# The workers' fault-injection delay after each step: 64 steps take long enough (45 s, asleep: the other test
+# worker has the cores) for the notice, the loss, the restart on one node and the growth back to two to land
+# mid-run, without more data. Growth waits for Ray Train's view of the cluster's resources, which its autoscaling
+# coordinator refreshes every 20 s (ray.data's _AutoscalingCoordinatorActor.TICK_INTERVAL_S), then for the
+# resize check (every 2 s here).
+STEP_DELAY_S = "0.7"
 
 
 def cluster_env() -> dict[str, str]:
@@ -48,13 +49,16 @@ def cluster_env() -> dict[str, str]:
     # timeout (60 s by default; README, "Elastic training") before it settles on one: 10 s here.
     # Ray Train's preemption watcher (off on the session cluster) looks for notices (drained nodes) every 0.5 s
     # instead of every 5 s.
+    # An elastic run looks for more room every 2 s instead of every 60 s (RAYTRAIN_ELASTIC_RESIZE_INTERVAL_S).
     return {**base_env(), "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
             "RAY_health_check_initial_delay_ms": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+            "RAYTRAIN_ELASTIC_RESIZE_INTERVAL_S": "2", "RAYTRAIN_TEST_STEP_DELAY_S": STEP_DELAY_S}
 
 
 @pytest.fixture
-def two_nodes():  # noqa: ANN201
+@slow_resource
+def two_nodes():
     """A head and a second node with one CPU each (tests.helpers.two_node_cluster, a process of its own), so two
     1-CPU workers land one per node. Yields (address, the second node's id, a function that drains or removes the
     second node)."""
@@ -64,10 +68,10 @@ def two_nodes():  # noqa: ANN201
                             start_new_session=True)
 
     def second_node(command: str) -> None:
-        """`drain` it (a preemption notice) or `remove` it (lost)."""
+        """`drain` it (a preemption notice), `remove` it (lost) or `add` a new one (its replacement)."""
         proc.stdin.write(f"{command}\n")
         proc.stdin.flush()
-        assert proc.stdout.readline().strip() == {"drain": "drained", "remove": "removed"}[command]
+        assert proc.stdout.readline().strip() == {"drain": "drained", "remove": "removed", "add": "added"}[command]
 
     try:
         address, second_node_id = proc.stdout.readline().split()
@@ -82,44 +86,46 @@ def two_nodes():  # noqa: ANN201
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_losing_a_node_shrinks_the_run_which_resumes_from_its_latest_checkpoint_and_finishes(
-        tmp_path: Path, dataset: Path, two_nodes) -> None:  # noqa: ANN001
+def test_losing_a_node_shrinks_the_run_which_grows_back_when_a_node_returns_and_finishes(
+        tmp_path: Path, two_nodes) -> None:
     address, second_node_id, second_node = two_nodes
+    dataset = write_dataset(tmp_path / "train.pkl", num_train=ROWS)
     args = ["--data", str(dataset), "--save-dir", str(tmp_path), "--num-workers", "1-2", "--batch-size", str(BATCH),
-            "--epochs", str(EPOCHS), "--eval-every", "32", *TINY_MODEL]
+            "--epochs", str(EPOCHS), "--eval-every", "4", *TINY_MODEL]
     run_dir = tmp_path / parse_config(args)[0].default_run_name()
     log_path = tmp_path / "train.log"
+    loads = re.compile(r"Workers loaded .*? global step (\d+), batch \d+; (\d+) worker\(s\), (\d+) micro")
     proc, log = start_process(args, address, extra_env=cluster_env(), log_path=log_path)
     try:
-        deadline = time.monotonic() + 180
-        while latest_checkpoint_step(run_dir) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the node was lost"
-            time.sleep(0.05)
+        wait_until(lambda: latest_checkpoint_step(run_dir), "a checkpoint before the node is lost", proc=proc,
+                   log=log_path, timeout=180)
         # The cloud announces the reclaim (Ray drains the node for preemption): the workers checkpoint the step
         # they are at and keep training.
         second_node("drain")
         # Ray places the two workers on the two nodes in either order: the lost one runs rank 0 or rank 1.
         notice = re.compile(rf"Preemption notice for node\(s\) {second_node_id} \(ranks \[[01]\]\): checkpointing "
                             r"global step (\d+)")
-        while not (match := notice.search(log_path.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, "the preemption notice did not arrive"
-            time.sleep(0.05)
-        saved_on_notice = int(match.group(1))
-        while (killed_at := latest_checkpoint_step(run_dir) or 0) < saved_on_notice:  # registered by Ray
-            assert proc.poll() is None and time.monotonic() < deadline, "the notice's checkpoint was not registered"
-            time.sleep(0.05)
+        saved_on_notice = int(wait_until(lambda: notice.search(log_path.read_text()), "the preemption notice",
+                                         proc=proc, log=log_path).group(1))
+        killed_at = wait_until(lambda: (latest_checkpoint_step(run_dir) or 0) >= saved_on_notice
+                               and latest_checkpoint_step(run_dir), "the notice's checkpoint registered by Ray",
+                               proc=proc, log=log_path)
         second_node("remove")
+        # Restarted on the node that is left, then a replacement node joins: the run grows back to two workers.
+        wait_until(lambda: [m for m in loads.findall(log_path.read_text()) if m[1] == "1"],
+                   "a restart with one worker", proc=proc, log=log_path, timeout=180)
+        second_node("add")
     finally:
         output = finish_process(proc, log, timeout=300)
     assert proc.returncode == 0, output
     assert "Workers: 1-2 x CPU, batch 8 per worker, accumulation 1 (effective batch 16" in output
-    loads = re.findall(r"Workers loaded .*? global step (\d+), batch \d+; (\d+) worker\(s\), (\d+) micro", output)
-    assert loads, output
-    step, world, accumulation = loads[-1]
-    assert int(step) >= killed_at >= saved_on_notice, output  # from the latest checkpoint when the node went
+    restarts = [(int(step), int(world), int(accumulation)) for step, world, accumulation in loads.findall(output)]
+    assert [(world, accumulation) for _, world, accumulation in restarts] == [(1, 2), (2, 1)], output
+    (shrunk_at, _, _), (grown_at, _, _) = restarts
+    assert shrunk_at >= killed_at >= saved_on_notice, output  # from the latest checkpoint when the node went
     assert f"step {saved_on_notice} train_ema_loss" in output  # a checkpoint of that step was written
-    assert (world, accumulation) == ("1", "2"), output  # one worker left, accumulating for two
+    assert shrunk_at <= grown_at < LAST_STEP, output  # grown back before the end, from a checkpoint
     final = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))
-    assert final["global_step"] == LAST_STEP and final["epoch"] == EPOCHS  # the same steps with one worker
-    assert final["data_position"]["world_size"] == 1
-    assert len(final["rng_states"]) == 1  # the checkpoint holds what the current world size needs
+    assert final["global_step"] == LAST_STEP and final["epoch"] == EPOCHS  # the same steps at every size
+    assert final["data_position"]["world_size"] == 2
+    assert len(final["rng_states"]) == 2  # the checkpoint holds what the current world size needs

@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,20 @@ import torch
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.model import SequenceTransformer, set_normalization
 from raytrain_app.storage.location import parse_location
-from tests.conftest import finish_process, make_bucket, run_main, s3_uri, start_process
+from tests.conftest import (
+    computed_once,
+    finish_process,
+    make_bucket,
+    run_main,
+    s3_uri,
+    start_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
 T, F, C = 16, 4, 3
-ROWS_PER_FILE = 3000
+ROWS_PER_FILE = 1500
 NAN_ROW, SHORT_ROW = ROWS_PER_FILE + 7, 2 * ROWS_PER_FILE + 11  # in the second and third file
 
 
@@ -70,40 +77,45 @@ def s3_files(uri: str) -> list[str]:
     return sorted(i.path for i in location.fs.get_file_info(selector) if i.type == pafs.FileType.File)
 
 
-@pytest.fixture(scope="module")
-def killed_then_run_again(tmp_path_factory: pytest.TempPathFactory, ray_address: str, s3_endpoint: str) -> dict:
-    """Start predict, SIGKILL it once its staging folder holds a file, look at --out, then run it again (with two
-    replicas) to the end."""
-    root = tmp_path_factory.mktemp("predict")
-    checkpoint, data, x = write_inputs(root)
-    out = s3_uri(make_bucket(s3_endpoint, f"predict-{secrets.token_hex(3)}"), "scores", s3_endpoint)
-    staging = out.replace("/scores?", "/scores.partial?")
-    args = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", out]
-    # One replica and batches of 4 rows: the replica's calls dominate, so its three output files (one per input
-    # file) land seconds apart and the kill at the first one comes well before the last.
-    proc, log = start_process([*args, "--num-replicas", "1", "--batch-size", "4"], ray_address,
-                              module="raytrain_app.predict")
-    deadline = time.monotonic() + 240
-    try:
-        while not any(path.endswith(".parquet") for path in s3_files(staging)):
-            assert proc.poll() is None, "predict ended before it wrote a file"
-            assert time.monotonic() < deadline, "predict wrote nothing in 240 s"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        killed_output = finish_process(proc, log, timeout=30)
-    after_kill = {"out": s3_files(out), "staging": s3_files(staging), "output": killed_output}
-    result = run_main([*args, "--num-replicas", "2", "--batch-size", "64"], ray_address,
-                      module="raytrain_app.predict", timeout=300)
-    return {"x": x, "checkpoint": checkpoint, "out": out, "staging": staging, "after_kill": after_kill,
-            "result": result}
+@pytest.fixture(scope="session")
+def killed_then_run_again(shared_tmp: Path, tmp_path_factory: pytest.TempPathFactory, ray_address: str,
+                          s3_endpoint: str) -> dict:
+    """Start predict, SIGKILL it once its staging folder holds a file, look at --out, then run it again (a pool
+    of one to two replicas) to the end. Computed once per test session (both tests read it)."""
+
+    def compute(root: Path) -> dict:
+        root.mkdir(parents=True, exist_ok=True)
+        checkpoint, data, _ = write_inputs(root)
+        out = s3_uri(make_bucket(s3_endpoint, f"predict-{secrets.token_hex(3)}"), "scores", s3_endpoint)
+        staging = out.replace("/scores?", "/scores.partial?")
+        args = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", out]
+        # One replica and batches of 4 rows: the replica's calls dominate, so its three output files (one per
+        # input file) land seconds apart and the kill at the first one comes well before the last.
+        proc, log = start_process([*args, "--num-replicas", "1", "--batch-size", "4"], ray_address,
+                                  module="raytrain_app.predict")
+        try:
+            wait_until(lambda: any(path.endswith(".parquet") for path in s3_files(staging)),
+                       "a file written by predict", timeout=240, proc=proc, log=log)
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            killed_output = finish_process(proc, log, timeout=30)
+        after_kill = {"out": s3_files(out), "staging": s3_files(staging), "output": killed_output}
+        result = run_main([*args, "--num-replicas", "1-2", "--batch-size", "64"], ray_address,
+                          module="raytrain_app.predict", timeout=300)
+        return {"checkpoint": str(checkpoint), "out": out, "staging": staging, "after_kill": after_kill,
+                "returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}
+
+    run = computed_once(shared_tmp, "predict-killed-then-run-again", compute)
+    # The rows as this process reads them (write_inputs is deterministic: the same rows every time).
+    return {**run, "x": write_inputs(tmp_path_factory.mktemp("predict-x"))[2]}
 
 
 def test_a_killed_prediction_leaves_nothing_at_out_and_the_same_command_then_completes(killed_then_run_again) -> None:
-    after_kill, result = killed_then_run_again["after_kill"], killed_then_run_again["result"]
+    after_kill, result = killed_then_run_again["after_kill"], killed_then_run_again
     assert after_kill["out"] == [], after_kill  # killed mid-run: nothing at --out
     assert any(path.endswith(".parquet") for path in after_kill["staging"]), after_kill  # it was writing
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result["returncode"] == 0, result["stdout"][-3000:] + result["stderr"][-3000:]
+    assert "  Replicas: 1-2 x 1 CPU, batch 64; " in result["stdout"]  # an autoscaling pool of one to two
     # The re-run removed what the killed one left, moved its whole output into place, and left no staging.
     assert s3_files(killed_then_run_again["staging"]) == []
     names = [path.rsplit("/", 1)[1] for path in s3_files(killed_then_run_again["out"])]
@@ -111,12 +123,12 @@ def test_a_killed_prediction_leaves_nothing_at_out_and_the_same_command_then_com
 
 
 def test_every_row_is_scored_as_the_model_in_this_process_scores_it(killed_then_run_again) -> None:
-    result, x = killed_then_run_again["result"], killed_then_run_again["x"]
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result, x = killed_then_run_again, killed_then_run_again["x"]
+    assert result["returncode"] == 0, result["stdout"][-3000:] + result["stderr"][-3000:]
     n = len(x)
     # The summary line counts the two rejected rows.
     assert re.search(rf"Predicted {n:,} rows in [\d.]+ s \([\d,]+ rows/s\): {n - 2:,} scored, 2 rejected",
-                     result.stdout), result.stdout
+                     result["stdout"]), result["stdout"]
     location = parse_location(killed_then_run_again["out"])
     table = pads.dataset(location.path, filesystem=location.fs, format="parquet").to_table().sort_by("row")
     assert table.schema == pa.schema([("row", pa.int64()), ("id", pa.int64()), ("predicted", pa.int64()),

@@ -8,6 +8,8 @@ tests/conftest.py) are shared with the fault and storage tests.
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,9 @@ from raytrain_app.core.schedule import lr_at
 from raytrain_app.datasets.formats import open_dataset
 from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.main import main
-from tests.conftest import computed_once, run_main, run_until_checkpoint
+from tests.conftest import STEP_DELAY, run_main, run_until_checkpoint
 from tests.helpers import (
     EPOCHS,
-    KILL_MID_EPOCH_2,
     LAST_STEP,
     MID_EPOCH_2,
     STEPS_PER_EPOCH,
@@ -31,6 +32,7 @@ from tests.helpers import (
     assert_resumed_mid_epoch,
     assert_same_training_state,
     ckpt,
+    run_in_process,
     run_name_of,
     train_args,
 )
@@ -38,48 +40,75 @@ from tests.helpers import (
 pytestmark = pytest.mark.e2e
 
 
-def test_killed_run_resumes_bit_exact(tmp_path: Path, dataset: Path, ray_address: str,
-                                      uninterrupted) -> None:  # noqa: ANN001
-    """Two workers, the pickle: killed after a mid-epoch checkpoint, the same command resumes mid-epoch and ends
-    with an uninterrupted run's bits. (The Parquet copy is killed, damaged and resumed in test_faults_e2e.py; one
-    worker is killed and resumed in the jobs, observability and faults tests.)"""
-    workers = 2
-    reference = uninterrupted(workers)
-    args = train_args(dataset, tmp_path / "interrupted", workers)
-    run_name = parse_config(args)[0].default_run_name()
-    run_dir = tmp_path / "interrupted" / run_name
-    killed_output = run_until_checkpoint(args, ray_address, run_dir, KILL_MID_EPOCH_2)
-    assert run_name_of(killed_output) == run_name  # the command's run name, the same on every run of it
-    assert not ckpt(run_dir, LAST_STEP).exists(), "the run finished before it was killed"
+def test_sigterm_saves_the_step_it_is_at_and_prints_the_command_that_continues(interrupted_run: dict) -> None:
+    """SIGTERM to `python -m raytrain_app.main` (what a job system, a pod's end or `kill` sends; Ctrl-C's SIGINT
+    takes the same path): the workers checkpoint the step they are at, the driver says so, prints the command
+    that continues, and exits 143 (128 + SIGTERM) so that no job system takes the run for finished."""
+    out = interrupted_run["stopped"]
+    assert interrupted_run["stopped_rc"] == 143, out
+    saved = re.search(r"Stopped by SIGTERM at epoch (\d+), global step (\d+): that step is checkpointed in (\S+)\.",
+                      out)
+    assert saved, out
+    epoch, step = int(saved.group(1)), int(saved.group(2))
+    assert saved.group(3) == interrupted_run["run_dir"]
+    assert 3 <= step < LAST_STEP and epoch == step // STEPS_PER_EPOCH, out
+    assert interrupted_run["latest_after_stop"] == step  # the step stopped at is the run's latest checkpoint
+    # Saved without a validation when the stop fell between two.
+    meta = interrupted_run["stop_meta"]
+    assert (meta["eval_val_loss"] is not None) == (step % 3 == 0 or step % STEPS_PER_EPOCH == 0), meta
+    # The printed command is the command, and running it (as the fixture did) continued from that step.
+    assert interrupted_run["printed_continue"] == [
+        shlex.join(["python", "-m", "raytrain_app.main", *interrupted_run["args"]])]
+    assert f"Resuming from global step {step}\n" in interrupted_run["killed"]
 
-    resumed = run_main(args, ray_address)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"Run {run_name} has checkpoints: continuing it from its latest one." in resumed.stdout
+
+def test_killed_run_resumes_bit_exact(dataset: Path, interrupted_run: dict, uninterrupted) -> None:
+    """Two workers, the pickle: after the SIGTERM and the continue command SIGKILLed after a checkpoint inside
+    epoch 2, the same command resumes mid-epoch and ends with an uninterrupted run's bits. (The Parquet copy on
+    S3 is killed, damaged and resumed under FSDP in test_sharding_e2e.py; a job's driver in test_jobs_e2e.py.)"""
+    run_dir = Path(interrupted_run["run_dir"])
+    resumed = interrupted_run["resumed"]
+    assert interrupted_run["resumed_rc"] == 0, resumed + interrupted_run["resumed_err"]
+    assert run_name_of(interrupted_run["stopped"]) == run_dir.name  # the same run name on every run of it
+    assert f"Run {run_dir.name} has checkpoints: continuing it from its latest one." in resumed
     # The latest checkpoint at the kill was a mid-epoch one: resume mid-epoch.
-    assert_resumed_mid_epoch(resumed.stdout, min(KILL_MID_EPOCH_2))
+    assert_resumed_mid_epoch(resumed, interrupted_run["killed_at_least"])
 
-    assert_same_training_state(reference, ckpt(run_dir, LAST_STEP) / "state.pt")
+    assert_same_training_state(uninterrupted(2), ckpt(run_dir, LAST_STEP) / "state.pt")
     # The inputs were standardised (--normalize standard, the default) with the training split's statistics,
-    # computed by the driver and kept, through the kill, in the weights.
+    # computed by the driver and kept, through both interruptions, in the weights.
     mean, std = feature_stats(open_dataset(str(dataset)).train)
     weights = load_state(str(ckpt(run_dir, LAST_STEP) / "state.pt"))["model_state_dict"]
     assert torch.equal(weights["input_mean"], mean.float()) and torch.equal(weights["input_std"], std.float())
 
 
+def test_a_finished_run_prints_commands_that_resume_and_fine_tune_it(
+        interrupted_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """The closing lines: the same command to resume, and a fine-tune of the best model with a tenth of the
+    learning rate and 5 more epochs, which the driver accepts as it is (checked in this process, up to Ray)."""
+    from raytrain_app.main import prepare
+
+    lines = interrupted_run["resumed"].splitlines()
+    save_dir = Path(interrupted_run["run_dir"]).parent
+    assert f"  Best model:  {save_dir / 'best_model.pt'}" in lines
+    resume = [line.split(": ", 1)[1] for line in lines if "Resume this run after an interruption" in line]
+    assert resume == [shlex.join(["python", "-m", "raytrain_app.main", *interrupted_run["args"]])]
+    [fine_tune] = [line.split(": ", 1)[1] for line in lines if "Fine-tune the best model" in line]
+    argv = shlex.split(fine_tune)
+    assert argv[:3] == ["python", "-m", "raytrain_app.main"]
+    cfg, _ = parse_config(interrupted_run["args"])
+    plan = prepare([*argv[3:], "--save-dir", str(save_dir / "fine-tuned")])
+    assert plan.init_from == str(save_dir / "best_model.pt") and plan.cfg.lr == pytest.approx(cfg.lr / 10)
+    assert plan.cfg.epochs == EPOCHS + 5 and plan.run_name != Path(interrupted_run["run_dir"]).name
+    assert plan.summary.global_step == load_state(str(save_dir / "best_model.pt"))["global_step"]
+    assert capsys.readouterr().err == ""
+
+
 @pytest.fixture(scope="session")
-def base_run(shared_tmp: Path, dataset: Path, ray_address: str) -> Path:
-    """A finished 2-epoch, 2-worker run to fork from (trained once per test session, whichever pytest worker
-    needs it first: several tests read it, none writes it)."""
-
-    def train(save_dir: Path) -> str:
-        args = train_args(dataset, save_dir, 2)
-        args[args.index("--epochs") + 1] = "2"
-        args[args.index("--keep-checkpoints") + 1] = "100"  # keep every checkpoint: tests fork from several
-        result = run_main(args, ray_address)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return str(save_dir / run_name_of(result.stdout))
-
-    return Path(computed_once(shared_tmp, "base-run", train))
+def base_run(uninterrupted) -> Path:
+    """The uninterrupted 3-epoch, 2-worker reference run, every checkpoint kept: several tests fork from it or
+    read it, none writes it."""
+    return uninterrupted(2).parent.parent
 
 
 def snapshot_tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -101,7 +130,7 @@ def test_a_fork_with_new_hyperparameters_killed_and_rerun_continues_its_own_run(
                       "--dropout", "0.0", "--weight-decay", "0.05")
     run_name = parse_config(args)[0].default_run_name()
     run_dir = tmp_path / "runs" / run_name
-    first = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2 - {18})
+    first = run_until_checkpoint(args, ray_address, run_dir, MID_EPOCH_2 - {18}, extra_env=STEP_DELAY)
     assert not ckpt(run_dir, LAST_STEP).exists(), "the run finished before it was killed"
     assert "✅ Resuming from epoch 1" in first and f"Epochs: {EPOCHS} (starting from epoch 2)" in first
     snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
@@ -169,9 +198,10 @@ def test_c_pt_file_from_another_tool_without_epoch_starts_at_epoch_0_with_its_we
 def test_d_nothing_left_to_train_exits_0_without_writing(tmp_path: Path, dataset: Path, base_run: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     args = train_args(dataset, tmp_path / "runs", 2, "--resume-from-checkpoint", str(base_run))
-    args[args.index("--epochs") + 1] = "2"  # the base run already completed 2 epochs
+    # (the base run already completed its 3 epochs)
     assert main(args) == 0  # in this process: it ends before Ray starts
-    assert "Nothing to train: the checkpoint has completed 2 epochs and --epochs is 2" in capsys.readouterr().out
+    assert f"Nothing to train: the checkpoint has completed {EPOCHS} epochs and --epochs is {EPOCHS}" \
+        in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
 
 
@@ -195,7 +225,7 @@ def test_g_resume_prints_a_summary(tmp_path: Path, dataset: Path, base_run: Path
     state = load_state(str(source))
     args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--resume-from-checkpoint", str(source),
             "--epochs", str(state["epoch"])]  # nothing left: prints the summary, then exits before Ray
-    result = run_main(args)
+    result = run_in_process(main, args)
     assert result.returncode == 0, result.stderr
     lines = [line.strip() for line in result.stdout.splitlines()]
     for expected in [
@@ -212,8 +242,7 @@ def test_g_resume_prints_a_summary(tmp_path: Path, dataset: Path, base_run: Path
 
 def test_pinned_run_name_continues_that_run_with_new_settings(base_run: Path, dataset: Path) -> None:
     args = train_args(dataset, base_run.parent, 2, "--run-name", base_run.name, "--lr", "5e-4")
-    args[args.index("--epochs") + 1] = "2"
-    result = run_main(args)  # the base run completed 2 epochs: found, nothing left, exit 0 before Ray
+    result = run_in_process(main, args)  # the base run completed its 3 epochs: found, nothing left, exit 0 before Ray
     assert result.returncode == 0, result.stderr
     assert f"Run {base_run.name} has checkpoints: continuing it from its latest one." in result.stdout
-    assert "Nothing to train: the checkpoint has completed 2 epochs" in result.stdout
+    assert f"Nothing to train: the checkpoint has completed {EPOCHS} epochs" in result.stdout

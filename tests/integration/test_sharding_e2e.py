@@ -1,5 +1,7 @@
-"""--strategy fsdp end to end on the session's Ray cluster: sharded checkpoints written by both workers on the
-S3 server, a real kill, a damaged shard, best_model.pt consolidated, and the guide's fine-tune from it.
+"""--strategy fsdp end to end on the session's Ray cluster, everything on the S3 server: Parquet data read from
+there, sharded checkpoints written there by both workers, a real kill, a damaged shard and the fall back to the
+checkpoint before it, best_model.pt consolidated, and the guide's fine-tune from it. The storage tests
+(test_storage_e2e.py) read this run too: metrics, report, evaluate and every kind of S3 location.
 
 The geometry is the resume tests' (tests.helpers.train_args), and the reference is their uninterrupted 2-worker
 DDP run: on CPU, FSDP on 2 workers trains as DDP on 2 workers (tests/unit/test_sharding.py, which also shows
@@ -10,8 +12,7 @@ zero up to rounding). A resume that lost a step's data or a worker's random stat
 
 from __future__ import annotations
 
-import secrets
-import time
+import re
 from pathlib import Path
 
 import pytest
@@ -19,49 +20,14 @@ import torch
 
 from raytrain_app.checkpoint.format import load_state
 from raytrain_app.checkpoint.sharded import read_full_state
-from raytrain_app.cli.flags import parse_config
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.core.optim import build_optimizer
-from raytrain_app.storage.location import parse_location
-from tests.conftest import latest_checkpoint_step, make_bucket, run_main, run_until_checkpoint
-from tests.helpers import LAST_STEP, MID_EPOCH_2, assert_resumed_mid_epoch, flip_a_byte, train_args
+from tests.helpers import LAST_STEP, MID_EPOCH_2, assert_resumed_mid_epoch, run_name_of
 
 pytestmark = pytest.mark.e2e
 
 RTOL, ATOL = 1e-4, 1e-5  # see tests/unit/test_sharding.py for why
-
-
-@pytest.fixture(scope="module")
-def killed_fsdp_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, ray_address: str,
-                    s3_endpoint: str) -> dict:
-    """A 2-worker FSDP run with --save-dir on S3, killed after a mid-epoch checkpoint; then one byte of worker
-    1's shard of the latest checkpoint is flipped on the server, and the same command is run again."""
-    bucket = make_bucket(s3_endpoint, "sharded")
-    save_dir = parse_location(f"{bucket}/runs-{secrets.token_hex(3)}?endpoint_override={s3_endpoint}")
-    args = train_args(dataset, Path("/unused"), 2, "--strategy", "fsdp")
-    args[args.index("--save-dir") + 1] = save_dir.uri
-    args[args.index("--keep-checkpoints") + 1] = "100"
-    # Half as many checkpoints as the reference run (validation changes nothing that is trained): 6, 12, 16,
-    # 18, 24, 30, 32, ...; killed at 24 or 30, so the one before the damaged one is inside epoch 2 too.
-    args[args.index("--eval-every") + 1] = "6"
-    run_dir = save_dir.join(parse_config(args)[0].default_run_name())
-    run_until_checkpoint(args, ray_address, run_dir.uri, {24, 30})
-    latest = latest_checkpoint_step(run_dir.uri)
-    deadline = time.monotonic() + 60  # Ray may register one more checkpoint while the killed run winds down
-    while time.monotonic() < deadline:
-        time.sleep(2)
-        if (now := latest_checkpoint_step(run_dir.uri)) == latest:
-            break
-        latest = now
-    shard = run_dir.join(f"checkpoint_step={latest:06d}", "shards", "__1_0.distcp")
-    local = tmp_path_factory.mktemp("shard") / "shard"
-    local.write_bytes(shard.read_bytes())
-    flip_a_byte(local)
-    shard.write_bytes(local.read_bytes())
-    resumed = run_main(args, ray_address)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    return {"run_dir": run_dir, "save_dir": save_dir, "damaged": latest, "output": resumed.stdout}
 
 
 def full_state(folder: Path | str) -> dict[str, torch.Tensor]:
@@ -84,13 +50,22 @@ def by_name(state: dict) -> dict[str, torch.Tensor]:
 
 
 def test_a_killed_fsdp_run_with_a_damaged_shard_falls_back_and_ends_as_the_uninterrupted_run(
-        killed_fsdp_run: dict, uninterrupted) -> None:  # noqa: ANN001
-    """The re-run names the damaged shard, continues mid-epoch from the checkpoint before it, and ends with the
-    uninterrupted run's weights and moments."""
+        killed_fsdp_run: dict, uninterrupted) -> None:
+    """The re-run names the damaged shard, continues mid-epoch from the checkpoint before it in Ray's record (and
+    Ray restores that one too), reading its Parquet data and checkpoints from S3, and ends with the uninterrupted
+    run's weights and moments (trained from the pickle: both formats serve the same rows in the same order)."""
     run_dir, latest, out = killed_fsdp_run["run_dir"], killed_fsdp_run["damaged"], killed_fsdp_run["output"]
+    assert run_name_of(killed_fsdp_run["killed"]) == run_dir.name
+    assert f"Run {run_dir.name} has checkpoints: continuing it from its latest one." in out
     assert (f"checkpoint {run_dir.join(f'checkpoint_step={latest:06d}')} is not whole: shards/__1_0.distcp does "
             "not match the SHA-256 in its manifest (damaged)") in out
-    assert assert_resumed_mid_epoch(out, min(MID_EPOCH_2)) < latest
+    fallback = killed_fsdp_run["fallback"]
+    assert assert_resumed_mid_epoch(out, min(MID_EPOCH_2)) == fallback < latest
+    fallback_dir = run_dir.join(f"checkpoint_step={fallback:06d}").uri.split("?")[0]  # as printed: no endpoint
+    assert f"Loading checkpoint from: {fallback_dir}/state.pt" in out, out
+    # Ray names an S3 checkpoint without its scheme.
+    assert re.search(rf"Workers loaded \S*{fallback_dir.removeprefix('s3://')}:", out), out
+    assert killed_fsdp_run["save_dir"].join("best_model.pt").is_file()
     with run_dir.join(f"checkpoint_step={LAST_STEP:06d}").local_copy() as final:
         final_state = full_state(final)
     reference = by_name(load_state(str(uninterrupted(2))))

@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,16 @@ from raytrain_app.observability.metrics import read_rows
 from raytrain_app.ray_adapter.run_record import latest_run_metrics
 from raytrain_app.storage.location import parse_location
 from tests.conftest import (
+    STEP_DELAY,
     finish_process,
     make_bucket,
+    output_so_far,
+    ray_train_processes,
     run_tune,
     s3_uri,
     start_process,
+    wait_for_run_to_end,
+    wait_until,
 )
 from tests.helpers import TINY_MODEL, offline_runs
 
@@ -94,11 +99,11 @@ def replay_first_step(trial_state: dict, base_state: dict) -> dict:
     return first[0]
 
 
-def read_results(sweep_dir) -> list[dict]:  # noqa: ANN001 - a storage Location
+def read_results(sweep_dir) -> list[dict]:
     return list(csv.DictReader(io.StringIO(sweep_dir.join("results.csv").read_bytes().decode())))
 
 
-def png_trials(sweep_dir) -> str:  # noqa: ANN001
+def png_trials(sweep_dir) -> str:
     from PIL import Image
 
     image = Image.open(io.BytesIO(sweep_dir.join("sweep.png").read_bytes()))
@@ -106,7 +111,7 @@ def png_trials(sweep_dir) -> str:  # noqa: ANN001
     return image.text["Description"]
 
 
-def trial_run_dirs(sweep_dir) -> dict[str, object]:  # noqa: ANN001
+def trial_run_dirs(sweep_dir) -> dict[str, object]:
     """trial id -> its Train run directory."""
     runs = {}
     for entry in sweep_dir.list():
@@ -209,48 +214,8 @@ def start_sweep(args: list[str], ray_address: str) -> tuple[subprocess.Popen, An
     # Tune saves its own record of the trials only now and then (every 10 s or more): make that "only at the
     # start", so the kill below always lands before Tune recorded the finished trial, and the trial itself must
     # notice that it has nothing left to train.
-    return start_process(args, ray_address, module="raytrain_app.tune", extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "3600"})
-
-
-def wait_until(condition, proc: subprocess.Popen, log, timeout: float = 240) -> None:  # noqa: ANN001
-    """Poll `condition()` until true; fail with the sweep's output if the sweep ends or time runs out first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"sweep ended (rc {proc.returncode}) or timed out first:\n{read_so_far(log)}")
-        time.sleep(0.05)
-
-
-def read_so_far(log) -> str:  # noqa: ANN001
-    """The output so far, read without moving the file offset the running process writes at."""
-    return os.pread(log.fileno(), 1 << 24, 0).decode(errors="replace")
-
-
-def settled(read, quiet_s: float = 2.0, timeout: float = 30.0):  # noqa: ANN001, ANN201
-    """`read()` once it has returned the same value for `quiet_s` seconds."""
-    value, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
-    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
-        time.sleep(0.2)
-        if (new := read()) != value:
-            value, since = new, time.monotonic()
-    return value
-
-
-def processes_of_cluster(title: str, ray_address: str) -> list[int]:
-    """Pids of Ray worker processes titled `title` whose raylet belongs to the cluster at `ray_address`
-    (other Ray clusters on this machine are left alone)."""
-    found = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
-    pids = []
-    for pid in map(int, found):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{parent}/cmdline", "rb") as f:
-                if f"--gcs-address={ray_address}".encode() in f.read():
-                    pids.append(pid)
-        except (OSError, ValueError, IndexError):
-            continue
-    return pids
+    return start_process(args, ray_address, module="raytrain_app.tune",
+                         extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "3600", **STEP_DELAY})
 
 
 def test_killed_sweep_resumes_where_it_stopped(
@@ -272,11 +237,13 @@ def test_killed_sweep_resumes_where_it_stopped(
     # 1. Kill the sweep's driver (and its session) once one trial has finished and the other has a checkpoint.
     proc, log = start_sweep(args, ray_address)
     try:
-        wait_until(done_and_partway, proc, log)
+        wait_until(done_and_partway, "a finished trial and a checkpoint of the other", proc=proc, log=log,
+                   timeout=240)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         finish_process(proc, log)
-    metrics = settled(progress)  # Ray ends the dead driver's actors within moments; until then they may report
+    wait_for_run_to_end(ray_address)  # nothing of the killed sweep reports after this
+    metrics = progress()
     (done,) = [t for t, m in metrics.items() if m.get("epoch") == epochs]
     (cut,) = [t for t, m in metrics.items() if m.get("epoch", epochs) < epochs]
     runs = trial_run_dirs(sweep_dir)
@@ -288,11 +255,12 @@ def test_killed_sweep_resumes_where_it_stopped(
     proc, log = start_sweep(args, ray_address)
     resumed = re.compile(rf"\[trial {cut} .*Workers loaded .*checkpoint_step=(\d+)")
     try:
-        wait_until(lambda: resumed.search(read_so_far(log)), proc, log)
-        resumed_at = int(resumed.search(read_so_far(log)).group(1))
-        wait_until(lambda: progress()[cut].get("global_step", 0) >= resumed_at + 2, proc, log)
+        resumed_at = int(wait_until(lambda: resumed.search(output_so_far(log)), "the cut trial's restore", proc=proc,
+                                    log=log).group(1))
+        wait_until(lambda: progress()[cut].get("global_step", 0) >= resumed_at + 2, "the trial moving on",
+                   proc=proc, log=log)
         killed_at = progress()[cut]["global_step"]
-        trial_drivers = processes_of_cluster("ray::ImplicitFunc", ray_address)
+        trial_drivers = ray_train_processes(ray_address, "ray::ImplicitFunc")
         assert trial_drivers, "no trial driver process found"
         for pid in trial_drivers:
             os.kill(pid, signal.SIGKILL)
@@ -316,6 +284,36 @@ def test_killed_sweep_resumes_where_it_stopped(
     assert sorted(float(r["lr"]) for r in rows) == [1e-3, 3e-3]
     assert {r["status"] for r in rows} == {"finished"}
     assert all(math.isfinite(float(r["best_val_loss"])) for r in rows)
+
+
+def test_a_trial_whose_workers_fail_more_than_max_failures_ends_as_error_and_the_sweep_exits_1(
+        base_checkpoint: Path, dataset: Path, ray_address: str, tmp_path: Path) -> None:
+    """--max-failures 0 and the trial's Train worker SIGKILLed after its first checkpoint: the trial ends as
+    `error` (its folder says why), and the sweep says which trial did not finish and exits 1."""
+    args = ["--base-checkpoint", str(base_checkpoint), "--data", str(dataset), "--save-dir", str(tmp_path),
+            "--lr-grid", "1e-3", "--scheduler", "none", "--sweep-name", "failing", "--epochs", "3",
+            "--eval-every", "2", "--max-failures", "0", *FIXED]
+    sweep_dir = parse_location(str(tmp_path / "failing"))
+    proc, log = start_sweep(args, ray_address)
+    try:
+        [run] = wait_until(lambda: list(trial_run_dirs(sweep_dir).values()), "the trial's run folder", proc=proc,
+                           log=log)
+        wait_until(lambda: latest_run_metrics(run), "the trial's first checkpoint", proc=proc, log=log)
+        workers = ray_train_processes(ray_address, "ray::RayTrainWorker")  # the trial's one worker
+        assert workers, "no Ray Train worker process found"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        output = finish_process(proc, log)
+    assert proc.returncode == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors[-1] == ("error: 1 trial(s) did not finish (lr 0.001). Re-run the same command to resume them "
+                          "from their latest checkpoints."), output
+    [row] = read_results(sweep_dir)
+    assert row["status"] == "error" and int(row["steps_trained"]) < 2 * STEPS_PER_EPOCH, row
+    mark = json.loads(sweep_dir.join(f"trial-{row['trial_id']}", "training_failed.json").read_bytes())
+    assert mark["max_failures"] == 0 and mark["global_step"] == latest_run_metrics(run)["global_step"], mark
 
 
 def test_trials_that_can_never_fit_fail_fast(base_checkpoint: Path, dataset: Path, ray_address: str,

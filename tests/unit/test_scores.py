@@ -24,7 +24,7 @@ from raytrain_app.datasets.formats import open_dataset, write_pickle_atomic
 from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.datasets.parquet import write_parquet_dataset
 from raytrain_app.main import prepare
-from tests.distributed import runs_folder, train_all
+from tests.distributed import train_all
 from tests.helpers import synthetic
 
 SCALE = np.array([1.0, 10.0, 100.0, 0.1], dtype=np.float32)
@@ -32,8 +32,8 @@ SHIFT = np.array([5.0, -3.0, 0.0, 1000.0], dtype=np.float32)
 
 
 @pytest.fixture(scope="session")
-def runs(shared_tmp: Path) -> Path:
-    return runs_folder(shared_tmp)
+def runs(gloo_runs: Path) -> Path:
+    return gloo_runs
 
 
 def scores_in_process(state: dict, data_path: Path) -> tuple[float, int, int]:
@@ -111,7 +111,7 @@ def test_feature_stats_are_numpys_for_a_pickle_and_its_parquet_copy(tmp_path: Pa
                                                                                                       dtype=torch.float64))
 
 
-def open_dataset_from(raw: dict, path: Path):  # noqa: ANN201
+def open_dataset_from(raw: dict, path: Path):
     write_pickle_atomic(raw, str(path))
     return open_dataset(str(path))
 
@@ -130,7 +130,7 @@ def test_the_model_standardises_its_inputs_with_the_statistics_in_its_weights() 
     assert torch.equal(model.state_dict()["input_std"], std.float())
 
 
-def test_normalisation_survives_a_resume_and_a_fine_tune_keeps_its_bases(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_normalisation_survives_a_resume_and_a_fine_tune_keeps_its_bases(tmp_path: Path, capsys) -> None:
     raw = scaled_dataset(num_train=256)
     write_pickle_atomic(raw, str(tmp_path / "d.pkl"))
     flags = ["--hidden-dim", "16", "--num-layers", "2", "--num-heads", "2", "--num-workers", "1",

@@ -32,15 +32,15 @@ from raytrain_app.checkpoint.format import (
 )
 from raytrain_app.checkpoint.resolve import summarize
 from raytrain_app.checkpoint.sharded import read_full_weights
-from tests.distributed import MID, STEPS, config, runs_folder, train_all
+from tests.distributed import MID, STEPS, config, train_all
 from tests.helpers import flip_a_byte
 
 RTOL, ATOL = 1e-4, 1e-5
 
 
 @pytest.fixture(scope="session")
-def runs(shared_tmp: Path) -> Path:
-    return runs_folder(shared_tmp)
+def runs(gloo_runs: Path) -> Path:
+    return gloo_runs
 
 
 def result(folder: Path) -> dict:
