@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from raytrain_app.cli.flags import parse_config
 from raytrain_app.core.config import ConfigError, TrainConfig
+from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.main import main
+from tests.conftest import REPO_ROOT
 from tests.helpers import run_in_process
 
 USER_FLAGS = [  # fixed names: users' scripts already use them
@@ -36,11 +41,20 @@ def test_defaults_and_given_fields() -> None:
     assert cfg.save_dir == "./checkpoints" and cfg.epochs == TrainConfig().epochs
 
 
-def test_large_gpu_configuration_by_flags_alone() -> None:
-    cfg, _ = parse_config(["--hidden-dim", "2048", "--num-layers", "24", "--num-heads", "16", "--batch-size", "2",
-                           "--grad-accum-steps", "64", "--use-amp", "--use-gpu", "--compile"])
-    shape = (cfg.hidden_dim, cfg.num_layers, cfg.num_heads, cfg.batch_size, cfg.grad_accum_steps)
-    assert shape == (2048, 24, 16, 2, 64)
+def test_the_documented_large_gpu_configuration_is_flags_alone_and_its_state_the_documented_size() -> None:
+    """docs/performance.md's large configuration: its command parses as it stands (every flag known and valid, no
+    --config file), and the state of the model it builds (fp32 weights and AdamW's two moments, counted on the
+    meta device) is the size the page gives."""
+    section = (REPO_ROOT / "docs" / "performance.md").read_text().split("## The large configuration on GPUs")[1]
+    words = shlex.split(section.split("```bash")[1].split("```")[0].replace("\\\n", " "))
+    assert words[:3] == ["python", "-m", "raytrain_app.main"]
+    cfg, given = parse_config(words[3:])
+    assert {"hidden_dim", "num_layers", "num_heads", "use_amp", "use_gpu"} <= given and "config" not in given
+    with torch.device("meta"):  # 1.2 B parameters, no memory
+        model = SequenceTransformer(cfg.replace(feature_dim=4, seq_len=8, num_classes=3))  # as from the data
+    state_gb = 12 * sum(p.numel() for p in model.parameters()) / 1e9
+    documented = re.search(r"Its state is about (\d+) GB", section)
+    assert documented and state_gb == pytest.approx(float(documented[1]), abs=1)
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])
@@ -60,6 +74,21 @@ def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
     path.write_text("lr: 0.01\nlearning_rate: 3\n")
     with pytest.raises(ConfigError, match="unknown key\\(s\\) in --config .*bad.yaml: learning_rate"):
         parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize(("name", "raw", "problem"), [
+    ("cut.yaml", b"lr: [0.1, 0.2\n", "while parsing a flow sequence"),
+    ("date.yaml", b"start: 2020-13-45\n", "month must be in 1..12"),  # YAML's timestamp, refused by datetime
+    ("cut.toml", b"lr = \n", "Invalid value (at line 1, column 6)"),
+    ("latin1.toml", b"lr = '\xe9'\n", "'utf-8' codec can't decode byte 0xe9"),
+])
+def test_a_config_file_that_cannot_be_parsed_is_refused_naming_it(tmp_path: Path, name: str, raw: bytes,
+                                                                  problem: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--config", str(path)])
+    assert str(error.value).startswith(f"--config {path} could not be parsed: {problem}")
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import SequenceTransformer, loss_fn
+from raytrain_app.observability import metrics
 from raytrain_app.observability.metrics import RunMetrics, flops_per_token, peak_flops_of, prepare_wandb, read_rows
 from raytrain_app.storage.location import parse_location
 
 CFG = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, seq_len=8, num_classes=3, num_workers=1,
                   batch_size=4)
+# Wide enough for the matmuls to dwarf the parameters no matmul uses (positions, biases, norms), as in real models.
+FLOPS_CFG = TrainConfig(hidden_dim=64, num_layers=2, num_heads=4, feature_dim=8, seq_len=32, num_classes=4,
+                        num_workers=2, batch_size=4, dropout=0.0)
 
 
 def recorder(run: Path, *, restored: int | None, attempt: str, start: int = 0, wandb_id: str | None = None,
@@ -31,6 +38,26 @@ def train(rec: RunMetrics, steps: range, value: float = 1.0) -> None:
 
 def rows_of(run: Path) -> list[dict]:
     return read_rows(parse_location(str(run / "metrics.jsonl")))
+
+
+class Clock:
+    """The metrics module's `time`, under the test's control: each step takes exactly what the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(metrics, "time", fake)
+    return fake
 
 
 class WandbRun:
@@ -104,25 +131,25 @@ def test_the_wandb_run_id_is_the_runs_own(tmp_path: Path) -> None:
     assert recorder(tmp_path / "run-x", restored=None, attempt="d").wandb_run_id != first.wandb_run_id
 
 
-def test_speed_is_the_training_steps_own_and_leaves_out_validation_and_checkpoints(tmp_path: Path) -> None:
+def test_speed_is_the_training_steps_own_and_leaves_out_validation_and_checkpoints(tmp_path: Path,
+                                                                                  clock: Clock) -> None:
     rec = recorder(tmp_path / "run", restored=None, attempt="a")
     assert rec.speed(world_size=2, accumulation=2) == {}  # no step timed yet
 
     def steps(first: int, last: int) -> None:
         for step in range(first, last + 1):
-            time.sleep(0.02)
-            rec.on_step(step, torch.tensor(1.0), 1e-3, data_wait_s=0.01 * step)  # 10 ms of each step waited
+            clock.now += 0.02  # 20 ms a step, 5 ms of it waiting for data (data_wait_s: the running total)
+            rec.on_step(step, torch.tensor(1.0), 1e-3, data_wait_s=0.005 * step)
 
     steps(1, 6)
     speed = rec.speed(world_size=2, accumulation=2)
-    assert 0.02 <= speed["step_time_s"] < 0.25  # generous: a loaded machine sleeps longer
-    assert speed["samples_per_s"] == pytest.approx(CFG.batch_size * 2 * 2 / speed["step_time_s"])
-    assert speed["tokens_per_s"] == pytest.approx(speed["samples_per_s"] * CFG.seq_len)
-    assert 0 < speed["data_wait_fraction"] <= 0.5 and "mfu" not in speed  # no known peak on a CPU
+    # 4 sequences x 2 micro-batches x 2 workers every 20 ms, 8 tokens each; no MFU without a known peak (a CPU).
+    assert speed == pytest.approx({"step_time_s": 0.02, "samples_per_s": 800.0, "tokens_per_s": 6400.0,
+                                   "data_wait_fraction": 0.25})
     rec.commit({"step": 6, "epoch": 0, "val_loss": 0.5, **speed})
-    time.sleep(1.0)  # validation and the checkpoint's save: not a training step
+    clock.now += 1.0  # validation and the checkpoint's save: not a training step
     steps(7, 9)
-    assert rec.speed(world_size=2, accumulation=2)["step_time_s"] < 0.25  # with the pause: 0.35
+    assert rec.speed(world_size=2, accumulation=2)["step_time_s"] == pytest.approx(0.02)  # with the pause: 0.35
 
 
 def test_a_line_cut_off_by_a_kill_and_a_non_finite_value(tmp_path: Path) -> None:
@@ -139,18 +166,47 @@ def test_a_line_cut_off_by_a_kill_and_a_non_finite_value(tmp_path: Path) -> None
         ("checkpoint", 10), ("event", 10), ("train", 11), ("train", 12), ("checkpoint", 12)]
 
 
-def test_mfu_counts_six_flops_per_parameter_and_attention(tmp_path: Path) -> None:
-    assert flops_per_token(CFG, 1000) == 6 * 1000 + 12 * 2 * 16 * 8
+@functools.cache
+def counted_flops() -> tuple[int, int, int]:
+    """(all FLOPs, attention's, parameters) of one training step on one micro-batch of FLOPS_CFG's model, forward
+    and backward, as torch's FlopCounterMode counts them. The math attention kernel runs attention as the batched
+    matmuls the counter counts (it does not count the fused CPU kernel); no other op of the model is a bmm."""
+    cfg = FLOPS_CFG
+    torch.manual_seed(0)
+    model = SequenceTransformer(cfg)
+    x = torch.randn(cfg.batch_size, cfg.seq_len, cfg.feature_dim)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss_fn(model(x), y).backward()
+    attention = counter.get_flop_counts()["Global"][torch.ops.aten.bmm]
+    return counter.get_total_flops(), attention, sum(p.numel() for p in model.parameters())
+
+
+def test_the_flops_per_token_estimate_is_what_torch_counts_in_a_training_step() -> None:
+    total, attention, num_params = counted_flops()
+    tokens = FLOPS_CFG.batch_size * FLOPS_CFG.seq_len
+    assert flops_per_token(FLOPS_CFG, 0) == attention / tokens  # attention's term alone, exactly
+    # The whole step within 5% above the count: the estimate also counts 6 FLOPs for each parameter no matmul
+    # uses (positions, biases, norms) and for the input projection's input gradient, which backward skips.
+    assert total / tokens <= flops_per_token(FLOPS_CFG, num_params) <= 1.05 * total / tokens
+
+
+def test_mfu_is_one_workers_counted_flops_per_second_over_its_peak(tmp_path: Path, clock: Clock) -> None:
+    total, _, num_params = counted_flops()
+    rec = RunMetrics(FLOPS_CFG, parse_location(str(tmp_path / "run")), start_step=0, restored_step=None,
+                     attempt="a", fork_of=None, num_params=num_params, device=torch.device("cpu"))
+    rec.peak = 1e12  # as a GPU with a known peak sets it
+    for step in range(1, 5):
+        clock.now += 0.5
+        rec.on_step(step, torch.tensor(1.0), 1e-3)
+    # Each of 2 workers runs 2 micro-batches (accumulation) per 0.5 s step.
+    assert rec.speed(world_size=2, accumulation=2)["mfu"] == pytest.approx(2 * total / 0.5 / 1e12, rel=0.05)
+
+
+def test_a_gpus_peak_is_its_longest_matching_name() -> None:
     assert (peak_flops_of("NVIDIA H200"), peak_flops_of("NVIDIA L40"), peak_flops_of("NVIDIA L4")) == (
         989e12, 181e12, 121e12)
     assert peak_flops_of("Intel Xeon") is None
-    rec = recorder(tmp_path / "run", restored=None, attempt="a")
-    rec.peak = 1e9  # as a GPU with a known peak would set it
-    for step in range(1, 4):
-        time.sleep(0.01)
-        rec.on_step(step, torch.tensor(1.0), 1e-3)
-    speed = rec.speed(world_size=2, accumulation=1)
-    assert speed["mfu"] == pytest.approx(speed["tokens_per_s"] / 2 * flops_per_token(CFG, 1000) / 1e9)
 
 
 def test_a_wandb_that_cannot_start_costs_the_run_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -16,6 +16,7 @@ import torch
 
 from raytrain_app.checkpoint.inference import load_trained_model
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.errors import UserError
 from raytrain_app.core.model import SequenceTransformer, set_normalization
 from raytrain_app.datasets.prediction_input import Shape, open_prediction_input, read_piece
 from raytrain_app.predict import SUCCESS_FILE, main, prepare_output
@@ -172,5 +173,8 @@ def test_a_cut_off_copy_into_place_is_replaced_but_another_output_is_not(tmp_pat
     (staged / SUCCESS_FILE).write_text("{}")
     staging = prepare_output(out, overwrite=False)
     assert staging.path.startswith(str(tmp_path / "out.partial") + "/") and not (tmp_path / "out.partial").exists()
-    with pytest.raises(Exception, match="exists and is not empty"):  # no staged whole output: someone else's files
+    with pytest.raises(UserError) as refused:  # no staged whole output: someone else's files
         prepare_output(out, overwrite=False)
+    assert str(refused.value) == (f"--out {tmp_path / 'out'} exists and is not empty: pass --overwrite to replace it, "
+                                  "or choose another --out")
+    assert (tmp_path / "out" / "a.parquet").read_bytes() == b"copied before the cut"  # left as it was
