@@ -6,7 +6,8 @@ The loop is the project's own (`Trainer.train_step` on synthetic batches) with t
 then the copy to the storage the way Ray copies it (`pyarrow.fs.copy_files`). "Blocked" is the time the training
 thread spends in the writer: the copy of the state to host memory, plus any wait for a write still in flight.
 Ray's report is left out here (benchmarks/ray_overhead.py measures Ray's share). The same steps are also timed
-with no checkpoint at all, so the slowdown of the steps that run beside a background write is shown too.
+with no checkpoint at all, so the slowdown of the steps that run beside a background write is shown too. Beside
+each figure are the raw counts and seconds it is computed from.
 
     python benchmarks/checkpoint_stall.py [--hidden-dim 1024] [--num-layers 8] [--checkpoints 4]
         [--steps-between 30] [--s3-uri s3://bucket/prefix?endpoint_override=http://127.0.0.1:9000] [--device cuda]
@@ -25,7 +26,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
 from raytrain_app.checkpoint.format import save_checkpoint_dir
 from raytrain_app.checkpoint.state import training_state
@@ -78,29 +79,37 @@ def measure(args: argparse.Namespace, storage: Location) -> dict:
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
-    def steps(n: int, writer: CheckpointWriter | None) -> float:
-        started = time.perf_counter()
+    def steps(n: int, writer: CheckpointWriter | None) -> tuple[int, float]:
+        """`n` optimizer steps; the steps taken and their seconds."""
+        first, started = trainer.global_step, time.perf_counter()
         for _ in range(n):
             trainer.train_step(batch)
             if writer is not None and writer.ready():
                 writer.flush()  # written: reported at this step boundary, as the loop does
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - started
+        return trainer.global_step - first, time.perf_counter() - started
 
-    plain_steps_s = steps(args.steps_between * args.checkpoints, None)
-    writer = CheckpointWriter(write, lambda metrics, checkpoint, dir_name, urgent: None, rank=0)
-    steps_s = 0.0
+    plain_steps, plain_steps_s = steps(args.steps_between * args.checkpoints, None)
+    reported: list[str] = []
+    writer = CheckpointWriter(write, lambda metrics, checkpoint, dir_name, urgent: reported.append(dir_name), rank=0)
+    steps_beside, steps_beside_s = 0, 0.0
     for i in range(args.checkpoints):
         writer.submit({"global_step": i}, training_state(trainer), False, f"checkpoint-{i}")
-        steps_s += steps(args.steps_between, writer)
+        taken, taken_s = steps(args.steps_between, writer)
+        steps_beside, steps_beside_s = steps_beside + taken, steps_beside_s + taken_s
     writer.flush()
-    blocked = writer.blocked_s / args.checkpoints
+    blocked = writer.blocked_s / writer.checkpoints
     sync = sum(baseline) / len(baseline)
+    step_s_beside, plain_step_s = steps_beside_s / steps_beside, plain_steps_s / plain_steps
     return {"state_mb": round(size / 1e6, 1), "sync_torch_save_s": sync, "blocked_per_checkpoint_s": blocked,
-            "background_write_per_checkpoint_s": writer.write_s / args.checkpoints,
+            "background_write_per_checkpoint_s": writer.write_s / writer.checkpoints,
             "blocked_vs_sync_save_ratio": blocked / sync, "target_ratio": 0.1,
-            "step_slowdown_beside_background_writes": steps_s / plain_steps_s - 1}
+            "step_slowdown_beside_background_writes": step_s_beside / plain_step_s - 1,
+            "raw": {"sync_torch_save_s_each": baseline, "checkpoints": writer.checkpoints, "reported": reported,
+                    "blocked_s": writer.blocked_s, "background_write_s": writer.write_s, "plain_steps": plain_steps,
+                    "plain_steps_s": plain_steps_s, "steps_beside_writes": steps_beside,
+                    "steps_beside_writes_s": steps_beside_s}}
 
 
 def _tensors(value: object) -> list[torch.Tensor]:

@@ -4,7 +4,9 @@
 the reader alone (no step) is measured beside it.
 
 Both readers serve the same rows in the same order (raytrain_app.datasets.order). Each measurement runs in its own
-process so that its peak resident memory (ru_maxrss) is its own. Prints one JSON object:
+process so that its peak resident memory (VmHWM) is its own. The reader alone is measured at 1x only, the one size
+a figure compares it at. Prints one JSON object: the figures, and under "runs" each measurement's raw counts and
+seconds they are computed from.
 
     python benchmarks/data_throughput.py [--rows 8192] [--seq-len 64] [--feature-dim 32] [--batch-size 64]
 """
@@ -48,8 +50,9 @@ def measure(data: str, batch_size: int, epochs: int, step: str) -> dict:
             if step == "train":
                 trainer.train_step([(x, y)])
             samples += x.shape[0]
-    elapsed = time.perf_counter() - started
-    return {"samples_per_s": samples / elapsed, "open_s": open_s, "peak_rss_mb": peak_rss_mb()}
+    loop_s = time.perf_counter() - started
+    return {"train_rows": ds.train.num_rows, "samples": samples, "steps": trainer.global_step, "loop_s": loop_s,
+            "samples_per_s": samples / loop_s, "open_s": open_s, "peak_rss_mb": peak_rss_mb()}
 
 
 def peak_rss_mb() -> float:
@@ -68,7 +71,8 @@ def run_child(data: str, batch_size: int, epochs: int, step: str) -> dict:
     return json.loads(out.stdout)
 
 
-def write_datasets(root: Path, rows: int, seq_len: int, feature_dim: int) -> dict[str, str]:
+def write_datasets(root: Path, rows: int, seq_len: int, feature_dim: int) -> tuple[dict[str, str], int]:
+    """The same synthetic rows as a pickle and as Parquet; their paths, and the bytes of the training features."""
     from raytrain_app.datasets.formats import make_synthetic, write_pickle_atomic
     from raytrain_app.datasets.parquet import write_parquet_dataset
 
@@ -77,7 +81,7 @@ def write_datasets(root: Path, rows: int, seq_len: int, feature_dim: int) -> dic
     write_pickle_atomic(raw, str(root / "data.pkl"))
     write_parquet_dataset(str(root / "parquet"), (raw["train"]["x"], raw["train"]["y"]),
                           (raw["val"]["x"], raw["val"]["y"]), 4)
-    return {"pickle": str(root / "data.pkl"), "parquet": str(root / "parquet")}
+    return {"pickle": str(root / "data.pkl"), "parquet": str(root / "parquet")}, raw["train"]["x"].nbytes
 
 
 def main() -> None:
@@ -94,17 +98,20 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.batch_size, args.epochs, args.step)))
         return
     results: dict[str, dict] = {}
+    features_bytes: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for scale in (1, 4):
             root = Path(tmp) / f"x{scale}"
             root.mkdir()
-            paths = write_datasets(root, args.rows * scale, args.seq_len, args.feature_dim)
+            paths, features_bytes[f"{scale}x"] = write_datasets(root, args.rows * scale, args.seq_len,
+                                                                args.feature_dim)
             for reader, path in paths.items():
                 results[f"{reader}_{scale}x"] = run_child(path, args.batch_size, args.epochs, "train")
-                results[f"{reader}_{scale}x_reader_only"] = run_child(path, args.batch_size, args.epochs, "none")
-    mb = args.rows * args.seq_len * args.feature_dim * 4 / 2**20
+                if scale == 1:
+                    results[f"{reader}_1x_reader_only"] = run_child(path, args.batch_size, args.epochs, "none")
     summary = {
-        "dataset_1x_mb": round(mb, 1),
+        "dataset_1x_mb": round(features_bytes["1x"] / 2**20, 1),
+        "train_features_bytes": features_bytes,
         "throughput_ratio_parquet_vs_pickle_1x": results["parquet_1x"]["samples_per_s"]
         / results["pickle_1x"]["samples_per_s"],
         "throughput_ratio_parquet_vs_pickle_4x": results["parquet_4x"]["samples_per_s"]

@@ -4,8 +4,8 @@ large configuration on one GPU; and the checkpoint's save and load rates in GB/s
 It runs the project's own training step (`Trainer.train_step`: autocast, GradScaler for fp16, fused AdamW,
 gradient clipping) in this process, with no Ray: it needs torch and this repository, not a cluster. MFU counts
 6 FLOPs per parameter and token plus attention's (raytrain_app.observability.metrics.flops_per_token) against
-the GPU's dense bf16 peak (raytrain_app.observability.metrics.PEAK_FLOPS); it is left out on devices whose peak
-is not known (CPUs).
+the GPU's dense bf16 peak (raytrain_app.observability.metrics.PEAK_FLOPS, or --peak-tflops); it is left out on
+devices whose peak is not known (CPUs). Beside each rate are the raw counts and seconds it is computed from.
 
     python benchmarks/gpu_throughput.py                     # the large configuration: hidden 2048, 24 layers
     python benchmarks/gpu_throughput.py --hidden-dim 64 --num-layers 2 --seq-len 32 --batch-size 4 --steps 3
@@ -24,7 +24,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
 from raytrain_app.checkpoint.format import load_state, save_checkpoint_dir
 from raytrain_app.checkpoint.state import training_state
@@ -48,6 +48,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def peak_of(args: argparse.Namespace) -> float | None:
+    """The device's dense bf16 peak in FLOP/s: --peak-tflops, else the table's; None where it is not known."""
+    return args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.device(args.device))
+
+
 def throughput(args: argparse.Namespace, amp_dtype: str, compile_model: bool) -> tuple[dict, Trainer]:
     cfg = config(args, amp_dtype, compile_model)
     device = torch.device(args.device)
@@ -61,15 +66,21 @@ def throughput(args: argparse.Namespace, amp_dtype: str, compile_model: bool) ->
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    first_step, tokens = trainer.global_step, 0
     started = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step(batch)
+        tokens += batch[0][0].shape[0] * batch[0][0].shape[1]
     sync(device)
-    elapsed = time.perf_counter() - started
+    loop_s = time.perf_counter() - started
+    steps = trainer.global_step - first_step
     params = sum(p.numel() for p in model.parameters())
-    tokens_per_s = args.steps * cfg.batch_size * cfg.seq_len / elapsed
-    peak = peak_flops(device)
-    out = {"params": params, "step_s": elapsed / args.steps, "tokens_per_s": tokens_per_s,
+    tokens_per_s = tokens / loop_s
+    peak = peak_of(args)
+    # What ran, read back from the trainer: a variant measures the precision and compilation its name says.
+    out = {"amp_dtype": str(trainer.amp_dtype).removeprefix("torch."), "grad_scaler": trainer.scaler.is_enabled(),
+           "compiled": trainer.train_model is not model, "params": params, "steps": steps, "tokens": tokens,
+           "loop_s": loop_s, "step_s": loop_s / steps, "tokens_per_s": tokens_per_s,
            "mfu": tokens_per_s * flops_per_token(cfg, params) / peak if peak else None}
     if device.type == "cuda":
         out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -97,7 +108,8 @@ def checkpoint_rates(trainer: Trainer) -> dict:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     gb = size / 1e9
-    return {"state_gb": gb, "copy_to_host_gb_per_s": gb / snapshot_s, "save_gb_per_s": gb / save_s,
+    return {"state_bytes": size, "copy_to_host_s": snapshot_s, "save_s": save_s, "load_s": load_s,
+            "state_gb": gb, "copy_to_host_gb_per_s": gb / snapshot_s, "save_gb_per_s": gb / save_s,
             "load_gb_per_s": gb / load_s}
 
 
@@ -113,10 +125,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default="bf16,fp16,bf16+compile,fp16+compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="The device's dense bf16 peak, for MFU on a device the table does not know.")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device, peak = torch.device(args.device), peak_of(args)
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "ray_installed": _has_ray(), "target_mfu_bf16": 0.45}
+                     "torch": torch.__version__, "ray_installed": _has_ray(), "target_mfu_bf16": 0.45,
+                     "peak_tflops": peak / 1e12 if peak else None}
     for variant in args.variants.split(","):
         amp_dtype, _, compiled = variant.partition("+")
         results[variant], trainer = throughput(args, amp_dtype, compiled == "compile")

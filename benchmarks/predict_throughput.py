@@ -9,7 +9,7 @@ The Ray side is the command's own `pipeline_s` (in the _SUCCESS file it writes):
 to Ray to the moment every output file is written and counted, so it includes starting the replicas (each imports
 torch and builds the model), reading and decoding, scoring and writing. Joining or starting Ray is excluded from
 both sides and printed beside it (`command_s`). The cluster is RAY_ADDRESS's, or a local instance the command
-starts itself.
+starts itself. Every run's raw figures (rows, seconds) are printed under "runs"; the best of each side is the figure.
 
     python benchmarks/predict_throughput.py [--rows 60000] [--files 4] [--seq-len 32] [--feature-dim 8]
         [--batch-size 256] [--num-replicas N] [--cpus-per-replica 1] [--repeats 2]
@@ -142,9 +142,7 @@ def main() -> None:
                                f"feature_dim {args.feature_dim}",
                       "bare": plain, "ray_data": ray_run,
                       "rows_per_s_ratio_ray_vs_bare": ray_run["rows_per_s"] / plain["rows_per_s"],
-                      "target_ratio": 0.8, "repeats": args.repeats,
-                      "all_rows_per_s": {"bare": [r["rows_per_s"] for r in bares],
-                                         "ray": [r["rows_per_s"] for r in rays]}}, indent=1))
+                      "target_ratio": 0.8, "repeats": args.repeats, "runs": {"bare": bares, "ray": rays}}, indent=1))
 
 
 if __name__ == "__main__":

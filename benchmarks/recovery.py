@@ -7,9 +7,12 @@ Prints one JSON object.
 Both runs are real commands on a real Ray instance (RAY_ADDRESS, else a local one each starts). The kill comes
 `--kill-delay` seconds after a checkpoint is registered. The step at the kill is read from what the run said
 last before it (the progress lines, 10 a second, for this service; a file the minimal loop rewrites every step),
-so the service's steps lost are a lower bound by up to a tenth of a second of steps.
+so the service's steps lost are a lower bound by up to a tenth of a second of steps. Beside each figure are the
+wall-clock times (Unix seconds) it is computed from: the kill, and the first step after the restart.
+`--only service` (or `minimal`) runs one of the two, and prints no difference.
 
     python benchmarks/recovery.py [--rows 16384] [--eval-every 100] [--kill-after-step 200] [--kill-delay 1.0]
+        [--only service|minimal]
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def service(args: argparse.Namespace, tmp: str) -> dict:
     first = next(r for r in rows[resume:] if r.get("kind") == "checkpoint" and "first_step_time" in r)
     restored = rows[resume]["step"]
     return {"restored_step": restored, "step_at_kill_at_least": kill_step, "steps_lost": kill_step - restored,
-            "kill_to_first_step_s": first["first_step_time"] - killed_at, "cause": rows[resume]["cause"]}
+            "kill_to_first_step_s": first["first_step_time"] - killed_at, "cause": rows[resume]["cause"],
+            "killed_at": killed_at, "first_step_at": first["first_step_time"]}
 
 
 MINIMAL = '''
@@ -150,7 +154,7 @@ def minimal(args: argparse.Namespace, tmp: str, step_s: float) -> dict:
     first = json.loads(Path(tmp, "first.json").read_text())
     restored = first["step"] - 1
     return {"restored_step": restored, "step_at_kill": kill_step, "steps_lost": kill_step - restored,
-            "kill_to_first_step_s": first["time"] - killed_at}
+            "kill_to_first_step_s": first["time"] - killed_at, "killed_at": killed_at, "first_step_at": first["time"]}
 
 
 def main() -> None:
@@ -161,14 +165,20 @@ def main() -> None:
     parser.add_argument("--kill-after-step", type=int, default=200,
                         help="Kill once a checkpoint at or after this step is registered.")
     parser.add_argument("--kill-delay", type=float, default=1.0)
+    parser.add_argument("--only", choices=("service", "minimal"), help="Run only this one (no difference).")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
-        ours = service(args, tmp)
-    with tempfile.TemporaryDirectory(prefix="recovery-min-") as tmp:
-        base = minimal(args, tmp, step_s=0.01)  # paced at 10 ms a step: a CPU step of this service's size
-    print(json.dumps({"service": ours, "minimal_ray_train_loop": base,
-                      "extra_recovery_s_vs_minimal": ours["kill_to_first_step_s"] - base["kill_to_first_step_s"]},
-                     indent=1))
+    figures: dict = {}
+    if args.only != "minimal":
+        with tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
+            figures["service"] = service(args, tmp)
+    if args.only != "service":
+        with tempfile.TemporaryDirectory(prefix="recovery-min-") as tmp:
+            # Paced at 10 ms a step: a CPU step of this service's size.
+            figures["minimal_ray_train_loop"] = minimal(args, tmp, step_s=0.01)
+    if not args.only:
+        figures["extra_recovery_s_vs_minimal"] = (figures["service"]["kill_to_first_step_s"]
+                                                  - figures["minimal_ray_train_loop"]["kill_to_first_step_s"])
+    print(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

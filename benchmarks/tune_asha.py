@@ -4,14 +4,17 @@ Prints one JSON object.
 Both sweeps start every trial from the same base checkpoint (trained here first, in this process) and try the
 same learning rates: a few sensible ones and a few that diverge, which is what ASHA is for. Each sweep is one
 `python -m raytrain_app.tune` command; its wall time includes the start of a local Ray instance unless
-RAY_ADDRESS names a running cluster (the figures in the README were taken on one).
+RAY_ADDRESS names a running cluster (the figures in docs/performance.md were taken on one). Beside the ratio, each
+sweep's trials are printed as its results.csv has them: learning rate, status and optimizer steps trained.
+`--only asha` (or `none`) runs one of the two sweeps, and prints no ratio.
 
-    python benchmarks/tune_asha.py [--rows 1024] [--epochs 4] [--lrs 1e-3,3e-3,1,3,10]
+    python benchmarks/tune_asha.py [--rows 1024] [--epochs 4] [--lrs 1e-3,3e-3,1,3,10] [--only asha|none]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -24,6 +27,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from raytrain_app.checkpoint.state import with_training_state
+
+
+def sweep_trials(save_dir: str) -> list[dict]:
+    """The trials of the one sweep under `save_dir`, as its results.csv lists them."""
+    (sweep,) = [p for p in Path(save_dir).iterdir() if p.name.startswith("sweep-")]
+    with open(sweep / "results.csv", newline="") as f:
+        return [{"lr": float(row["lr"]), "status": row["status"], "steps_trained": int(row["steps_trained"])}
+                for row in csv.DictReader(f)]
 
 
 def run(module: str, argv: list[str]) -> float:
@@ -65,6 +76,7 @@ def main() -> None:
     parser.add_argument("--lrs", default="1e-3,3e-3,1,3,10")
     parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--max-concurrent-trials", type=int, default=2)
+    parser.add_argument("--only", choices=("asha", "none"), help="Run only this sweep (no ratio).")
     args = parser.parse_args()
     from raytrain_app.datasets.formats import make_synthetic, write_pickle_atomic
 
@@ -74,23 +86,20 @@ def main() -> None:
                                            num_classes=4, per_step=False, seed=0), data)
         model = ["--hidden-dim", "32", "--num-layers", "2", "--num-heads", "2", "--batch-size", "32"]
         base = train_base(data, model, os.path.join(tmp, "base"))
-        walls = {}
-        for scheduler in ("asha", "none"):
-            walls[scheduler] = run("raytrain_app.tune", [
-                "--base-checkpoint", base, "--data", data, "--save-dir", os.path.join(tmp, scheduler),
+        figures: dict = {"trials": len(args.lrs.split(","))}
+        for scheduler in [args.only] if args.only else ["asha", "none"]:
+            save_dir = os.path.join(tmp, scheduler)
+            wall_s = run("raytrain_app.tune", [
+                "--base-checkpoint", base, "--data", data, "--save-dir", save_dir,
                 "--lr-grid", args.lrs, "--scheduler", scheduler, "--epochs", str(args.epochs),
                 "--eval-every", str(args.eval_every), "--max-concurrent-trials", str(args.max_concurrent_trials),
                 "--num-workers", "1", *model])
-        statuses = {}
-        for scheduler in walls:
-            (sweep,) = [p for p in Path(tmp, scheduler).iterdir() if p.name.startswith("sweep-")]
-            rows = (sweep / "results.csv").read_text().splitlines()
-            header = rows[0].split(",")
-            statuses[scheduler] = [dict(zip(header, r.split(","), strict=False))["status"] for r in rows[1:]]
-    print(json.dumps({"trials": len(args.lrs.split(",")), "wall_s_asha": walls["asha"], "wall_s_none": walls["none"],
-                      "wall_ratio_asha_vs_none": walls["asha"] / walls["none"],
-                      "stopped_early_by_asha": statuses["asha"].count("stopped early"),
-                      "statuses": statuses}, indent=1))
+            trials = sweep_trials(save_dir)
+            stopped = sum(t["status"] == "stopped early" for t in trials)
+            figures[scheduler] = {"wall_s": wall_s, "stopped_early": stopped, "trials": trials}
+    if not args.only:
+        figures["wall_ratio_asha_vs_none"] = figures["asha"]["wall_s"] / figures["none"]["wall_s"]
+    print(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
