@@ -1,19 +1,26 @@
 """A checkpoint's model for using it: the weights and the settings that build them, from anything
 `--resume-from-checkpoint` accepts (a .pt file, a checkpoint folder, a run folder meaning its best checkpoint;
-local paths or URIs), verified. A sharded checkpoint's shards are gathered into this one process."""
+local paths or URIs), verified. A sharded checkpoint's shards are gathered into this one process. And what
+`python -m raytrain_app.predict` does with such a model to a batch (`score_table`): plain PyTorch and Arrow, so
+that it runs without Ray too (a unit test, benchmarks/gpu_check.py on a machine that has no Ray)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from raytrain_app.checkpoint.format import CheckpointError, load_state
 from raytrain_app.checkpoint.resolve import parent_location, resolve_checkpoint
 from raytrain_app.checkpoint.sharded import read_full_weights
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.datasets.prediction_input import ERROR, ID, ROW, X
 from raytrain_app.storage.location import Location
+
+PREDICTED, PROBABILITIES = "predicted", "probabilities"  # the output columns score_table adds
 
 
 @dataclass
@@ -65,3 +72,36 @@ def load_trained_model(where: str, flag: str = "--checkpoint") -> TrainedModel:
                               "sequence or per step (no config); it was not written by raytrain_app")
     cfg = TrainConfig.from_dict(config, source=f"{flag} {where}")
     return TrainedModel(cfg=cfg, weights=weights, source=state_file, global_step=int(state.get("global_step") or 0))
+
+
+def score_table(model: torch.nn.Module, table: pa.Table, cfg: TrainConfig,
+                device: torch.device | str = "cpu") -> pa.Table:
+    """The output rows of a decoded input table (`raytrain_app.datasets.prediction_input`): the model applied to
+    every row whose x is not null, the others passed through with their error."""
+    x_column = table.column(X).combine_chunks()
+    scored = x_column.is_valid().to_numpy(zero_copy_only=False)
+    # flatten() leaves out null rows: the values of the scored rows only, in order. A copy: Arrow's buffers are
+    # read-only, and torch wants to own what it reads.
+    x = np.array(x_column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    x = torch.from_numpy(x.reshape(-1, cfg.seq_len, cfg.feature_dim))
+    with torch.inference_mode():
+        logits = model(x.to(device)).float() if len(x) else torch.zeros(
+            (0, *((cfg.seq_len,) if cfg.per_step else ()), cfg.num_classes))
+        probabilities = torch.softmax(logits, dim=-1).cpu().numpy()
+        predicted = logits.argmax(dim=-1).cpu().numpy()
+    n, rejected = table.num_rows, pa.array(~scored)
+    per_row = cfg.num_classes * (cfg.seq_len if cfg.per_step else 1)
+    full = np.zeros((n, per_row), dtype=np.float32)
+    full[scored] = probabilities.reshape(len(probabilities), per_row)
+    probability_column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), per_row, mask=rejected)
+    classes = np.zeros((n, *predicted.shape[1:]), dtype=np.int64)
+    classes[scored] = predicted
+    if cfg.per_step:
+        predicted_column = pa.FixedSizeListArray.from_arrays(pa.array(classes.reshape(-1)), cfg.seq_len,
+                                                             mask=rejected)
+    else:
+        predicted_column = pa.array(classes, mask=~scored)
+    names = [ROW, *([ID] if ID in table.column_names else []), PREDICTED, PROBABILITIES, ERROR]
+    columns = [table.column(ROW), *([table.column(ID)] if ID in table.column_names else []), predicted_column,
+               probability_column, table.column(ERROR)]
+    return pa.Table.from_arrays(columns, names=names)

@@ -9,8 +9,8 @@ keeps only a bounded number of blocks in flight, whatever the size of the input.
 store once and every replica reads them from there. Every output row carries the global index of its input row,
 so the order Ray Data completes blocks in does not matter.
 
-`score_table` is the whole of what a replica does to a batch, without Ray: the tests call it directly. Ray is
-imported only inside the functions that need it.
+`raytrain_app.checkpoint.inference.score_table` is the whole of what a replica does to a batch, without Ray: the
+tests and benchmarks/gpu_check.py call it directly. Ray is imported only inside the functions that need it.
 
 Output columns: `row` int64; `id` (when the input has one); `predicted` int64, or fixed_size_list<int64>[T] for a
 per-step model; `probabilities` fixed_size_list<float32>[C], or [T*C] row-major per step; `error` string (null for
@@ -24,27 +24,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
-from raytrain_app.checkpoint.inference import TrainedModel
-from raytrain_app.core.config import TrainConfig
+from raytrain_app.checkpoint.inference import TrainedModel, score_table
 from raytrain_app.core.errors import UserError
-from raytrain_app.datasets.prediction_input import (
-    DECODE_BYTES,
-    ERROR,
-    ID,
-    PIECE_BYTES,
-    ROW,
-    PredictionInput,
-    X,
-    decode_array,
-    read_piece,
-)
+from raytrain_app.datasets.prediction_input import DECODE_BYTES, PIECE_BYTES, PredictionInput, decode_array, read_piece
 from raytrain_app.storage.location import Location
-
-PREDICTED, PROBABILITIES = "predicted", "probabilities"
 
 
 @dataclass(frozen=True)
@@ -82,39 +68,6 @@ def cluster_replicas(requested: tuple[int, int] | None, *, cpus: int, use_gpu: b
                         "do not fit in this cluster" + (" even at its autoscaler's maximum" if autoscales else "")
                         + f" ({has}): ask for fewer" + (" or drop --use-gpu" if use_gpu else ""))
     return Replicas(low, high, cpus, use_gpu)
-
-
-def score_table(model: torch.nn.Module, table: pa.Table, cfg: TrainConfig,
-                device: torch.device | str = "cpu") -> pa.Table:
-    """The output rows of a decoded input table (`raytrain_app.datasets.prediction_input`): the model applied to
-    every row whose x is not null, the others passed through with their error."""
-    x_column = table.column(X).combine_chunks()
-    scored = x_column.is_valid().to_numpy(zero_copy_only=False)
-    # flatten() leaves out null rows: the values of the scored rows only, in order. A copy: Arrow's buffers are
-    # read-only, and torch wants to own what it reads.
-    x = np.array(x_column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    x = torch.from_numpy(x.reshape(-1, cfg.seq_len, cfg.feature_dim))
-    with torch.inference_mode():
-        logits = model(x.to(device)).float() if len(x) else torch.zeros(
-            (0, *((cfg.seq_len,) if cfg.per_step else ()), cfg.num_classes))
-        probabilities = torch.softmax(logits, dim=-1).cpu().numpy()
-        predicted = logits.argmax(dim=-1).cpu().numpy()
-    n, rejected = table.num_rows, pa.array(~scored)
-    per_row = cfg.num_classes * (cfg.seq_len if cfg.per_step else 1)
-    full = np.zeros((n, per_row), dtype=np.float32)
-    full[scored] = probabilities.reshape(len(probabilities), per_row)
-    probability_column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), per_row, mask=rejected)
-    classes = np.zeros((n, *predicted.shape[1:]), dtype=np.int64)
-    classes[scored] = predicted
-    if cfg.per_step:
-        predicted_column = pa.FixedSizeListArray.from_arrays(pa.array(classes.reshape(-1)), cfg.seq_len,
-                                                             mask=rejected)
-    else:
-        predicted_column = pa.array(classes, mask=~scored)
-    names = [ROW, *([ID] if ID in table.column_names else []), PREDICTED, PROBABILITIES, ERROR]
-    columns = [table.column(ROW), *([table.column(ID)] if ID in table.column_names else []), predicted_column,
-               probability_column, table.column(ERROR)]
-    return pa.Table.from_arrays(columns, names=names)
 
 
 class ModelReplica:
