@@ -304,3 +304,53 @@ def run_in_process(main: Callable[[list[str]], int], args: list[str], cwd: Path 
         except SystemExit as e:  # argparse's own errors
             code = e.code if isinstance(e.code, int) else 1
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+# --- file-system events (Linux inotify), for a wait shorter than any poll -----------------------------------------
+
+class FileEvents:
+    """Wakes a waiting test when a file is created or written under the folders it watches (Linux inotify through
+    ctypes; a folder created under a watched one is watched too), so that it can act within a window shorter than
+    a poll (a checkpoint being copied) without spinning on the cores the copy needs."""
+
+    CREATE, MODIFY, MOVED_TO, IS_DIR = 0x100, 0x2, 0x80, 0x40000000
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.folders: dict[int, Path] = {}
+
+    def watch(self, folder: Path) -> None:
+        wd = self._libc.inotify_add_watch(self.fd, str(folder).encode(), self.CREATE | self.MODIFY | self.MOVED_TO)
+        if wd >= 0:  # a folder gone meanwhile is not watched
+            self.folders[wd] = folder
+            for child in folder.iterdir() if folder.is_dir() else ():
+                if child.is_dir() and child not in self.folders.values():
+                    self.watch(child)
+
+    def wait(self, timeout: float) -> int:
+        """Block until something happens under the watched folders or `timeout` seconds pass; how many events."""
+        import select
+
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return 0
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return 0
+        count, pos = 0, 0
+        while pos + 16 <= len(data):
+            wd, mask, _, length = struct.unpack_from("iIII", data, pos)
+            name = data[pos + 16:pos + 16 + length].split(b"\0", 1)[0].decode()
+            pos += 16 + length
+            count += 1
+            if mask & self.IS_DIR and mask & (self.CREATE | self.MOVED_TO) and wd in self.folders:
+                self.watch(self.folders[wd] / name)
+        return count
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -22,6 +22,7 @@ from raytrain_app.main import main
 from raytrain_app.observability.metrics import read_rows
 from raytrain_app.storage.location import parse_location
 from tests.conftest import (
+    POLL_S,
     STEP_DELAY,
     computed_once,
     finish_process,
@@ -32,6 +33,7 @@ from tests.conftest import (
 )
 from tests.helpers import (
     LAST_STEP,
+    FileEvents,
     assert_kept_checkpoints,
     assert_same_training_state,
     ckpt,
@@ -162,8 +164,17 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_on
             pass
         return None
 
+    # The copy of a 37 MB state.pt into the run folder takes tens of milliseconds, less than a poll: the test is
+    # woken by the file system at every write there instead, and kills at once.
+    events = FileEvents()
+    events.watch(tmp_path)
     try:
-        torn = wait_until(partly_copied, "a checkpoint folder caught half copied", proc=proc, log=log_path)
+        deadline = time.monotonic() + 180
+        while not (torn := partly_copied()):
+            assert proc.poll() is None, f"training ended before a checkpoint was caught half copied:\n" \
+                                        f"{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no checkpoint caught half copied in 180 s:\n{log_path.read_text()}"
+            events.wait(timeout=POLL_S)
         kill_a_train_worker(log_path, rank=0)  # rank 0 copies the checkpoint into the run folder
         # Kept as the kill left it: the restarted workers write this step's folder again later.
         shutil.copytree(torn, tmp_path / torn.name)
@@ -173,6 +184,7 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_on
                                         str(dataset), "--save-dir", str(tmp_path / "fork")])
         output = finish_process(proc, log, timeout=240)
     finally:
+        events.close()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert problem is not None, f"{torn} was whole when the worker died: the kill came too late"

@@ -99,15 +99,15 @@ def run(module: str, args: list[str], env: dict[str, str], timeout: float = 300)
     return result, time.monotonic() - start
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 @slow_resource
-def startup_s(dataset: Path, tmp_path: Path) -> float:
+def startup_s(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> float:
     """How long `python -m raytrain_app.main` takes here to refuse an address where nothing listens (refused at
     the first connection, no waiting): a command's start, measured now, on this machine as loaded as it is."""
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result, took = run("raytrain_app.main", train_args(dataset, tmp_path / "baseline"),
+    result, took = run("raytrain_app.main", train_args(dataset, tmp_path_factory.mktemp("baseline")),
                        {**base_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"})
     assert_refused(result, took, f"RAY_ADDRESS=127.0.0.1:{port}: nothing answers there (connection refused)")
     return took
