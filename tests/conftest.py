@@ -491,7 +491,7 @@ STEP_DELAY = {"RAYTRAIN_TEST_STEP_DELAY_S": "0.1"}
 
 
 @pytest.fixture(scope="session")
-def interrupted_run(shared_tmp: Path, dataset: Path, ray_address: str, uninterrupted) -> dict:
+def interrupted_run(shared_tmp: Path, dataset: Path, ray_address: str) -> dict:
     """The run of `tests.helpers.train_args` (2 workers, the pickle, wandb offline, progress lines every 0.5 s),
     interrupted both ways a run is, then finished (computed once per test session; the resume and observability
     tests read it):
@@ -502,8 +502,6 @@ def interrupted_run(shared_tmp: Path, dataset: Path, ray_address: str, uninterru
       3. the same command again, to the end.
     Returns each attempt's output and exit code, what was seen at each interruption, and the folders."""
     from tests.helpers import PROGRESS, ckpt, offline_runs, run_name_of, train_args
-
-    uninterrupted(2)  # trained first: the reference must not compete with this run for the cores
 
     def logged_steps(wandb_dir: Path) -> list[int]:
         try:
@@ -567,8 +565,7 @@ def interrupted_run(shared_tmp: Path, dataset: Path, ray_address: str, uninterru
 
 
 @pytest.fixture(scope="session")
-def killed_fsdp_run(shared_tmp: Path, dataset: Path, ray_address: str, s3_endpoint: str,
-                    uninterrupted) -> dict:
+def killed_fsdp_run(shared_tmp: Path, dataset: Path, ray_address: str, s3_endpoint: str) -> dict:
     """Everything on the S3 server: the session's dataset converted to Parquet there by the data command, a
     2-worker FSDP run reading it with --save-dir there, killed after a mid-epoch checkpoint; then one byte of
     worker 1's shard of the latest checkpoint is flipped on the server, and the same command is run again.
@@ -578,8 +575,6 @@ def killed_fsdp_run(shared_tmp: Path, dataset: Path, ray_address: str, s3_endpoi
     from raytrain_app.data import main as data_main
     from raytrain_app.storage.location import parse_location
     from tests.helpers import flip_a_byte, run_in_process, train_args
-
-    uninterrupted(2)  # trained first: the reference must not compete with this run for the cores
 
     def compute(folder: Path) -> dict:
         bucket = make_bucket(s3_endpoint, "sharded")

@@ -1,7 +1,9 @@
 """Fault injection for the test suite: a delay after every optimizer step, so that a test can stop, kill or
 preempt a tiny run at a chosen step without making its data bigger.
 
-`RAYTRAIN_TEST_STEP_DELAY_S=0.2` makes every Ray Train worker sleep 0.2 s after each optimizer step. The sleep is
+`RAYTRAIN_TEST_STEP_DELAY_S=0.2` makes every Ray Train worker sleep 0.2 s after each optimizer step;
+`RAYTRAIN_TEST_STEP_DELAY_S=@/path/to/file` reads the seconds from that file at every step instead, so that a test
+can slow a run down until what it waits for has happened and then let it finish at full speed. The sleep is
 outside the step, so nothing that is trained changes (a delayed run ends with the same bits as one without), only
 when steps happen. The driver forwards the variable to its workers. Never set it for real work.
 (docs/reliability.md, "Fault injection".)
@@ -16,8 +18,17 @@ STEP_DELAY_ENV_VAR = "RAYTRAIN_TEST_STEP_DELAY_S"
 
 
 def step_delay_s(environ: Mapping[str, str] = os.environ) -> float:
-    """The delay asked for, in seconds; 0 when unset, negative or not a number."""
+    """The delay asked for, in seconds; 0 when unset, negative, not a number, or a file that cannot be read."""
+    text = environ.get(STEP_DELAY_ENV_VAR, "0")
     try:
-        return max(0.0, float(environ.get(STEP_DELAY_ENV_VAR, "0")))
-    except ValueError:
+        if text.startswith("@"):
+            with open(text[1:]) as f:
+                text = f.read()
+        return max(0.0, float(text))
+    except (OSError, ValueError):
         return 0.0
+
+
+def step_delay_is_variable(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the delay is read from a file (at every step) rather than fixed."""
+    return environ.get(STEP_DELAY_ENV_VAR, "").startswith("@")

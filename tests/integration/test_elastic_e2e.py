@@ -35,15 +35,15 @@ pytestmark = pytest.mark.e2e
 EPOCHS, BATCH, ROWS = 4, 8, 256
 STEPS_PER_EPOCH = ROWS // (2 * BATCH)  # 2 workers, or 1 worker accumulating 2 micro-batches: 16 either way
 LAST_STEP = EPOCHS * STEPS_PER_EPOCH
-# The workers' fault-injection delay after each step: 64 steps take long enough (45 s, asleep: the other test
-# worker has the cores) for the notice, the loss, the restart on one node and the growth back to two to land
-# mid-run, without more data. Growth waits for Ray Train's view of the cluster's resources, which its autoscaling
-# coordinator refreshes every 20 s (ray.data's _AutoscalingCoordinatorActor.TICK_INTERVAL_S), then for the
-# resize check (every 2 s here).
+# The workers' fault-injection delay after each step, read from a file at every step: slow (64 steps would take
+# 45 s, asleep: the other test worker has the cores) until the notice, the loss, the restart on one node and the
+# growth back to two have landed mid-run, then none. Growth waits for Ray Train's view of the cluster's resources,
+# which its autoscaling coordinator refreshes every 20 s (ray.data's _AutoscalingCoordinatorActor.TICK_INTERVAL_S),
+# then for the resize check (every 2 s here).
 STEP_DELAY_S = "0.7"
 
 
-def cluster_env() -> dict[str, str]:
+def cluster_env(delay_file: Path | None = None) -> dict[str, str]:
     # A lost node is declared dead after about 1.5 s instead of Ray's default of about 15 s. Right after the
     # loss Ray Train may still see the lost node's CPU and try two workers again until its worker-group start
     # timeout (60 s by default; README, "Elastic training") before it settles on one: 10 s here.
@@ -53,7 +53,8 @@ def cluster_env() -> dict[str, str]:
     return {**base_env(), "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
             "RAY_health_check_initial_delay_ms": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
-            "RAYTRAIN_ELASTIC_RESIZE_INTERVAL_S": "2", "RAYTRAIN_TEST_STEP_DELAY_S": STEP_DELAY_S}
+            "RAYTRAIN_ELASTIC_RESIZE_INTERVAL_S": "2",
+            **({"RAYTRAIN_TEST_STEP_DELAY_S": f"@{delay_file}"} if delay_file else {})}
 
 
 @pytest.fixture
@@ -93,9 +94,10 @@ def test_losing_a_node_shrinks_the_run_which_grows_back_when_a_node_returns_and_
     args = ["--data", str(dataset), "--save-dir", str(tmp_path), "--num-workers", "1-2", "--batch-size", str(BATCH),
             "--epochs", str(EPOCHS), "--eval-every", "4", *TINY_MODEL]
     run_dir = tmp_path / parse_config(args)[0].default_run_name()
-    log_path = tmp_path / "train.log"
+    log_path, delay = tmp_path / "train.log", tmp_path / "step-delay"
+    delay.write_text(STEP_DELAY_S)
     loads = re.compile(r"Workers loaded .*? global step (\d+), batch \d+; (\d+) worker\(s\), (\d+) micro")
-    proc, log = start_process(args, address, extra_env=cluster_env(), log_path=log_path)
+    proc, log = start_process(args, address, extra_env=cluster_env(delay), log_path=log_path)
     try:
         wait_until(lambda: latest_checkpoint_step(run_dir), "a checkpoint before the node is lost", proc=proc,
                    log=log_path, timeout=180)
@@ -115,6 +117,9 @@ def test_losing_a_node_shrinks_the_run_which_grows_back_when_a_node_returns_and_
         wait_until(lambda: [m for m in loads.findall(log_path.read_text()) if m[1] == "1"],
                    "a restart with one worker", proc=proc, log=log_path, timeout=180)
         second_node("add")
+        wait_until(lambda: [m for m in loads.findall(log_path.read_text()) if m[1] == "2"],
+                   "a restart with two workers again", proc=proc, log=log_path, timeout=180)
+        delay.write_text("0")  # seen: the rest at full speed
     finally:
         output = finish_process(proc, log, timeout=300)
     assert proc.returncode == 0, output

@@ -24,7 +24,7 @@ from raytrain_app.checkpoint.format import (
 )
 from raytrain_app.checkpoint.resolve import last_good_checkpoint, resolve_checkpoint
 from raytrain_app.ray_adapter.run_record import plan_recovery, recover_run
-from tests.helpers import checkpoint_state, flip_a_byte, ray_run
+from tests.helpers import FileEvents, checkpoint_state, flip_a_byte, ray_run
 
 
 def make_run(run_dir: Path, losses: dict[int, float]) -> None:
@@ -283,15 +283,18 @@ def test_a_process_killed_while_writing_best_model_leaves_the_previous_one_whole
               "from raytrain_app.checkpoint.format import write_best_model\n"
               "write_best_model(sys.argv[1], {'epoch': 1, 'global_step': 2, 'val_loss': 0.5, 'config': {},\n"
               "                               'model_state_dict': {'w': torch.ones(100_000_000)}})\n")
+    events = FileEvents()  # woken at every write in the folder: the write lasts well under a second
+    events.watch(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=Path(__file__).parents[2])
     try:
         deadline = time.monotonic() + 60
         while not any(p.stat().st_size > 1 << 20 for p in tmp_path.glob(".best_model.pt.*.tmp")):
             assert proc.poll() is None, "the writer ended before it was killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+            assert time.monotonic() < deadline, "no temporary best_model.pt of more than 1 MiB within 60 s"
+            events.wait(timeout=0.1)
     finally:
         proc.kill()
         proc.wait()
+        events.close()
     assert load_state(str(tmp_path / "best_model.pt"))["global_step"] == 1
     assert resolve_checkpoint(str(tmp_path / "best_model.pt")).path == str(tmp_path / "best_model.pt")

@@ -16,6 +16,16 @@ def test_the_step_delay_is_what_the_variable_says_or_none(value: str | None, del
     assert step_delay_s(environ) == delay
 
 
+def test_a_delay_read_from_a_file_follows_the_file(tmp_path) -> None:
+    delay = tmp_path / "delay"
+    environ = {STEP_DELAY_ENV_VAR: f"@{delay}"}
+    assert step_delay_s(environ) == 0.0  # no file yet
+    delay.write_text("0.7")
+    assert step_delay_s(environ) == 0.7
+    delay.write_text("0")
+    assert step_delay_s(environ) == 0.0
+
+
 def test_the_resize_interval_is_rays_default_unless_set() -> None:
     assert resize_interval_s({}) == DEFAULT_RESIZE_INTERVAL_S == 60.0
     assert resize_interval_s({"RAYTRAIN_ELASTIC_RESIZE_INTERVAL_S": "2.5"}) == 2.5
