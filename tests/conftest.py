@@ -59,7 +59,7 @@ SLOW_FIXTURES: set[str] = set()
 
 
 def slow_resource(fixture_function: Any) -> Any:
-    """Register a fixture (apply below @pytest.fixture's argument list, i.e. before it) as a slow resource."""
+    """Register a fixture as a slow resource: put `@slow_resource` under its `@pytest.fixture(...)` line."""
     SLOW_FIXTURES.add(fixture_function.__name__)
     return fixture_function
 
@@ -67,6 +67,7 @@ def slow_resource(fixture_function: Any) -> Any:
 _CURRENT: dict[str, pytest.Item] = {}
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects by the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the slow tier (above). Then end-to-end tests first (a stable sort: files keep their order).
     pytest-xdist hands each worker a contiguous share and an idle worker takes tests from the end of another's, so
@@ -306,24 +307,26 @@ def parquet_dataset(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> 
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(shared_tmp: Path, dataset: Path, ray_address: str):
+@slow_resource
+def uninterrupted(shared_tmp: Path, dataset: Path):
     """The final state.pt of an uninterrupted run of `tests.helpers.train_args` from the pickle, per worker count
-    (trained once per test session, on first use, whichever pytest worker needs it first): what the resume, fault
-    and storage tests' interrupted runs must end with, bit for bit. A Parquet copy of the data is read in the same
-    order, so its runs must end with the same bits too."""
+    (trained once per test session, on first use, whichever pytest worker needs it first): what the resume, fault,
+    jobs and storage tests' interrupted Ray runs must end with, bit for bit. It is trained by the same loop without
+    Ray, on as many gloo processes (`tests.distributed.train_all`): a Ray run, killed and resumed any way, must end
+    exactly as the plain PyTorch loop does. A Parquet copy of the data is read in the same order, so its runs must
+    end with the same bits too. Every checkpoint of the run is in the folder of the returned file's parent: the fork
+    and the diverging fine-tune start from them."""
     # Here, not at the top: this file makes the environment hermetic before torch (tests.helpers imports it) loads.
-    from tests.helpers import LAST_STEP, ckpt, run_name_of, train_args
+    from raytrain_app.main import prepare
+    from tests.distributed import train_all
+    from tests.helpers import LAST_STEP, ckpt, train_args
 
     def final_state(workers: int) -> Path:
-        def train(save_dir: Path) -> str:
-            # Every checkpoint kept (what is kept changes nothing that is trained): the fork and the diverging
-            # fine-tune start from them. --keep-checkpoints is checked on the run whose workers are killed
-            # three times (test_faults_e2e.py).
-            args = train_args(dataset, save_dir, workers)
-            args[args.index("--keep-checkpoints") + 1] = "100"
-            result = run_main(args, ray_address)
-            assert result.returncode == 0, result.stdout + result.stderr
-            run_dir = save_dir / run_name_of(result.stdout)
+        def train(folder: Path) -> str:
+            # The config exactly as the driver makes it from the command (data shapes, locations).
+            plan = prepare(train_args(dataset, folder / "save-dir", workers))
+            train_all(folder, {"run": {"config": plan.cfg.to_dict()}}, world_size=workers)
+            run_dir = folder / "run"
             assert sorted(p.name for p in run_dir.glob("checkpoint_step=*"))[-1] == ckpt(run_dir, LAST_STEP).name
             return str(ckpt(run_dir, LAST_STEP) / "state.pt")
 

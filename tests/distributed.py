@@ -1,8 +1,9 @@
 """Training on several processes without Ray: the plain-PyTorch loop under torch.distributed (gloo, CPU), for the
-sharding tests. `train_all(...)` starts `world_size` processes, each running one run after another: build the
-model in the requested layout (DDP or FSDP), optionally restore a checkpoint folder, train with checkpoints
-written by `save_training_state`, and stop at a chosen step the way a preemption does. Rank 0 writes what the
-test compares: every step's training loss and the final weights, gathered whole.
+sharding tests and the end-to-end tests' uninterrupted reference run (a Ray run must end with its bits).
+`train_all(...)` starts `world_size` processes, each running one run after another: build the model in the
+requested layout (DDP or FSDP), optionally restore a checkpoint folder, train with checkpoints written by
+`save_training_state`, and stop at a chosen step the way a preemption does. Rank 0 writes what the test compares:
+every step's training loss and the final weights, gathered whole.
 """
 
 from __future__ import annotations

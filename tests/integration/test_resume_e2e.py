@@ -1,8 +1,8 @@
 """End to end on a real Ray cluster: kill a training process for real, re-run it, and get the same bits.
 
 Each test runs `python -m raytrain_app.main` as a separate process against the session's `ray start` cluster.
-The runs' geometry (tests.helpers.train_args) and the uninterrupted reference runs (the `uninterrupted` fixture,
-tests/conftest.py) are shared with the fault and storage tests.
+The runs' geometry (tests.helpers.train_args) and the uninterrupted reference run (the `uninterrupted` fixture,
+tests/conftest.py: the same loop without Ray, on gloo processes) are shared with the fault, jobs and storage tests.
 """
 
 from __future__ import annotations
@@ -105,10 +105,17 @@ def test_a_finished_run_prints_commands_that_resume_and_fine_tune_it(
 
 
 @pytest.fixture(scope="session")
-def base_run(uninterrupted) -> Path:
-    """The uninterrupted 3-epoch, 2-worker reference run, every checkpoint kept: several tests fork from it or
-    read it, none writes it."""
+def reference_run(uninterrupted) -> Path:
+    """The folder of the uninterrupted reference run (every checkpoint of its 3 epochs): the fork starts from one of
+    them; nothing writes it."""
     return uninterrupted(2).parent.parent
+
+
+@pytest.fixture(scope="session")
+def finished_run(interrupted_run: dict) -> Path:
+    """A finished run folder as Ray Train leaves it (its record, kept checkpoints, best_model.pt beside it): the
+    session's interrupted run, run to its end. The tests below only read it."""
+    return Path(interrupted_run["run_dir"])
 
 
 def snapshot_tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -116,7 +123,7 @@ def snapshot_tree(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_a_fork_with_new_hyperparameters_killed_and_rerun_continues_its_own_run(
-        tmp_path: Path, dataset: Path, base_run: Path, ray_address: str) -> None:
+        tmp_path: Path, dataset: Path, reference_run: Path, ray_address: str) -> None:
     """The guide's fine-tune, interrupted: --resume-from-checkpoint with a checkpoint folder and new
     hyperparameters starts a new run; killed mid-epoch and run again, the very same command continues that run
     (not the base again), with --epochs a total, the new settings applied, and the base left untouched."""
@@ -124,8 +131,9 @@ def test_a_fork_with_new_hyperparameters_killed_and_rerun_continues_its_own_run(
     # (a cross-entropy, never below 0) beats it, so the fork keeps it as its best model by construction, and
     # says so (raytrain_app/main.py), not by how well these few steps happen to train.
     source = tmp_path / "base" / f"checkpoint_step={STEPS_PER_EPOCH:06d}"
-    save_checkpoint_dir(str(source), {**load_state(str(ckpt(base_run, STEPS_PER_EPOCH) / "state.pt")), "val_loss": 0.0})
-    before = snapshot_tree(base_run), snapshot_tree(source.parent)
+    save_checkpoint_dir(str(source), {**load_state(str(ckpt(reference_run, STEPS_PER_EPOCH) / "state.pt")),
+                                      "val_loss": 0.0})
+    before = snapshot_tree(reference_run), snapshot_tree(source.parent)
     args = train_args(dataset, tmp_path / "runs", 2, "--resume-from-checkpoint", str(source), "--lr", "3e-4",
                       "--dropout", "0.0", "--weight-decay", "0.05")
     run_name = parse_config(args)[0].default_run_name()
@@ -141,9 +149,9 @@ def test_a_fork_with_new_hyperparameters_killed_and_rerun_continues_its_own_run(
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"Run {run_name} has checkpoints: continuing it from its latest one." in again.stdout
     assert f"Loading checkpoint from: {run_dir / latest_name / 'state.pt'}" in again.stdout
-    assert run_name != base_run.name
+    assert run_name != reference_run.name
     # The run and the checkpoint it started from are untouched (no best model written beside the checkpoint).
-    assert (snapshot_tree(base_run), snapshot_tree(source.parent)) == before
+    assert (snapshot_tree(reference_run), snapshot_tree(source.parent)) == before
     steps = sorted(int(p.name.split("=")[1]) for p in run_dir.glob("checkpoint_step=*"))
     assert steps[0] > STEPS_PER_EPOCH  # counters continued from the checkpoint, not reset
 
@@ -165,14 +173,14 @@ def test_a_fork_with_new_hyperparameters_killed_and_rerun_continues_its_own_run(
 
 
 def test_c_pt_file_from_another_tool_without_epoch_starts_at_epoch_0_with_its_weights(
-        tmp_path: Path, dataset: Path, base_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, dataset: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """What the driver decides (in this process) and what every worker then restores from the file."""
     from raytrain_app.checkpoint.state import restore_training_state
     from raytrain_app.core.model import SequenceTransformer
     from raytrain_app.core.trainer import Trainer
     from raytrain_app.main import prepare
 
-    best = load_state(str(base_run.parent / "best_model.pt"))
+    best = load_state(str(finished_run.parent / "best_model.pt"))
     foreign = {  # only the keys the old script wrote, no 'epoch' or 'global_step', a config of its own
         "model_state_dict": best["model_state_dict"],
         "optimizer_state_dict": best["optimizer_state_dict"],
@@ -195,9 +203,9 @@ def test_c_pt_file_from_another_tool_without_epoch_starts_at_epoch_0_with_its_we
     assert not (tmp_path / "runs").exists() and capsys.readouterr().err == ""
 
 
-def test_d_nothing_left_to_train_exits_0_without_writing(tmp_path: Path, dataset: Path, base_run: Path,
+def test_d_nothing_left_to_train_exits_0_without_writing(tmp_path: Path, dataset: Path, finished_run: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    args = train_args(dataset, tmp_path / "runs", 2, "--resume-from-checkpoint", str(base_run))
+    args = train_args(dataset, tmp_path / "runs", 2, "--resume-from-checkpoint", str(finished_run))
     # (the base run already completed its 3 epochs)
     assert main(args) == 0  # in this process: it ends before Ray starts
     assert f"Nothing to train: the checkpoint has completed {EPOCHS} epochs and --epochs is {EPOCHS}" \
@@ -220,8 +228,8 @@ def test_f_missing_checkpoint_warns_and_starts_fresh(tmp_path: Path, dataset: Pa
     assert start_position(plan.summary) == (0, 0)
 
 
-def test_g_resume_prints_a_summary(tmp_path: Path, dataset: Path, base_run: Path) -> None:
-    source = base_run.parent / "best_model.pt"
+def test_g_resume_prints_a_summary(tmp_path: Path, dataset: Path, finished_run: Path) -> None:
+    source = finished_run.parent / "best_model.pt"
     state = load_state(str(source))
     args = ["--data", str(dataset), "--save-dir", str(tmp_path / "runs"), "--resume-from-checkpoint", str(source),
             "--epochs", str(state["epoch"])]  # nothing left: prints the summary, then exits before Ray
@@ -240,9 +248,9 @@ def test_g_resume_prints_a_summary(tmp_path: Path, dataset: Path, base_run: Path
         assert expected in lines, (expected, result.stdout)
 
 
-def test_pinned_run_name_continues_that_run_with_new_settings(base_run: Path, dataset: Path) -> None:
-    args = train_args(dataset, base_run.parent, 2, "--run-name", base_run.name, "--lr", "5e-4")
+def test_pinned_run_name_continues_that_run_with_new_settings(finished_run: Path, dataset: Path) -> None:
+    args = train_args(dataset, finished_run.parent, 2, "--run-name", finished_run.name, "--lr", "5e-4")
     result = run_in_process(main, args)  # the base run completed its 3 epochs: found, nothing left, exit 0 before Ray
     assert result.returncode == 0, result.stderr
-    assert f"Run {base_run.name} has checkpoints: continuing it from its latest one." in result.stdout
+    assert f"Run {finished_run.name} has checkpoints: continuing it from its latest one." in result.stdout
     assert f"Nothing to train: the checkpoint has completed {EPOCHS} epochs" in result.stdout

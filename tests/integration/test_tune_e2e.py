@@ -222,7 +222,9 @@ def test_killed_sweep_resumes_where_it_stopped(
     base_checkpoint: Path, dataset: Path, ray_address: str, tmp_path: Path
 ) -> None:
     epochs = 3
-    args = ["--base-checkpoint", str(base_checkpoint), "--data", str(dataset), "--save-dir", str(tmp_path),
+    base = tmp_path / "base.pt"  # the user's file, which changes after the sweep started (below)
+    base.write_bytes(base_checkpoint.read_bytes())
+    args = ["--base-checkpoint", str(base), "--data", str(dataset), "--save-dir", str(tmp_path),
             "--lr-grid", "1e-3,3e-3", "--scheduler", "none", "--max-concurrent-trials", "1", "--sweep-name", "cut",
             "--epochs", str(epochs), "--eval-every", "2", *FIXED]
     sweep_dir = parse_location(str(tmp_path / "cut"))
@@ -249,6 +251,11 @@ def test_killed_sweep_resumes_where_it_stopped(
     runs = trial_run_dirs(sweep_dir)
     done_files = {p: os.stat(p).st_mtime_ns for p in Path(runs[done].path).rglob("*")}
     cut_step = metrics[cut]["global_step"]
+
+    # The user's base file is overwritten meanwhile (retrained, replaced by another run's best_model.pt): the
+    # sweep resumes from its own copy, base_checkpoint.pt, the bytes every trial started from.
+    base_bytes = base.read_bytes()
+    base.write_bytes(b"not the base any more")
 
     # 2. The same command again. Once the cut trial has moved on, kill its trial driver (Tune's trial actor)
     #    too: Tune runs the trial again, and it continues its own Train run once more.
@@ -284,6 +291,9 @@ def test_killed_sweep_resumes_where_it_stopped(
     assert sorted(float(r["lr"]) for r in rows) == [1e-3, 3e-3]
     assert {r["status"] for r in rows} == {"finished"}
     assert all(math.isfinite(float(r["best_val_loss"])) for r in rows)
+    assert sweep_dir.join("base_checkpoint.pt").read_bytes() == base_bytes
+    assert {load_state(runs[cut].join(f"checkpoint_step={STEPS_PER_EPOCH * epochs:06d}", "state.pt"))["lineage"][
+        "base_sha256"]} == {hashlib.sha256(base_bytes).hexdigest()}
 
 
 def test_a_trial_whose_workers_fail_more_than_max_failures_ends_as_error_and_the_sweep_exits_1(

@@ -74,5 +74,18 @@ def test_raytrain_console_script_runs_each_command() -> None:
                                text=True, timeout=120, cwd=REPO_ROOT)
     assert by_script.returncode == by_module.returncode == 2
     assert by_script.stderr == by_module.stderr and by_script.stderr.startswith("error: ")
+    # evaluate and predict too: the script's refusal is the module's, line for line (the module run in this process).
+    from raytrain_app.evaluate import main as evaluate_main
+    from raytrain_app.predict import main as predict_main
+    from tests.helpers import run_in_process
+
+    for command, module_main, extra in (("evaluate", evaluate_main, []),
+                                        ("predict", predict_main, ["--out", str(REPO_ROOT / "no-such-out")])):
+        assert f"(python -m raytrain_app.{command})" in listing.stdout
+        args = ["--checkpoint", missing, "--data", str(REPO_ROOT / "no-such-data"), *extra]
+        by_script = subprocess.run([str(raytrain), command, *args], capture_output=True, text=True, timeout=120)
+        by_module = run_in_process(module_main, args)
+        assert (by_script.returncode, by_script.stderr) == (by_module.returncode, by_module.stderr) == (
+            2, f"error: --checkpoint {missing}: nothing there\n"), (command, by_script.stderr, by_module.stderr)
     unknown = subprocess.run([str(raytrain), "fly"], capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: unknown command 'fly'")

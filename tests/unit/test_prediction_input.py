@@ -14,13 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raytrain_app.checkpoint.inference import load_trained_model
+from raytrain_app.checkpoint.inference import load_trained_model, score_table
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.errors import UserError
 from raytrain_app.core.model import SequenceTransformer, set_normalization
 from raytrain_app.datasets.prediction_input import Shape, open_prediction_input, read_piece
-from raytrain_app.predict import SUCCESS_FILE, main, prepare_output
-from raytrain_app.ray_adapter.inference import score_table
+from raytrain_app.predict import SUCCESS_FILE, main, move_into_place, prepare_output
 from raytrain_app.storage.location import parse_location
 from tests.helpers import run_in_process
 
@@ -178,3 +177,23 @@ def test_a_cut_off_copy_into_place_is_replaced_but_another_output_is_not(tmp_pat
     assert str(refused.value) == (f"--out {tmp_path / 'out'} exists and is not empty: pass --overwrite to replace it, "
                                   "or choose another --out")
     assert (tmp_path / "out" / "a.parquet").read_bytes() == b"copied before the cut"  # left as it was
+
+
+def test_overwrite_replaces_a_whole_earlier_output_only_once_the_new_one_is_whole(tmp_path: Path) -> None:
+    """--overwrite: the earlier output stays as it was while the new one is staged beside it, and is then
+    replaced whole (none of its files left), the staging folder gone."""
+    out = parse_location(str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    for name in ("part-0.parquet", "part-1.parquet", SUCCESS_FILE):
+        (tmp_path / "out" / name).write_bytes(b"earlier")
+    with pytest.raises(UserError, match="exists and is not empty: pass --overwrite"):
+        prepare_output(out, overwrite=False)
+    staging = prepare_output(out, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_SUCCESS", "part-0.parquet", "part-1.parquet"]
+    Path(staging.path).mkdir(parents=True)
+    for name in ("part-9.parquet", SUCCESS_FILE):
+        Path(staging.path, name).write_bytes(b"new")
+    move_into_place(staging, out)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == {"part-9.parquet": b"new",
+                                                                              SUCCESS_FILE: b"new"}
+    assert not (tmp_path / "out.partial").exists()
