@@ -115,6 +115,13 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
                            verified_checkpoint=verified_name(verified))
     try:
         trainer.fit()
+        # A finished trial's last result in Tune must be its end: report the run's final checkpoint once more.
+        # Every report reaches Tune through the callback, but on a loaded machine fit() was seen to return before
+        # the last one had, and the sweep then took the finished trial for one stopped early. (A diverged trial
+        # ends before --epochs: its own last report, which says so, stays the last.)
+        final = latest_run_metrics(trial_dir.join(run_name)) or {}
+        if int(final.get("epoch", 0)) >= cfg.epochs:
+            tune.report(tune_metrics(final, base_step))
     except ray.train.TrainingFailedError as e:
         try:
             step = (latest_run_metrics(trial_dir.join(run_name)) or {}).get("global_step")
