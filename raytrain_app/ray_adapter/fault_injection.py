@@ -12,6 +12,7 @@ when steps happen. The driver forwards the variable to its workers. Never set it
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 
 STEP_DELAY_ENV_VAR = "RAYTRAIN_TEST_STEP_DELAY_S"
@@ -29,6 +30,17 @@ def step_delay_s(environ: Mapping[str, str] = os.environ) -> float:
         return 0.0
 
 
-def step_delay_is_variable(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether the delay is read from a file (at every step) rather than fixed."""
-    return environ.get(STEP_DELAY_ENV_VAR, "").startswith("@")
+class StepDelay:
+    """What a worker calls after each optimizer step: sleeps as `RAYTRAIN_TEST_STEP_DELAY_S` says (read once, or
+    at every call when it names a file); does nothing when it is unset."""
+
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
+        self.environ = dict(environ)
+        self.variable = self.environ.get(STEP_DELAY_ENV_VAR, "").startswith("@")
+        self.seconds = step_delay_s(self.environ)
+
+    def __call__(self) -> None:
+        if self.variable:
+            self.seconds = step_delay_s(self.environ)
+        if self.seconds:
+            time.sleep(self.seconds)

@@ -51,7 +51,7 @@ from raytrain_app.observability.metrics import RunMetrics
 from raytrain_app.observability.progress import ProgressSender
 from raytrain_app.ray_adapter import ray_compat
 from raytrain_app.ray_adapter.control import Interrupts
-from raytrain_app.ray_adapter.fault_injection import step_delay_is_variable, step_delay_s
+from raytrain_app.ray_adapter.fault_injection import StepDelay
 from raytrain_app.storage.location import parse_location
 
 
@@ -130,8 +130,7 @@ class WorkerRun:
         self.save_dir = parse_location(cfg.save_dir)  # canonical: the driver's endpoint is written into the URI
         self.recorder: RunMetrics | None = None
         self.sender: ProgressSender | None = None
-        self.step_delay_s = step_delay_s()  # tests only (fault_injection)
-        self.step_delay_variable = step_delay_is_variable()
+        self.step_delay = StepDelay()  # tests only (fault_injection): nothing unless the test asks for a delay
         # The next checkpoint is written once Ray has uploaded the previous one. Sharded: every worker writes its
         # shard (torch.distributed.checkpoint), with collectives of its own on a group of their own.
         if trainer.sharded:
@@ -202,10 +201,7 @@ class WorkerRun:
                                   trainer.data_wait_s)
         if self.sender is not None:
             self.sender(trainer)
-        if self.step_delay_variable:
-            self.step_delay_s = step_delay_s()
-        if self.step_delay_s:
-            time.sleep(self.step_delay_s)
+        self.step_delay()
 
     def on_checkpoint(self, metrics: dict[str, Any], scores: Scores | None, is_best: bool) -> None:
         """Every rank, at every validation and every save an interrupt asks for."""
