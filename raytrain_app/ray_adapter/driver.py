@@ -116,11 +116,11 @@ def make_trainer(cfg: TrainConfig, *, run_name: str, storage: Location, init_fro
     not hash it again. `input_stats`: (mean, std) per feature a run from scratch standardises its inputs with
     (--normalize standard); a run from a checkpoint takes the checkpoint's."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
+    from raytrain_app.ray_adapter.ray_compat import torch_trainer_class
     from raytrain_app.ray_adapter.worker import train_func
 
-    return TorchTrainer(
+    return torch_trainer_class()(
         train_func,
         train_loop_config={"config": cfg.to_dict(), "init_from": init_from, "lineage": lineage,
                            "fork_keeps_best": fork_keeps_best, "log_prefix": log_prefix,

@@ -27,6 +27,7 @@ from tests.conftest import (
     computed_once,
     finish_process,
     latest_checkpoint_step,
+    ray_train_processes,
     run_main,
     start_process,
     wait_until,
@@ -92,6 +93,10 @@ def test_workers_killed_at_random_moments_and_the_run_ends_bit_exact(
                        f"a checkpoint at step {target} after {kill} restart(s)", proc=proc, log=log_path)
             time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the steps after it
             killed_after.append(registered_step(run_dir))
+            # The worker group at work, without the Ray Datasets helper actor Ray Train starts by default at
+            # each start and restart (ray_compat.torch_trainer_class: the run has no Ray Datasets).
+            assert ray_train_processes(ray_address, "ray::RayTrainWorker"), "no Ray Train worker running"
+            assert not ray_train_processes(ray_address, "ray::DatasetManager"), f"at the kill after {kill} restart(s)"
             kill_a_train_worker(log_path, rank=rng.choice(sorted(train_workers(log_path))))
         failed = finish_process(proc, log, timeout=240)
     finally:
