@@ -141,10 +141,17 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> No
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+# The pids of S3 servers that outlive their pytest-xdist worker, in the folder the workers share.
+S3_SERVERS = "s3-servers"
+
+
 @pytest.fixture(scope="session")
 @slow_resource
-def s3_endpoint() -> str:
-    """A real S3-protocol server (moto's standalone server) on 127.0.0.1 for the session; yields its URL."""
+def s3_endpoint(shared_tmp: Path) -> str:
+    """A real S3-protocol server (moto's standalone server) on 127.0.0.1 for the session; yields its URL.
+    Under pytest-xdist it lives until the whole session ends, not just this worker's part: a run computed once on
+    this worker's server (`computed_once`) is read from it by the other worker's tests, which may still be running
+    when this worker is done. The controller stops it then (`pytest_sessionfinish`)."""
     port = _free_port()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -152,17 +159,41 @@ def s3_endpoint() -> str:
     # (unsigned requests are sent aws-chunked, which this server stores verbatim).
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    outlives_worker = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    if outlives_worker:
+        (shared_tmp / S3_SERVERS).mkdir(exist_ok=True)
+        (shared_tmp / S3_SERVERS / str(proc.pid)).touch()
     try:
         _wait_for_port(port, proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.kill()  # it takes 15 s to honour SIGTERM
-        proc.wait(timeout=30)
+        if not outlives_worker:
+            _stop_s3_server(proc.pid)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _stop_s3_server(pid: int) -> None:
+    import psutil
+
+    try:
+        server = psutil.Process(pid)
+        server.kill()  # it takes 15 s to honour SIGTERM
+        server.wait(timeout=30)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In the pytest-xdist controller, once every worker is done: stop the workers' S3 servers."""
+    if hasattr(session.config, "workerinput"):  # a worker: its server outlives it
+        return
+    folder = session.config._tmp_path_factory.getbasetemp() / S3_SERVERS  # the workers' shared folder
+    for pid_file in sorted(folder.glob("*")) if folder.is_dir() else []:
+        _stop_s3_server(int(pid_file.name))
 
 
 def make_bucket(endpoint: str, name: str) -> str:
