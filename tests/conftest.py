@@ -280,6 +280,16 @@ def gloo_runs(shared_tmp: Path) -> Path:
 
 @pytest.fixture
 @slow_resource
+def inductor() -> Any:
+    """`torch.compile` (Inductor): its first compile of a model in a new checkout generates C++ and builds it with
+    the system compiler in worker processes, 10 to 15 s here."""
+    import torch
+
+    return torch.compile
+
+
+@pytest.fixture
+@slow_resource
 def gloo() -> Any:
     """tests.distributed.train_all, for a test that trains on 1 or 2 gloo processes of its own."""
     from tests.distributed import train_all

@@ -131,18 +131,18 @@ def test_resume_with_another_batch_size_continues_after_the_same_samples() -> No
     assert trainer.batch_index == 10
 
 
-def test_compiled_model_checkpoints_plain_weights_and_resumes() -> None:
+def test_compiled_model_checkpoints_plain_weights_and_resumes(inductor) -> None:
     cfg = config(compile=True, epochs=1, eval_every=1000, dropout=0.0)
     data = synthetic(64)
     seed_everything(cfg.seed, 0)
     model = SequenceTransformer(cfg)
-    trainer = Trainer(cfg, model, torch.compile(model), torch.device("cpu"))
+    trainer = Trainer(cfg, model, inductor(model), torch.device("cpu"))
     saved: list[dict] = []
     trainer.fit(data, with_training_state(trainer, lambda metrics, state, is_best: saved.append(copy_state(state))))
     keys = set(saved[-1]["model_state_dict"])
     assert keys == set(SequenceTransformer(cfg).state_dict())  # no "_orig_mod." prefix from torch.compile
     fresh = SequenceTransformer(cfg)
-    restore_training_state(Trainer(cfg, fresh, torch.compile(fresh), torch.device("cpu")), saved[-1])
+    restore_training_state(Trainer(cfg, fresh, inductor(fresh), torch.device("cpu")), saved[-1])
     assert all(torch.equal(p, saved[-1]["model_state_dict"][k]) for k, p in fresh.state_dict().items())
 
 
