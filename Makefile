@@ -9,13 +9,15 @@ DEMO_DATA := data/demo.pkl
 # Recreated when pyproject.toml changes (torch: the version pyproject.toml pins; see its comment on the build).
 # uv installs what pip takes about 70 s for in about 20 s on 2 cores (parallel downloads; the bytecode of every
 # package compiled on every core, which processes that import Ray and torch need: see `bytecode`). uv reads no
-# pip settings: folders of local wheels in PIP_FIND_LINKS (a machine's CPU build of torch) are passed on.
+# pip settings: the find-links pip is configured with (PIP_FIND_LINKS or a pip.conf: folders of local wheels,
+# such as a machine's CPU build of torch) are passed on to it.
 UV_VERSION := 0.13.10
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv==$(UV_VERSION)
+	links=$$($(PY) -m pip config list | sed -n "s/.*find-links='\(.*\)'/\1/p" | tr ' ' '\n' | sort -u); \
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode \
-		$(foreach links,$(PIP_FIND_LINKS),--find-links $(links)) -e '.[dev]'
+		$$(for link in $$links; do printf -- '--find-links %s ' "$$link"; done) -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
