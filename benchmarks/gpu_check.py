@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -254,14 +255,8 @@ def amp_step(ctx: Context, amp_dtype: str) -> str:
     return f"{detail}, GradScaler scale {scale:g}, {skipped} overflow step(s) skipped"
 
 
-@check("train_step_bf16")
-def check_train_step_bf16(ctx: Context) -> str:
-    return amp_step(ctx, "bf16")
-
-
-@check("train_step_fp16")
-def check_train_step_fp16(ctx: Context) -> str:
-    return amp_step(ctx, "fp16")
+for _amp in ("bf16", "fp16"):
+    check(f"train_step_{_amp}")(partial(amp_step, amp_dtype=_amp))
 
 
 def non_finite_skip(ctx: Context, amp_dtype: str) -> str:
@@ -288,14 +283,8 @@ def non_finite_skip(ctx: Context, amp_dtype: str) -> str:
     return f"NaN step skipped by {how}: weights, moments and EMA bit-identical, counted (1 skipped), next step trains"
 
 
-@check("non_finite_skip_bf16")
-def check_non_finite_skip_bf16(ctx: Context) -> str:
-    return non_finite_skip(ctx, "bf16")
-
-
-@check("non_finite_skip_fp16")
-def check_non_finite_skip_fp16(ctx: Context) -> str:
-    return non_finite_skip(ctx, "fp16")
+for _amp in ("bf16", "fp16"):
+    check(f"non_finite_skip_{_amp}")(partial(non_finite_skip, amp_dtype=_amp))
 
 
 @check("fused_adamw")

@@ -35,12 +35,11 @@ class StepDelay:
     at every call when it names a file); does nothing when it is unset."""
 
     def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
-        self.environ = dict(environ)
-        self.variable = self.environ.get(STEP_DELAY_ENV_VAR, "").startswith("@")
-        self.seconds = step_delay_s(self.environ)
+        self.setting = {STEP_DELAY_ENV_VAR: environ.get(STEP_DELAY_ENV_VAR, "0")}  # the one variable it reads
+        self.seconds = step_delay_s(self.setting)
 
     def __call__(self) -> None:
-        if self.variable:
-            self.seconds = step_delay_s(self.environ)
+        if self.setting[STEP_DELAY_ENV_VAR].startswith("@"):
+            self.seconds = step_delay_s(self.setting)
         if self.seconds:
             time.sleep(self.seconds)

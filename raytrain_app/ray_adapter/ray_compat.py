@@ -11,6 +11,7 @@ It does not import Ray at import time: the driver sets environment variables Ray
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -113,29 +114,25 @@ def autoscaler_max_resources() -> dict[str, float] | None:
 
 # --- a Ray Train run --------------------------------------------------------------------------------------------
 
-_TRAINER_CLASS: list[type] = []
-
-
+@functools.cache
 def torch_trainer_class() -> type:
     """Ray's TorchTrainer, less one process at every worker-group start: Ray Train starts a DatasetManager actor
     for the trainer's Ray Datasets at each start and restart even when it has none, and this service streams its
     own data (raytrain_app.datasets) and passes none. That actor is a Python process importing Ray, about 1.3 s of
     CPU on each start, restarts after a lost worker included. With datasets, the class keeps Ray's callbacks.
     (DataParallelTrainer._create_default_callbacks and ray.train.v2._internal.callbacks.DatasetsCallback.)"""
-    if not _TRAINER_CLASS:
-        from ray.train.torch import TorchTrainer
-        from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
 
-        class Trainer(TorchTrainer):
-            def _create_default_callbacks(self) -> list[Any]:
-                callbacks = super()._create_default_callbacks()
-                if self.datasets:
-                    return callbacks
-                return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
-        Trainer.__name__ = Trainer.__qualname__ = "TorchTrainer"
-        _TRAINER_CLASS.append(Trainer)
-    return _TRAINER_CLASS[0]
+    Trainer.__name__ = Trainer.__qualname__ = "TorchTrainer"
+    return Trainer
 
 
 # --- a Ray Train worker ----------------------------------------------------------------------------------------
