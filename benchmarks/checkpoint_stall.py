@@ -32,7 +32,7 @@ from raytrain_app.checkpoint.format import save_checkpoint_dir
 from raytrain_app.checkpoint.state import training_state
 from raytrain_app.checkpoint.writer import CheckpointWriter
 from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.model_spec import build_model
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import Trainer
 from raytrain_app.storage.location import Location, parse_location
@@ -44,7 +44,7 @@ def build(args: argparse.Namespace) -> tuple[Trainer, list]:
                       batch_size=args.batch_size, dropout=0.0, use_gpu=args.device == "cuda")
     seed_everything(0, 0)
     device = torch.device(args.device)
-    model = SequenceTransformer(cfg).to(device)
+    model = build_model(cfg).to(device)
     trainer = Trainer(cfg, model, model, device)
     batch = [(torch.randn(args.batch_size, args.seq_len, args.feature_dim, device=device),
               torch.randint(0, 8, (args.batch_size,), device=device))]

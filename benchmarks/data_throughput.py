@@ -32,7 +32,7 @@ def measure(data: str, batch_size: int, epochs: int, step: str) -> dict:
     import torch
 
     from raytrain_app.core.config import TrainConfig
-    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.model_spec import build_model
     from raytrain_app.core.trainer import Trainer
     from raytrain_app.datasets.formats import open_dataset
     from raytrain_app.datasets.order import shard_batches
@@ -42,7 +42,7 @@ def measure(data: str, batch_size: int, epochs: int, step: str) -> dict:
     open_s = time.perf_counter() - started
     cfg = TrainConfig(feature_dim=ds.feature_dim, seq_len=ds.seq_len, num_classes=ds.num_classes, num_workers=1)
     torch.manual_seed(0)
-    model = SequenceTransformer(cfg)
+    model = build_model(cfg)
     trainer = Trainer(cfg, model, model, torch.device("cpu"))
     samples, started = 0, time.perf_counter()
     for epoch in range(epochs):

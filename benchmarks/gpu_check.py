@@ -49,7 +49,7 @@ from raytrain_app.checkpoint.state import restore_training_state, save_training_
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.evaluation import tally
 from raytrain_app.core.memory import HEADROOM, human, plan_memory
-from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.model_spec import build_model
 from raytrain_app.core.parallel import is_sharded, parallelize
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import Trainer, to_device
@@ -145,7 +145,7 @@ def build(cfg: TrainConfig, device: torch.device, seed: int = 0,
     (inductor) for the CPU fallback."""
     seed_everything(seed, 0)
     with device:  # initialised where it trains: the 1.2 B-parameter model's initialisers take a CPU half a minute
-        model = SequenceTransformer(cfg)
+        model = build_model(cfg)
     if compile_backend is None:
         train_model = parallelize(cfg, model, device, world_size=1)
     else:

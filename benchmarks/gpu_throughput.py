@@ -30,7 +30,7 @@ from raytrain_app.checkpoint.format import load_state, save_checkpoint_dir
 from raytrain_app.checkpoint.state import training_state
 from raytrain_app.checkpoint.writer import CheckpointWriter
 from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.model_spec import build_model
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import Trainer
 from raytrain_app.observability.metrics import flops_per_token, peak_flops
@@ -57,7 +57,7 @@ def throughput(args: argparse.Namespace, amp_dtype: str, compile_model: bool) ->
     cfg = config(args, amp_dtype, compile_model)
     device = torch.device(args.device)
     seed_everything(0, 0)
-    model = SequenceTransformer(cfg).to(device)
+    model = build_model(cfg).to(device)
     trainer = Trainer(cfg, model, torch.compile(model) if compile_model else model, device)
     batch = [(torch.randn(cfg.batch_size, cfg.seq_len, cfg.feature_dim, device=device),
               torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device))]

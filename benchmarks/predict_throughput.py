@@ -38,13 +38,13 @@ def write_inputs(root: Path, args: argparse.Namespace) -> tuple[str, str]:
     import torch
 
     from raytrain_app.core.config import TrainConfig
-    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.model_spec import build_model
 
     cfg = TrainConfig(hidden_dim=args.hidden_dim, num_layers=args.num_layers, num_heads=args.num_heads,
                       feature_dim=args.feature_dim, seq_len=args.seq_len, num_classes=args.num_classes, dropout=0.0)
     torch.manual_seed(0)
     checkpoint = root / "model.pt"
-    torch.save({"model_state_dict": SequenceTransformer(cfg).state_dict(), "config": cfg.to_dict(),
+    torch.save({"model_state_dict": build_model(cfg).state_dict(), "config": cfg.to_dict(),
                 "global_step": 0, "epoch": 0}, checkpoint)
     data = root / "data"
     data.mkdir()

@@ -43,7 +43,7 @@ def bare(argv: list[str]) -> dict:
     from raytrain_app.checkpoint.format import save_checkpoint_dir
     from raytrain_app.checkpoint.writer import CheckpointWriter
     from raytrain_app.cli.flags import parse_config
-    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.model_spec import build_model
     from raytrain_app.core.rng import seed_everything
     from raytrain_app.core.trainer import Trainer
     from raytrain_app.datasets.formats import open_dataset
@@ -54,7 +54,7 @@ def bare(argv: list[str]) -> dict:
     data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     cfg = cfg.replace(feature_dim=data.feature_dim, seq_len=data.seq_len, num_classes=data.num_classes)
     seed_everything(cfg.seed, 0)
-    model = SequenceTransformer(cfg)
+    model = build_model(cfg)
     trainer = Trainer(cfg, model, model, torch.device("cpu"))
     folder = tempfile.mkdtemp(prefix="bare-ckpt-")
 

@@ -52,7 +52,7 @@ def train_base(data: str, model_flags: list[str], folder: str) -> str:
 
     from raytrain_app.checkpoint.format import write_best_model
     from raytrain_app.cli.flags import parse_config
-    from raytrain_app.core.model import SequenceTransformer
+    from raytrain_app.core.model_spec import build_model
     from raytrain_app.core.rng import seed_everything
     from raytrain_app.core.trainer import Trainer
     from raytrain_app.datasets.formats import open_dataset
@@ -61,7 +61,7 @@ def train_base(data: str, model_flags: list[str], folder: str) -> str:
     dataset = open_dataset(data)
     cfg = cfg.replace(feature_dim=dataset.feature_dim, seq_len=dataset.seq_len, num_classes=dataset.num_classes)
     seed_everything(cfg.seed, 0)
-    model = SequenceTransformer(cfg)
+    model = build_model(cfg)
     trainer = Trainer(cfg, model, model, torch.device("cpu"))
     states: list[dict] = []
     trainer.fit(dataset, with_training_state(trainer, lambda metrics, state, is_best: states.append(state)))

@@ -25,6 +25,7 @@ from raytrain_app.checkpoint.resolve import parent_location, summarize
 from raytrain_app.cli.errors import run_command
 from raytrain_app.core.config import as_flags
 from raytrain_app.core.model import NORMALIZATION_KEYS, has_input_stats
+from raytrain_app.core.model_spec import model_text
 from raytrain_app.storage.location import Location, parse_location
 from raytrain_app.storage.publish import publish_file
 
@@ -82,6 +83,7 @@ def show(where: str) -> list[str]:
              f"Validation accuracy at this checkpoint: {_accuracy(state.get('eval_val_accuracy'))}; best so far: "
              f"{_accuracy(state.get('val_accuracy'))}",
              f"Input normalisation: {_normalization(state, summary.model_shapes)}",
+             f"Model spec: {model_text(config)}",
              f"Model: {params:,} parameters; state file {_size(state_file.info().size)}"
              + (f"; weights and optimizer state sharded by {sharded['world_size']} worker(s) in {sharded['dir']}/"
                 if sharded else "; optimizer state" if summary.has_optimizer else "; no optimizer state"),

@@ -28,9 +28,16 @@ from raytrain_app.checkpoint.resolve import (
 from raytrain_app.cli.commands import python_for_commands
 from raytrain_app.cli.errors import EXIT_DIVERGED, EXIT_TRAINING_FAILED, USER_ERRORS, run_command
 from raytrain_app.cli.flags import parse_config
-from raytrain_app.cli.preflight import prepare_data, prepare_start, print_resume_summary, start_position
+from raytrain_app.cli.preflight import (
+    check_model,
+    prepare_data,
+    prepare_start,
+    print_resume_summary,
+    start_position,
+)
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.memory import GB, check_fits
+from raytrain_app.core.model_spec import model_text
 from raytrain_app.core.trainer import UNVALIDATED_LOSS
 from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.observability.metrics import prepare_wandb
@@ -85,6 +92,8 @@ def prepare(argv: list[str]) -> Plan:
         cfg, summary = prepare_start(cfg, given, source, data)
     if init_from is not None:
         lineage = fork_lineage(source, summary)
+    if source is None:
+        check_model(cfg, given)  # else checked against the checkpoint's model by prepare_start
     input_stats = None
     if source is None and cfg.normalize == "standard":  # computed once; the run's checkpoints keep them
         mean, std = feature_stats(data.train)
@@ -126,6 +135,7 @@ def train(argv: list[str]) -> int:
     print(f"  Run: {plan.run_name} in {run_dir}")
     start = f"starting from epoch {done_epochs + 1}" + (f", batch {in_epoch}" if in_epoch else "")
     print(f"  Epochs: {cfg.epochs} ({start})")
+    print(f"  Model: {model_text(cfg.to_dict())}")
     print(f"  Workers: {cfg.workers_text()} x {'GPU' if cfg.use_gpu else 'CPU'}, batch {cfg.batch_size} per worker, "
           f"accumulation {cfg.grad_accum_steps}"
           + (f" (effective batch {cfg.batch_size * cfg.num_workers * cfg.grad_accum_steps}, kept with fewer workers "

@@ -106,7 +106,8 @@ def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
     from raytrain_app.checkpoint.state import restore_training_state, save_training_state
     from raytrain_app.core.config import TrainConfig
     from raytrain_app.core.interrupts import CONTINUE, STOP
-    from raytrain_app.core.model import SequenceTransformer, set_normalization
+    from raytrain_app.core.model import set_normalization
+    from raytrain_app.core.model_spec import build_model
     from raytrain_app.core.parallel import parallelize
     from raytrain_app.core.rng import seed_everything
     from raytrain_app.core.trainer import Trainer
@@ -117,7 +118,7 @@ def _train(rank: int, world_size: int, spec: dict[str, Any]) -> None:
     device = torch.device("cpu")
     seed_everything(cfg.seed, rank)
     data = open_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    model = SequenceTransformer(cfg)
+    model = build_model(cfg)
     if not spec["resume"] and cfg.normalize == "standard":  # as the driver does for a run from scratch
         set_normalization(model, *feature_stats(data.train))
     if spec.get("input_mean") is not None:

@@ -1,5 +1,5 @@
-"""Fitting a run's config to the checkpoint it starts from: architecture from the checkpoint, and a check
-that its weights have this model's shapes (on the meta device: no memory, no compute).
+"""Fitting a run's config to the checkpoint it starts from: the model (its spec and settings) from the
+checkpoint, and a check that its weights have this model's shapes (on the meta device: no memory, no compute).
 """
 
 from __future__ import annotations
@@ -9,26 +9,21 @@ from typing import Any
 from raytrain_app.checkpoint.resolve import StateSummary
 from raytrain_app.core.config import ARCH_FIELDS, TrainConfig
 from raytrain_app.core.errors import UserError
+from raytrain_app.core.model_spec import BUILTIN, model_identity
 
 
 def fit_to_checkpoint(
     cfg: TrainConfig, given: set[str], summary: StateSummary, *, num_classes_given: bool
 ) -> TrainConfig:
-    """Take architecture fields from the checkpoint; a flag given with another value is an error (exit 2).
+    """Take the model (spec and settings; the built-in's architecture fields) from the checkpoint; a flag given
+    with another value is an error (exit 2).
 
     `num_classes_given`: the dataset states its class count (else it is max label + 1 and may be smaller)."""
     from raytrain_app.core.model import arch_from_shapes
 
-    saved = {**arch_from_shapes(summary.model_shapes), **summary.config}
-    changes: dict[str, Any] = {}
-    mismatches = []
-    for name in ARCH_FIELDS:
-        if saved.get(name) is None:
-            continue
-        if name in given and getattr(cfg, name) != saved[name]:
-            mismatches.append(f"--{name.replace('_', '-')} {getattr(cfg, name)} (checkpoint has {saved[name]})")
-        else:
-            changes[name] = saved[name]
+    changes, mismatches = _model_from_checkpoint(cfg, given, summary)
+    # The data's shapes the checkpoint was trained for; the built-in's weights say them where no config does.
+    saved = {**(arch_from_shapes(summary.model_shapes) if changes["model"] == BUILTIN else {}), **summary.config}
     for name, what in (("feature_dim", "feature dimension"), ("seq_len", "sequence length"),
                        ("num_classes", "class count")):
         if not saved.get(name):  # unknown: the weight shapes are checked next
@@ -47,9 +42,38 @@ def fit_to_checkpoint(
     if mismatches:
         raise UserError(
             f"checkpoint {summary.path} does not fit this model: {'; '.join(mismatches)}. "
-            "Drop the architecture flags to use the checkpoint's, or use data with the same shape."
+            "Drop the architecture flags (or --model-args) to use the checkpoint's, or use data with the same shape."
         )
     return cfg.replace(**changes)
+
+
+def _model_from_checkpoint(cfg: TrainConfig, given: set[str],
+                           summary: StateSummary) -> tuple[dict[str, Any], list[str]]:
+    """(the checkpoint's model as config changes, the flags given that contradict it). Another --model is refused
+    outright: nothing of the two models would fit."""
+    from raytrain_app.core.model import arch_from_shapes
+
+    saved_model = model_identity(summary.config)["spec"]
+    if "model" in given and cfg.model != saved_model:
+        raise UserError(f"checkpoint {summary.path} holds a model of --model {saved_model}, not {cfg.model}: drop "
+                        "--model to continue that model, or train yours from scratch")
+    changes: dict[str, Any] = {"model": saved_model}
+    mismatches = []
+    if saved_model != BUILTIN:
+        saved_args = dict(summary.config.get("model_args") or {})
+        for key, value in (cfg.model_args or {}).items() if "model_args" in given else ():
+            if saved_args.get(key) != value:
+                mismatches.append(f"--model-args {key}={value} (checkpoint has {saved_args.get(key)})")
+        return {**changes, "model_args": saved_args}, mismatches
+    saved = {**arch_from_shapes(summary.model_shapes), **summary.config}
+    for name in ARCH_FIELDS:
+        if saved.get(name) is None:
+            continue
+        if name in given and getattr(cfg, name) != saved[name]:
+            mismatches.append(f"--{name.replace('_', '-')} {getattr(cfg, name)} (checkpoint has {saved[name]})")
+        else:
+            changes[name] = saved[name]
+    return changes, mismatches
 
 
 def _checkpoint_normalization(cfg: TrainConfig, given: set[str], summary: StateSummary) -> str:
@@ -72,10 +96,11 @@ def check_weights_fit(cfg: TrainConfig, summary: StateSummary) -> None:
     """Compare the checkpoint's tensors with the model on the meta device: no memory, no compute."""
     import torch
 
-    from raytrain_app.core.model import NORMALIZATION_KEYS, SequenceTransformer, has_input_stats
+    from raytrain_app.core.model import NORMALIZATION_KEYS, has_input_stats
+    from raytrain_app.core.model_spec import build_model
 
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in SequenceTransformer(cfg).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     found = summary.model_shapes
     if not has_input_stats(found):  # written before input normalisation: loads as none
         expected = {k: v for k, v in expected.items() if k not in NORMALIZATION_KEYS}
@@ -88,5 +113,5 @@ def check_weights_fit(cfg: TrainConfig, summary: StateSummary) -> None:
             f"shape {', '.join(wrong[:3])}" if wrong else "",
         ]))
         raise UserError(f"checkpoint {summary.path} holds a different model ({details}); "
-                        "pass the architecture flags it was trained with")
+                        "pass the architecture flags (or --model-args) it was trained with")
 

@@ -30,7 +30,10 @@ state.pt keys (the first eight are the ones users' tools already know):
   scaler_state_dict     GradScaler (fp16) state, {} when no scaler is used
   val_loss              best validation loss so far
   train_ema_loss        EMA of the training loss
-  config                TrainConfig.to_dict() of the run that wrote it
+  config                TrainConfig.to_dict() of the run that wrote it, its model among it: `model` (the spec:
+                        transformer, or package.module:attribute) and `model_args` (a plug-in's settings; the
+                        built-in's are hidden_dim, num_layers, num_heads). A config without `model` (written
+                        before models were pluggable) holds the built-in one. meta.json repeats it as `model`.
   scheduler_state_dict  the learning-rate schedule's position
   rng_states            per-rank python / numpy / torch CPU / CUDA generator states
   data_position         where in the epoch the next micro-batch comes from
@@ -56,6 +59,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from raytrain_app.core.model_spec import model_identity
 from raytrain_app.storage.location import Location, parse_location
 from raytrain_app.storage.publish import publish_bytes_from, publish_file
 
@@ -90,6 +94,7 @@ def _meta(state: dict[str, Any]) -> dict[str, Any]:
         "data_position": state.get("data_position"),
         "lineage": state.get("lineage"),
         "config": state.get("config"),
+        "model": model_identity(state.get("config")),
         "sharded": state.get("sharded"),
         # What the driver's checks and resume summary need, so that it never loads state.pt itself.
         "train_ema_loss": state.get("train_ema_loss"),

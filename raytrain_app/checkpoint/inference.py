@@ -17,6 +17,7 @@ from raytrain_app.checkpoint.format import CheckpointError, load_state
 from raytrain_app.checkpoint.resolve import parent_location, resolve_checkpoint
 from raytrain_app.checkpoint.sharded import read_full_weights
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model_spec import BUILTIN
 from raytrain_app.datasets.prediction_input import ERROR, ID, ROW, X
 from raytrain_app.storage.location import Location
 
@@ -33,10 +34,11 @@ class TrainedModel:
     global_step: int
 
     def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
-        """The model, weights loaded, in eval mode on `device`."""
-        from raytrain_app.core.model import SequenceTransformer
+        """The model, weights loaded, in eval mode on `device` (its spec imported: SpecError, one line, when the
+        user's module is not importable here)."""
+        from raytrain_app.core.model_spec import build_model
 
-        model = SequenceTransformer(self.cfg)
+        model = build_model(self.cfg)
         model.load_state_dict(self.weights)
         return model.to(device).eval()
 
@@ -66,7 +68,8 @@ def load_trained_model(where: str, flag: str = "--checkpoint") -> TrainedModel:
     known = {f.name for f in fields(TrainConfig)}
     # Settings this version knows (a file from another tool may hold others), the shapes from the weights.
     config = {k: v for k, v in (state.get("config") or {}).items() if k in known}
-    config.update(arch_from_shapes({k: tuple(v.shape) for k, v in weights.items()}))
+    if (config.get("model") or BUILTIN) == BUILTIN:
+        config.update(arch_from_shapes({k: tuple(v.shape) for k, v in weights.items()}))
     if "per_step" not in (state.get("config") or {}):
         raise CheckpointError(f"{flag} {where}: the checkpoint does not say whether it predicts a class per "
                               "sequence or per step (no config); it was not written by raytrain_app")

@@ -21,6 +21,43 @@ def with_data_shape(cfg: TrainConfig, data: Dataset) -> TrainConfig:
                        per_step=data.per_step)
 
 
+BUILTIN_ONLY_FLAGS = ("hidden_dim", "num_layers", "num_heads")
+
+
+def check_model(cfg: TrainConfig, given: set[str]) -> None:
+    """The model the run will train (its spec imported, built on the meta device: no memory, no compute) takes
+    the data's inputs and gives the outputs its task needs, before any worker starts; else one line, exit 2."""
+    import torch
+
+    from raytrain_app.core.model_spec import BUILTIN, SpecError, build_model, data_shape, load_spec
+
+    spec = load_spec(cfg.model)
+    if cfg.model != BUILTIN:
+        builtin_flags = sorted(f"--{name.replace('_', '-')}" for name in BUILTIN_ONLY_FLAGS if name in given)
+        if builtin_flags:
+            raise SpecError(f"{', '.join(builtin_flags)}: settings of the built-in transformer, not of --model "
+                            f"{cfg.model}; give your model's settings with --model-args")
+    elif cfg.model_args:
+        raise SpecError("--model-args: the built-in transformer takes --hidden-dim, --num-layers and --num-heads")
+    shape = data_shape(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg, spec)
+        x = torch.empty(2, *shape.input_shape)
+        try:
+            out = model.eval()(x)
+        except NotImplementedError:
+            return  # an operation with no meta kernel: the workers' first step will tell
+        except Exception as e:  # noqa: BLE001 - the user's code: whatever it raises is named in the one line
+            raise SpecError(f"--model {cfg.model} rejects inputs of shape {list(x.shape)} from --data: "
+                            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    expected = [2, *([shape.input_shape[0]] if shape.per_step else []), shape.num_classes]
+    if not isinstance(out, torch.Tensor) or list(out.shape) != expected:
+        found = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        what = "per step" if shape.per_step else "per sample"
+        raise SpecError(f"--model {cfg.model} returns {found} for inputs {list(x.shape)}; a {spec.task} model must "
+                        f"return {expected} (logits over {shape.num_classes} classes {what})")
+
+
 def print_resume_summary(summary: StateSummary, uses_scaler: bool, reset_optimizer: bool = False) -> None:
     """`reset_optimizer`: --reset-optimizer applies (a new run forked from this checkpoint)."""
     print(f"📂 Loading checkpoint from: {summary.path}")
@@ -73,5 +110,6 @@ def prepare_start(cfg: TrainConfig, given: set[str], source: Location, data: Dat
     summary = summarize(source, label)
     cfg = fit_to_checkpoint(cfg, given, summary, num_classes_given=data.num_classes_given)
     check_weights_fit(cfg, summary)
+    check_model(cfg, given)
     return cfg, summary
 

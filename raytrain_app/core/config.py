@@ -53,9 +53,17 @@ class TrainConfig:
     )
 
     # --- model (architecture fields must match a checkpoint being loaded) ---
-    hidden_dim: int = _opt(64, "Transformer width.")
-    num_layers: int = _opt(2, "Number of Transformer blocks.")
-    num_heads: int = _opt(4, "Attention heads; must divide --hidden-dim.")
+    model: str = _opt(
+        "transformer", "The model: transformer (the built-in one) or your own ModelSpec as package.module:attribute, "
+        "importable where the command runs and on every node (see docs/own-model.md). A run started from a "
+        "checkpoint trains the checkpoint's model.", added_later=True)
+    model_args: dict[str, Any] | None = _opt(
+        None, "Your model's own settings: key=value pairs (hidden=32,layers=2) or a JSON object; in a --config file, a "
+        "model_args section. The built-in transformer takes --hidden-dim, --num-layers and --num-heads instead.",
+        added_later=True, parse=str)  # a mapping after __post_init__
+    hidden_dim: int = _opt(64, "Transformer width (the built-in model).")
+    num_layers: int = _opt(2, "Number of Transformer blocks (the built-in model).")
+    num_heads: int = _opt(4, "Attention heads; must divide --hidden-dim (the built-in model).")
     dropout: float = _opt(0.1, "Dropout probability (may change when fine-tuning).")
     feature_dim: int = _opt(0, "Input features per step, from the data.", cli=False)
     seq_len: int = _opt(0, "Sequence length, from the data.", cli=False)
@@ -184,6 +192,10 @@ class TrainConfig:
             if allowed and value not in allowed and not (value is None and f.default is None):
                 raise ConfigError(f"--{flag_name(f.name)} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
                                   f"got {value!r}")
+        if isinstance(self.model_args, str):
+            self.model_args = parse_model_args(self.model_args)
+        if self.model_args is not None and not isinstance(self.model_args, dict):
+            raise ConfigError(f"--model-args must be key=value pairs or a mapping, got {self.model_args!r}")
         if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
             raise ConfigError(f"--gpu-memory-gb must be positive, got {self.gpu_memory_gb}")
 
@@ -255,6 +267,30 @@ class TrainConfig:
         return f"run-{self.identity_hash()}"
 
 
+def parse_model_args(text: str) -> dict[str, Any]:
+    """--model-args: a JSON object (`'{"hidden": 32}'`) or key=value pairs (`hidden=32,layers=2`), each value read
+    as JSON where it can be (numbers, true/false) and as text otherwise."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            values = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--model-args {text}: not a JSON object ({e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"--model-args {text}: not a JSON object")
+        return values
+    values: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--model-args {text}: give key=value pairs like hidden=32,layers=2, or a JSON object")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except ValueError:
+            values[key.strip()] = raw.strip()
+    return values
+
+
 def flag_name(name: str) -> str:
     return name.replace("_", "-")
 
@@ -263,12 +299,18 @@ def as_flags(values: dict[str, Any], names: tuple[str, ...] | None = None) -> st
     """Settings as the command-line flags that give them (`--use-amp`, `--no-compile`, `--lr 0.001`); `names`
     picks and orders them (default: every CLI setting in `values`)."""
     cli = {f.name for f in cli_fields()}
+    if values.get("model") not in (None, "transformer"):  # a plug-in: the built-in model's flags do not apply
+        cli -= {"hidden_dim", "num_layers", "num_heads"}
     parts: list[str] = []
     for name in names or tuple(values):
         value = values.get(name)
         if name not in cli or value is None:
             continue
-        if isinstance(value, bool):
+        if isinstance(value, dict):  # --model-args: key=value pairs, each value as JSON unless it is text
+            if value:
+                parts += [f"--{flag_name(name)}", ",".join(
+                    f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in value.items())]
+        elif isinstance(value, bool):
             parts.append(f"--{'' if value else 'no-'}{flag_name(name)}")
         else:
             parts += [f"--{flag_name(name)}", str(value)]

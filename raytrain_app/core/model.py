@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model_spec import CLASSIFICATION, DataShape, ModelSpec
 
 
 class SelfAttention(nn.Module):
@@ -64,8 +65,6 @@ class SequenceTransformer(nn.Module):
         self.register_buffer("input_mean", torch.zeros(cfg.feature_dim))
         self.register_buffer("input_std", torch.ones(cfg.feature_dim))
         self.register_load_state_dict_pre_hook(_identity_normalization_if_absent)
-        # Set by raytrain_app.core.parallel (--activation-checkpointing); not part of the state dict.
-        self.activation_checkpointing = False
         self.apply(_init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
 
@@ -73,13 +72,8 @@ class SequenceTransformer(nn.Module):
         """x [B, T, F] -> logits [B, C] (per sequence) or [B, T, C] (per step)."""
         x = (x - self.input_mean) / self.input_std
         h = self.drop(self.input_proj(x) + self.pos_emb[:, : x.shape[1]])
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # Keeps only the block's input; the backward pass runs the block again (with the same dropout
-                # masks: the RNG state is saved and restored), so results are unchanged.
-                h = checkpoint(block, h, use_reentrant=False)
-            else:
-                h = block(h)
+        for block in self.blocks:  # each block an FSDP unit and recomputed with --activation-checkpointing
+            h = block(h)
         h = self.ln_f(h)
         return self.head(h if self.per_step else h.mean(dim=1))
 
@@ -133,3 +127,45 @@ def arch_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
         arch["num_layers"] = len(layers)
     return arch
 
+
+
+@dataclass(frozen=True)
+class TransformerArgs:
+    """The built-in model's settings (the --hidden-dim, --num-layers and --num-heads flags)."""
+
+    hidden_dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+def _transformer_config(shape: DataShape, args: TransformerArgs, dropout: float = 0.0) -> TrainConfig:
+    seq_len, feature_dim = shape.input_shape
+    return TrainConfig(hidden_dim=args.hidden_dim, num_layers=args.num_layers, num_heads=args.num_heads,
+                       dropout=dropout, seq_len=seq_len, feature_dim=feature_dim, num_classes=shape.num_classes,
+                       per_step=shape.per_step)
+
+
+def build_transformer(shape: DataShape, args: TransformerArgs, dropout: float) -> SequenceTransformer:
+    if len(shape.input_shape) != 2:
+        raise ValueError(f"the built-in transformer reads sequences [T, F]; these inputs are {list(shape.input_shape)}")
+    return SequenceTransformer(_transformer_config(shape, args, dropout))
+
+
+def transformer_flops_per_token(num_params: int, num_layers: int, hidden_dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per parameter (forward and backward) plus attention's 12 x layers x width x
+    sequence length (the PaLM paper's estimate)."""
+    return 6 * num_params + 12 * num_layers * hidden_dim * seq_len
+
+
+def _transformer_flops_per_sample(shape: DataShape, args: TransformerArgs) -> float:
+    from raytrain_app.core.memory import count_parameters
+
+    params, _ = count_parameters(_transformer_config(shape, args))
+    return shape.input_shape[0] * transformer_flops_per_token(params, args.num_layers, args.hidden_dim,
+                                                              shape.input_shape[0])
+
+
+# The built-in model, `--model transformer` (the default): the first plug-in like any other.
+TRANSFORMER = ModelSpec(build=build_transformer, task=CLASSIFICATION, args=TransformerArgs,
+                        shard_units=lambda model: model.blocks, flops_per_sample=_transformer_flops_per_sample,
+                        standardizes_inputs=True)

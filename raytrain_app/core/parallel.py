@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model_spec import checkpoint_activations, units
 
 
 def amp_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -27,11 +28,14 @@ def parallelize(cfg: TrainConfig, model: nn.Module, device: torch.device, world_
     ddp: the model (compiled as a whole), wrapped in DDP when there is more than one worker, its gradients
     views into DDP's communication buckets (no copy between them), all-reduced in fp32 or, with
     --grad-compression bf16, in bf16.
-    fsdp: `model` itself becomes an FSDP module: each Transformer block, then the root (input projection,
-    positions, final norm, head), is sharded over all workers (torchtitan's layout: one all-gather per block in
+    fsdp: `model` itself becomes an FSDP module: each of the model's shard units (the built-in's Transformer
+    blocks; `ModelSpec.shard_units`), then the root (the built-in's input projection, positions, final norm,
+    head), is sharded over all workers (torchtitan's layout: one all-gather per block in
     forward and backward, freed after use). With --use-amp, parameters are cast to the autocast dtype for compute
     and gradients reduced in fp32."""
-    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.activation_checkpointing:
+        for unit in units(cfg, model):
+            checkpoint_activations(unit)
     if cfg.strategy == "fsdp":
         return _fully_shard(cfg, model, device, world_size)
     train_model: nn.Module = torch.compile(model) if cfg.compile else model
@@ -75,10 +79,10 @@ def _fully_shard(cfg: TrainConfig, model: nn.Module, device: torch.device, world
             dist.broadcast(t, src=0)
     mesh = init_device_mesh(device.type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=amp_dtype(cfg) if cfg.use_amp else None, reduce_dtype=torch.float32)
-    for block in model.blocks:
+    for unit in units(cfg, model):  # the model's shard units (the built-in's blocks); none: the root only
         if cfg.compile:
-            block.compile()  # per block: the same code for every block, compiled once; FSDP's hooks stay eager
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+            unit.compile()  # per unit: the same code for every block, compiled once; FSDP's hooks stay eager
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 

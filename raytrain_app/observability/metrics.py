@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.model import transformer_flops_per_token
+from raytrain_app.core.model_spec import count_flops
 from raytrain_app.storage.location import Location
 from raytrain_app.storage.publish import publish_bytes
 
@@ -62,9 +64,8 @@ def peak_flops_of(device_name: str) -> float | None:
 
 
 def flops_per_token(cfg: TrainConfig, num_params: int) -> float:
-    """Training FLOPs per token: 6 per parameter (forward and backward) plus attention's 12 x layers x width x
-    sequence length (the PaLM paper's estimate)."""
-    return 6 * num_params + 12 * cfg.num_layers * cfg.hidden_dim * cfg.seq_len
+    """The built-in Transformer's training FLOPs per token (`core.model.transformer_flops_per_token`)."""
+    return transformer_flops_per_token(num_params, cfg.num_layers, cfg.hidden_dim, cfg.seq_len)
 
 
 def read_rows(location: Location) -> list[dict[str, Any]]:
@@ -130,7 +131,7 @@ class RunMetrics:
                 cause += "; no checkpoint had been saved, so from the run's start"
             event = {"event": "resume", "step": start_step, "cause": cause}
         self.steps: list[tuple[int, torch.Tensor, float]] = []  # (step, EMA loss on the device, lr)
-        self.flops_per_token = flops_per_token(cfg, num_params)
+        self.flops_per_sample = count_flops(cfg)  # None: the model's spec does not count them, no MFU
         self.peak = peak_flops(device)
         # Time between consecutive optimizer steps, since the last checkpoint; the interval that holds a
         # validation and a checkpoint is left out, so the figures are the training loop's own speed.
@@ -171,8 +172,8 @@ class RunMetrics:
         tokens_per_s = samples_per_s * self.cfg.seq_len
         out = {"samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
                "data_wait_fraction": min(1.0, max(0.0, self.wait_s / self.step_s))}
-        if self.peak:
-            out["mfu"] = tokens_per_s / world_size * self.flops_per_token / self.peak
+        if self.peak and self.flops_per_sample:
+            out["mfu"] = samples_per_s / world_size * self.flops_per_sample / self.peak
         if self.device.type == "cuda":
             out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return out

@@ -41,7 +41,8 @@ from raytrain_app.checkpoint.state import (
 )
 from raytrain_app.checkpoint.writer import CheckpointWriter
 from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import SequenceTransformer, set_normalization
+from raytrain_app.core.model import set_normalization
+from raytrain_app.core.model_spec import build_model
 from raytrain_app.core.parallel import parallelize
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import UNVALIDATED_ACCURACY, UNVALIDATED_LOSS, Scores, Trainer
@@ -108,7 +109,7 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any]) -> Trainer:
     """The model (from the current config: a new --dropout applies), compiled and wrapped in DDP or sharded
     (--strategy), and the Trainer around it."""
     device = ray.train.torch.get_device()
-    model = SequenceTransformer(cfg)
+    model = build_model(cfg)
     if loop_config.get("input_stats"):  # a run from scratch (a checkpoint's own statistics are restored with it)
         set_normalization(model, *loop_config["input_stats"])
     model = model.to(device)

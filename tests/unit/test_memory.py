@@ -12,6 +12,7 @@ import torch
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.memory import GB, activation_bytes, count_parameters, plan_memory
 from raytrain_app.core.model import SequenceTransformer, loss_fn
+from raytrain_app.core.parallel import parallelize
 from raytrain_app.main import main
 from raytrain_app.plan import main as plan_main
 from tests.conftest import write_dataset
@@ -35,7 +36,7 @@ def saved_for_backward(cfg: TrainConfig, batch: int, checkpointed: bool) -> int:
     """Bytes of every tensor autograd keeps from one training forward pass (each storage once, weights aside)."""
     torch.manual_seed(0)
     model = SequenceTransformer(cfg).train()
-    model.activation_checkpointing = checkpointed
+    parallelize(cfg.replace(activation_checkpointing=checkpointed), model, torch.device("cpu"), 1)  # as training does
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
