@@ -70,21 +70,11 @@ def training_state(trainer: Trainer, scores: Scores | None = None) -> dict[str, 
     per_rank = all_gather({"rng": capture_rng_state(), "ema": trainer.ema.item(),
                              "ema_started": bool(trainer.ema_started)})
     index = None
-    if trainer.rank == 0:  # every key but the weights and moments, which the layout takes below
+    if trainer.rank == 0:  # every key but the weights and moments, which the layout adds
         index = {}
         for part in _parts(trainer, per_rank, scores).values():
             index.update(part.state_dict())
-    if trainer.sharded:
-        tensors, param_groups = sharded_tensors(trainer.model, trainer.optimizer)
-        if index is not None:
-            index |= {"optimizer_param_groups": param_groups, "model_shapes": model_shapes(trainer.model),
-                      "sharded": {"strategy": trainer.cfg.strategy, "world_size": trainer.world_size,
-                                  "dir": SHARDS_DIR}}
-        return ShardedState(index, tensors)
-    if index is None:
-        return None
-    return {**index, "model_state_dict": trainer.model.state_dict(),
-            "optimizer_state_dict": trainer.optimizer.state_dict()}
+    return _layout(trainer).take(trainer, index)
 
 
 def consolidated_state(trainer: Trainer, sharded: ShardedState, *, with_optimizer: bool) -> dict[str, Any] | None:
@@ -324,10 +314,51 @@ def restore_training_state(trainer: Trainer, state: dict[str, Any], *, fork: boo
     return report
 
 
+# --- the weights and moments: how each strategy (raytrain_app.core.parallel) takes and restores them --------------
+
+
+class _Whole:
+    """DDP: every worker holds the whole model; rank 0's state.pt holds the weights and moments."""
+
+    def take(self, trainer: Trainer, index: dict[str, Any] | None) -> dict[str, Any] | None:
+        if index is None:
+            return None
+        return {**index, "model_state_dict": trainer.model.state_dict(),
+                "optimizer_state_dict": trainer.optimizer.state_dict()}
+
+    def load_full(self, trainer: Trainer, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        trainer.model.load_state_dict(state["model_state_dict"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer_state_dict"])
+
+
+class _Sharded:
+    """FSDP: every worker holds and writes its shard of the weights and moments (nothing is gathered); rank 0's
+    state.pt holds the rest, and how to read the shards back."""
+
+    def take(self, trainer: Trainer, index: dict[str, Any] | None) -> ShardedState:
+        tensors, param_groups = sharded_tensors(trainer.model, trainer.optimizer)
+        if index is not None:
+            index |= {"optimizer_param_groups": param_groups, "model_shapes": model_shapes(trainer.model),
+                      "sharded": {"strategy": trainer.cfg.strategy, "world_size": trainer.world_size,
+                                  "dir": SHARDS_DIR}}
+        return ShardedState(index, tensors)
+
+    def load_full(self, trainer: Trainer, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        load_full_into_sharded(trainer.model, optimizer, state["model_state_dict"], state.get("optimizer_state_dict"))
+
+
+_LAYOUTS = {"ddp": _Whole(), "fsdp": _Sharded()}  # by the name of the run's core.parallel.Strategy
+
+
+def _layout(trainer: Trainer) -> _Whole | _Sharded:
+    return _LAYOUTS[trainer.strategy.name]
+
+
 def _restore_weights(trainer: Trainer, state: dict[str, Any], *, with_optimizer: bool,
                      checkpoint_dir: str | None) -> None:
-    """The weights (and the optimizer's moments, `with_optimizer`), from whichever layout wrote them into this
-    run's."""
+    """The weights (and the optimizer's moments, `with_optimizer`), from whichever layout wrote them (a sharded
+    checkpoint: its shards, resharded) into this run's."""
     optimizer = trainer.optimizer if with_optimizer else None
     # Decided before loading: FSDP's full-state load adds the keys a state lacks to its dict.
     with_input_stats = has_input_stats(model_shapes_of(state))
@@ -336,12 +367,8 @@ def _restore_weights(trainer: Trainer, state: dict[str, Any], *, with_optimizer:
             raise CheckpointError("a sharded checkpoint is loaded from its folder, not from its state.pt alone")
         load_sharded(trainer.model, optimizer, os.path.join(checkpoint_dir, state["sharded"]["dir"]),
                      state.get("optimizer_param_groups"))
-    elif trainer.sharded:
-        load_full_into_sharded(trainer.model, optimizer, state["model_state_dict"], state.get("optimizer_state_dict"))
     else:
-        trainer.model.load_state_dict(state["model_state_dict"])
-        if optimizer is not None:
-            trainer.optimizer.load_state_dict(state["optimizer_state_dict"])
+        _layout(trainer).load_full(trainer, optimizer, state)
     if not with_input_stats:
         # Written before --normalize: its weights expect the features as they are. Set here for every layout (a
         # sharded model's full-state load keeps the buffers it had for keys the state lacks).
