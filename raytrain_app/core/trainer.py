@@ -24,7 +24,7 @@ from raytrain_app.core.distributed import LazyHostValue, all_reduce_sum, world
 from raytrain_app.core.interrupts import CONTINUE, SAVE, STOP, Agreement, InterruptFn
 from raytrain_app.core.model import loss_fn
 from raytrain_app.core.optim import build_optimizer
-from raytrain_app.core.parallel import amp_dtype, full_value, is_sharded, set_gradient_sync
+from raytrain_app.core.parallel import amp_dtype, strategy_for
 from raytrain_app.core.schedule import WarmupCosineSchedule
 from raytrain_app.datasets.augment import augment
 from raytrain_app.datasets.dataset import Dataset
@@ -113,13 +113,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_model: nn.Module, device: torch.device) -> None:
         """`model` is the module whose state is saved; `train_model` is what runs forward in training
         (`raytrain_app.core.parallel.parallelize`): the same module, possibly compiled and/or wrapped in DDP, or
-        `model` itself when it is sharded (FSDP)."""
+        `model` itself when it is sharded (FSDP); both laid out by the strategy of `cfg` (`self.strategy`)."""
         self.cfg, self.model, self.train_model, self.device = cfg, model, train_model, device
         self.rank, self.world_size = world()
         self.grad_accum = cfg.grad_accum_for(self.world_size)  # more per worker when an elastic run has fewer
         self._agreement = Agreement(self.world_size)
         self.saved_step = 0  # the global step of the newest checkpoint (step 0: nothing to lose yet)
-        self.sharded = is_sharded(model)  # --strategy fsdp: parameters are DTensor shards
+        self.strategy = strategy_for(cfg)  # what differs between DDP and FSDP
         self.optimizer = build_optimizer(cfg, model)
         self.amp_dtype = amp_dtype(cfg)
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
@@ -146,6 +146,11 @@ class Trainer:
         # Checkpoints written in the background (set by the Ray adapter); None: `on_checkpoint` does it all.
         self.checkpoints: PendingCheckpoints | None = None
 
+    @property
+    def sharded(self) -> bool:
+        """--strategy fsdp: parameters are DTensor shards."""
+        return self.strategy.sharded
+
     # --- step, evaluation, loop ---------------------------------------------------------------------------
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.use_amp)
@@ -158,7 +163,7 @@ class Trainer:
             x, y = to_device(x, self.device), to_device(y, self.device)
             last = i == len(micro_batches) - 1
             # Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last micro-batch.
-            with set_gradient_sync(self.train_model, last):
+            with self.strategy.gradient_sync(self.train_model, last):
                 with self._autocast():
                     loss = loss_fn(self.train_model(x), y) / len(micro_batches)
                 self.scaler.scale(loss).backward()
@@ -169,7 +174,7 @@ class Trainer:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         else:
             grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        grad_norm = full_value(grad_norm)  # sharded: the norm over every worker's shard
+        grad_norm = self.strategy.global_value(grad_norm)  # sharded: the norm over every worker's shard
         # A non-finite loss makes non-finite gradients, and so does an overflow. After DDP's all-reduce every
         # rank has the same gradients (FSDP: the same global norm), so every rank skips the same steps. Decided
         # on the device: no host sync.
@@ -209,12 +214,12 @@ class Trainer:
             totals[1] += y.numel()
             totals[2] += (logits.argmax(-1) == y).sum()
             forwards += 1
-        if self.sharded:
-            # Each forward all-gathers the blocks' weights: a rank with a smaller share of the split runs
-            # forwards whose output is not used, until every rank has run as many.
-            most = eval_forwards(data.val.num_rows, self.world_size, self.cfg.batch_size)
+        # FSDP: as many forwards on every rank (each all-gathers the weights), whatever this rank's share.
+        padding = self.strategy.eval_padding(forwards, eval_forwards(data.val.num_rows, self.world_size,
+                                                                     self.cfg.batch_size))
+        if padding:
             x_pad = data.val.read_rows(0, 1)[0].to(self.device)
-            for _ in range(most - forwards):
+            for _ in range(padding):
                 with self._autocast():
                     self.model(x_pad)
         all_reduce_sum(totals)

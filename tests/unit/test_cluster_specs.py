@@ -430,9 +430,9 @@ def test_a_job_uploads_the_package_and_leaves_tests_docs_and_benchmarks_behind(t
                                  check=True).stdout.splitlines())
     package = {name for name in tracked if name.startswith("raytrain_app/")}
     assert len(package) > 50 and package <= uploaded
-    # Of the repository's own files, those of no folder but the package (whatever else a checkout holds is judged
-    # by the paths below).
-    assert {name.split("/")[0] for name in uploaded & tracked if "/" in name} == {"raytrain_app"}
+    # Of the repository's own files, those of no folder but the package and the example models a job may name with
+    # --model (whatever else a checkout holds is judged by the paths below).
+    assert {name.split("/")[0] for name in uploaded & tracked if "/" in name} == {"raytrain_app", "examples"}
     assert not [name for name in uploaded if "__pycache__" in name or name.endswith(".pyc")]
     # Ray's own matcher on paths this checkout may not have: local state, wheels, caches.
     skipped = _get_excludes(REPO_ROOT, excludes)
@@ -441,7 +441,8 @@ def test_a_job_uploads_the_package_and_leaves_tests_docs_and_benchmarks_behind(t
                  ".venv/bin/python", ".mypy_cache/x.json", ".env", "click-8.5.1-py3-none-any.whl",
                  "raytrain_app/core/__pycache__/model.pyc"):
         assert skipped(REPO_ROOT / path), path
-    for path in ("raytrain_app/main.py", "raytrain_app/datasets/parquet.py", "train.yaml"):  # a --config file
+    for path in ("raytrain_app/main.py", "raytrain_app/datasets/parquet.py", "train.yaml",  # a --config file
+                 "examples/conv_classifier/model.py", "my_models/model.py"):  # models of --model
         assert not skipped(REPO_ROOT / path), path
 
 
