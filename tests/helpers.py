@@ -35,6 +35,10 @@ from raytrain_app.datasets.formats import make_synthetic
 
 # Small enough for seconds per run on 2 cores, big enough for several checkpoints per epoch.
 TINY_MODEL = ["--hidden-dim", "16", "--num-layers", "2", "--num-heads", "2", "--warmup-steps", "4"]
+# A model of a user's own (examples/conv_classifier), the size of TINY_MODEL: the suite's interrupted, forked,
+# sharded and resubmitted runs train it, so every guarantee they prove holds for a plug-in, not the built-in alone.
+PLUGIN = "examples.conv_classifier.model:spec"
+PLUGIN_MODEL = ["--model", PLUGIN, "--model-args", "channels=16,num_blocks=2", "--warmup-steps", "4"]
 
 
 def positive(value: object) -> bool:
@@ -141,7 +145,7 @@ def train_args(dataset: Path, save_dir: Path, workers: int, *extra: str) -> list
     geometry = ["--batch-size", "4", "--grad-accum-steps", "2"] if workers == 2 else ["--batch-size", "16"]
     return ["--data", str(dataset), "--save-dir", str(save_dir), "--num-workers", str(workers),
             "--epochs", str(EPOCHS), "--eval-every", "3", "--dropout", "0.1", "--aug-noise-std", "0.05",
-            "--keep-checkpoints", "2", *geometry, *TINY_MODEL, *extra]
+            "--keep-checkpoints", "2", *geometry, *PLUGIN_MODEL, *extra]
 
 
 def assert_resumed_mid_epoch(output: str, killed_at_least: int) -> int:

@@ -29,16 +29,9 @@ def check_model(cfg: TrainConfig, given: set[str]) -> None:
     the data's inputs and gives the outputs its task needs, before any worker starts; else one line, exit 2."""
     import torch
 
-    from raytrain_app.core.model_spec import BUILTIN, SpecError, build_model, data_shape, load_spec
+    from raytrain_app.core.model_spec import SpecError, build_model, data_shape, load_spec
 
     spec = load_spec(cfg.model)
-    if cfg.model != BUILTIN:
-        builtin_flags = sorted(f"--{name.replace('_', '-')}" for name in BUILTIN_ONLY_FLAGS if name in given)
-        if builtin_flags:
-            raise SpecError(f"{', '.join(builtin_flags)}: settings of the built-in transformer, not of --model "
-                            f"{cfg.model}; give your model's settings with --model-args")
-    elif cfg.model_args:
-        raise SpecError("--model-args: the built-in transformer takes --hidden-dim, --num-layers and --num-heads")
     shape = data_shape(cfg)
     with torch.device("meta"):
         model = build_model(cfg, spec)
@@ -56,6 +49,19 @@ def check_model(cfg: TrainConfig, given: set[str]) -> None:
         what = "per step" if shape.per_step else "per sample"
         raise SpecError(f"--model {cfg.model} returns {found} for inputs {list(x.shape)}; a {spec.task} model must "
                         f"return {expected} (logits over {shape.num_classes} classes {what})")
+    _check_model_flags(cfg, given)
+
+
+def _check_model_flags(cfg: TrainConfig, given: set[str]) -> None:
+    from raytrain_app.core.model_spec import BUILTIN, SpecError
+
+    if cfg.model != BUILTIN:
+        builtin_flags = sorted(f"--{name.replace('_', '-')}" for name in BUILTIN_ONLY_FLAGS if name in given)
+        if builtin_flags:
+            raise SpecError(f"{', '.join(builtin_flags)}: settings of the built-in transformer, not of --model "
+                            f"{cfg.model}; give your model's settings with --model-args")
+    elif cfg.model_args:
+        raise SpecError("--model-args: the built-in transformer takes --hidden-dim, --num-layers and --num-heads")
 
 
 def print_resume_summary(summary: StateSummary, uses_scaler: bool, reset_optimizer: bool = False) -> None:

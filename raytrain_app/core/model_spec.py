@@ -5,9 +5,8 @@ A user's model is a `ModelSpec` in a module of their own, named as `--model pack
 is only what every model needs: `build` (the module, from the data's shape, the model's own settings and
 --dropout) and the `task`. The rest is optional, and each optional part buys something (docs/own-model.md):
 `args` (settings given with --model-args, recorded in every checkpoint), `shard_units` (what --strategy fsdp
-shards and --activation-checkpointing recomputes, one by one), `flops_per_sample` (the MFU figure) and `metrics`
-(more validation scores). The built-in Transformer is the spec `raytrain_app.core.model.TRANSFORMER`, the
-default, named `transformer`.
+shards and --activation-checkpointing recomputes, one by one) and `flops_per_sample` (the MFU figure). The
+built-in Transformer is the spec `raytrain_app.core.model.TRANSFORMER`, the default, named `transformer`.
 
 The model gets its inputs as the data holds them; this service standardises them first (--normalize) with
 statistics it keeps in the model's state dict (`Standardized`), so that every checkpoint carries what its
@@ -29,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from raytrain_app.core.config import ConfigError, TrainConfig
 
-CLASSIFICATION, REGRESSION = "classification", "regression"
-TASKS = (CLASSIFICATION, REGRESSION)
+CLASSIFICATION = "classification"
+TASKS = (CLASSIFICATION,)  # what the training loop, evaluate and predict implement
 BUILTIN = "transformer"  # --model's default: the built-in SequenceTransformer
 # Imported by name like any plug-in (and so the model module, which uses this protocol, is not imported here).
 BUILTIN_SPEC = "raytrain_app.core.model:TRANSFORMER"
@@ -57,11 +56,10 @@ class ModelSpec:
     """A model this service can train. See the module docstring and docs/own-model.md."""
 
     build: Callable[[DataShape, Any, float], nn.Module]  # (shape, args, dropout) -> the module, in training mode
-    task: str = CLASSIFICATION  # classification: outputs [B, C] or [B, T, C] (per step) logits, integer targets
+    task: str = CLASSIFICATION  # outputs [B, C] or [B, T, C] (per step) logits for integer targets
     args: type | None = None  # a dataclass of the model's own settings (--model-args), every field with a default
     shard_units: Callable[[nn.Module], Iterable[nn.Module]] | None = None  # submodules, each its own FSDP unit
     flops_per_sample: Callable[[DataShape, Any], float] | None = None  # training FLOPs of one sample, for MFU
-    metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None  # per-batch sums
     standardizes_inputs: bool = False  # the module holds input_mean/input_std itself (the built-in model)
 
     def __post_init__(self) -> None:

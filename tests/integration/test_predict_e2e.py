@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import SequenceTransformer, set_normalization
+from raytrain_app.core.model import set_normalization
+from raytrain_app.core.model_spec import build_model
 from raytrain_app.storage.location import parse_location
 from tests.conftest import (
     computed_once,
@@ -31,6 +32,7 @@ from tests.conftest import (
     start_process,
     wait_until,
 )
+from tests.helpers import PLUGIN
 
 pytestmark = pytest.mark.e2e
 
@@ -43,10 +45,10 @@ def write_inputs(root: Path) -> tuple[Path, Path, np.ndarray]:
     """A per-sequence model with random weights and input statistics that are not the identity (.pt), and three
     Parquet files: fixed-size x, the same with a NaN, and variable-size lists with one row a value short. Every
     row has an id; returns (checkpoint, data folder, x of every row as [N, T*F] with NaN where it is short)."""
-    cfg = TrainConfig(hidden_dim=32, num_layers=2, num_heads=2, feature_dim=F, seq_len=T, num_classes=C,
-                      dropout=0.0)
+    cfg = TrainConfig(model=PLUGIN, model_args={"channels": 32, "num_blocks": 2}, feature_dim=F, seq_len=T,
+                      num_classes=C, dropout=0.0)  # a model of a user's own: predict rebuilds it from the file
     torch.manual_seed(0)
-    model = SequenceTransformer(cfg)
+    model = build_model(cfg)
     set_normalization(model, torch.linspace(-1, 1, F), torch.linspace(0.5, 3, F))
     checkpoint = root / "model.pt"
     torch.save({"model_state_dict": model.state_dict(), "config": cfg.to_dict(), "global_step": 9, "epoch": 1},
@@ -141,7 +143,7 @@ def test_every_row_is_scored_as_the_model_in_this_process_scores_it(killed_then_
                                  f"= {T * F} values"}
     scored = np.isfinite(x).all(axis=1)
     state = torch.load(killed_then_run_again["checkpoint"], weights_only=True)
-    model = SequenceTransformer(TrainConfig.from_dict(state["config"]))
+    model = build_model(TrainConfig.from_dict(state["config"]))
     model.load_state_dict(state["model_state_dict"])
     with torch.no_grad():
         logits = model.eval()(torch.from_numpy(x[scored].reshape(-1, T, F)))

@@ -27,6 +27,7 @@ from tests.helpers import (
     EPOCHS,
     LAST_STEP,
     MID_EPOCH_2,
+    PLUGIN,
     STEPS_PER_EPOCH,
     TINY_MODEL,
     assert_resumed_mid_epoch,
@@ -99,6 +100,8 @@ def test_a_finished_run_prints_commands_that_resume_and_fine_tune_it(
     cfg, _ = parse_config(interrupted_run["args"])
     plan = prepare([*argv[3:], "--save-dir", str(save_dir / "fine-tuned")])
     assert plan.init_from == str(save_dir / "best_model.pt") and plan.cfg.lr == pytest.approx(cfg.lr / 10)
+    # No --model in the fine-tune: the checkpoint's own model (the suite's plug-in) and its settings, from the file.
+    assert (plan.cfg.model, plan.cfg.model_args) == (PLUGIN, {"channels": 16, "num_blocks": 2})
     assert plan.cfg.epochs == EPOCHS + 5 and plan.run_name != Path(interrupted_run["run_dir"]).name
     assert plan.summary.global_step == load_state(str(save_dir / "best_model.pt"))["global_step"]
     assert capsys.readouterr().err == ""

@@ -21,9 +21,9 @@ import torch
 from raytrain_app.checkpoint.format import load_state
 from raytrain_app.checkpoint.sharded import read_full_state
 from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import SequenceTransformer
+from raytrain_app.core.model_spec import build_model
 from raytrain_app.core.optim import build_optimizer
-from tests.helpers import LAST_STEP, MID_EPOCH_2, assert_resumed_mid_epoch, run_name_of
+from tests.helpers import LAST_STEP, MID_EPOCH_2, PLUGIN, assert_resumed_mid_epoch, run_name_of
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,7 @@ def by_name(state: dict) -> dict[str, torch.Tensor]:
     """A full state's weights and moments keyed as a sharded checkpoint's tensors are."""
     cfg = TrainConfig.from_dict(state["config"])
     with torch.device("meta"):
-        model = SequenceTransformer(cfg)
+        model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
@@ -92,16 +92,22 @@ def test_best_model_of_an_fsdp_run_is_one_file_and_the_guides_fine_tune_works_fr
     for key in ("epoch", "global_step", "model_state_dict", "optimizer_state_dict", "val_loss", "train_ema_loss",
                 "config"):
         assert key in best, key
-    SequenceTransformer(TrainConfig.from_dict(best["config"])).load_state_dict(best["model_state_dict"])  # strict
+    assert best["config"]["model"] == PLUGIN  # the suite's sharded run trains a plug-in that names its shard units
+    build_model(TrainConfig.from_dict(best["config"])).load_state_dict(best["model_state_dict"])  # strict
     with killed_fsdp_run["run_dir"].join(f"checkpoint_step={best['global_step']:06d}").local_copy() as folder:
         shards = full_state(folder)
+        # Resharded from the 2 workers that wrote it to 1: the sharded folder itself loads into one whole model.
+        one_cfg = TrainConfig.from_dict({**best["config"], "strategy": "ddp", "num_workers": 1})
+        one = Trainer(one_cfg, build_model(one_cfg), None, torch.device("cpu"))
+        assert restore_training_state(one, load_state(f"{folder}/state.pt"), checkpoint_dir=str(folder)).optimizer
+    assert all(torch.equal(t, shards[f"model.{k}"]) for k, t in one.model.state_dict().items())
     assert by_name(best).keys() <= shards.keys()
     assert all(torch.equal(tensor, shards[key]) for key, tensor in by_name(best).items())
 
     cfg = TrainConfig.from_dict({**best["config"], "lr": 1e-4, "epochs": best["epoch"] + 1, "strategy": "ddp",
                                  "data": str(dataset)})
     seed_everything(cfg.seed, 0)
-    model = SequenceTransformer(cfg)
+    model = build_model(cfg)
     tuned = Trainer(cfg, model, model, torch.device("cpu"))
     report = restore_training_state(tuned, load_state(best_uri), fork=True)
     assert report.optimizer and (tuned.epoch, tuned.global_step) == (best["epoch"], best["global_step"])

@@ -20,7 +20,7 @@ from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.main import main
 from tests.conftest import run_main, write_dataset
-from tests.helpers import TINY_MODEL, flip_a_byte, ray_run, tree
+from tests.helpers import PLUGIN, TINY_MODEL, flip_a_byte, ray_run, tree
 
 SHAPES = {"feature_dim": 4, "seq_len": 8, "num_classes": 3}
 
@@ -108,6 +108,32 @@ CASES: dict[str, Case] = {
         r"unknown key\(s\) in .*c\.yaml: learning_rate"),
     "unknown URI scheme": (lambda d: ["--save-dir", "ftp://host/runs"],
                            r"--save-dir ftp://host/runs: unknown URI scheme"),
+    # A model of a user's own (--model), refused before any worker starts.
+    "a model that cannot be imported": (
+        lambda d: ["--model", "my_models.nowhere:spec"],
+        r"--model my_models\.nowhere:spec: cannot import my_models\.nowhere \(ModuleNotFoundError: No module named "
+        r"'my_models'\); it must be importable where the command runs and on every node"),
+    "a name that is not a spec": (lambda d: ["--model", "tests.plugins:not_a_spec"],
+                                  r"tests\.plugins\.not_a_spec must be a raytrain_app ModelSpec, found str"),
+    "a spec that does not build": (
+        lambda d: ["--model", "tests.plugins:broken_build"],
+        r"--model tests\.plugins:broken_build did not build for inputs \[8, 4\]: RuntimeError: out of ideas"),
+    "inputs the model rejects": (
+        lambda d: ["--model", "tests.plugins:rejects_shape"],
+        r"--model tests\.plugins:rejects_shape rejects inputs of shape \[2, 8, 4\] from --data: RuntimeError: "),
+    "outputs that are not class scores": (
+        lambda d: ["--model", "tests.plugins:wrong_outputs"],
+        r"returns \[2, 1\] for inputs \[2, 8, 4\]; a classification model must return \[2, 3\]"),
+    "settings the model does not have": (
+        lambda d: ["--model", PLUGIN, "--model-args", "channels=8,depth=3"],
+        rf"--model-args: {re.escape(PLUGIN)} has no setting depth \(it has channels, num_blocks, kernel_size\)"),
+    "a setting the model's own check refuses": (
+        lambda d: ["--model", PLUGIN, "--model-args", "kernel_size=4"],
+        r"ValueError: kernel_size must be odd"),
+    "a checkpoint of another model": (
+        lambda d: ["--model", PLUGIN, "--resume-from-checkpoint", str(checkpoint(d / "base.pt"))],
+        r"checkpoint .*base\.pt holds a model of --model transformer, not examples\.conv_classifier\.model:spec: "
+        r"drop --model to continue that model"),
 }
 
 

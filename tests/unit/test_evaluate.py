@@ -14,19 +14,24 @@ from PIL import Image
 
 from raytrain_app.checkpoint.state import with_training_state
 from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import SequenceTransformer, set_normalization
+from raytrain_app.core.model import set_normalization
+from raytrain_app.core.model_spec import build_model
 from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import Trainer
 from raytrain_app.data import main as data_main
 from raytrain_app.datasets.formats import make_synthetic, open_dataset, write_pickle_atomic
 from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.evaluate import main
-from tests.helpers import run_in_process
+from tests.helpers import PLUGIN, run_in_process
 
 BATCH = 32  # the batch size evaluate is run with below, and the one the computation here uses
 
 
-def trained_checkpoint(folder: Path, per_step: bool) -> tuple[Path, Path]:
+MODELS = {"transformer": {"hidden_dim": 16, "num_layers": 2, "num_heads": 2},  # the built-in, and a user's own
+          "plug-in": {"model": PLUGIN, "model_args": {"channels": 16, "num_blocks": 2}}}
+
+
+def trained_checkpoint(folder: Path, per_step: bool, model: str = "transformer") -> tuple[Path, Path]:
     """(a dataset pickle with a test split, a checkpoint trained on it for one epoch in this process with its
     inputs standardised): the checkpoint's predictions are neither constant nor perfect."""
     raw = make_synthetic(num_train=256, num_val=64, num_test=90, seq_len=8, feature_dim=4, num_classes=3,
@@ -36,11 +41,10 @@ def trained_checkpoint(folder: Path, per_step: bool) -> tuple[Path, Path]:
             split["x"] = split["x"] * np.float32(4.0) + np.float32(2.0)  # something to standardise
     write_pickle_atomic(raw, str(folder / "data.pkl"))
     data = open_dataset(str(folder / "data.pkl"))
-    cfg = TrainConfig(data=str(folder / "data.pkl"), hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4,
-                      seq_len=8, num_classes=3, per_step=per_step, epochs=1, batch_size=16, eval_every=100,
-                      num_workers=1)
+    cfg = TrainConfig(data=str(folder / "data.pkl"), **MODELS[model], feature_dim=4, seq_len=8, num_classes=3,
+                      per_step=per_step, epochs=1, batch_size=16, eval_every=100, num_workers=1)
     seed_everything(0, 0)
-    model = SequenceTransformer(cfg)
+    model = build_model(cfg)
     set_normalization(model, *feature_stats(data.train))
     trainer = Trainer(cfg, model, model, torch.device("cpu"))
     states: list[dict] = []
@@ -52,7 +56,7 @@ def trained_checkpoint(folder: Path, per_step: bool) -> tuple[Path, Path]:
 def expected_scores(checkpoint: Path, data: Path) -> dict:
     """The test split scored here: the checkpoint's model in batches of BATCH, every label counted once."""
     state = torch.load(checkpoint, weights_only=True)
-    model = SequenceTransformer(TrainConfig.from_dict(state["config"]))
+    model = build_model(TrainConfig.from_dict(state["config"]))
     model.load_state_dict(state["model_state_dict"])
     model.eval()
     test = open_dataset(str(data)).test
@@ -80,9 +84,10 @@ def expected_scores(checkpoint: Path, data: Path) -> dict:
             "confusion": confusion.tolist(), "classes": classes}
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("per_step", [False, True], ids=["per-sequence", "per-step"])
-def test_evaluate_on_a_test_split_is_the_in_process_computation(tmp_path: Path, per_step: bool) -> None:
-    data, checkpoint = trained_checkpoint(tmp_path, per_step)
+def test_evaluate_on_a_test_split_is_the_in_process_computation(tmp_path: Path, per_step: bool, model: str) -> None:
+    data, checkpoint = trained_checkpoint(tmp_path, per_step, model)
     result = run_in_process(main, ["--checkpoint", str(checkpoint), "--data", str(data), "--out",
                                    str(tmp_path / "eval"), "--batch-size", str(BATCH)])
     assert result.returncode == 0, result.stderr
