@@ -5,8 +5,9 @@ The commands are the modules at the top (`python -m raytrain_app.main|tune|jobs|
 ones under it (checked in `make test`): cli, ray_adapter, observability, checkpoint, core, datasets, storage.
 See docs/architecture.md.
 
-Your own model is a `ModelSpec` (docs/own-model.md). The names below are imported on first use, so that the
-commands do not pay for torch before they need it.
+Your own model is a `ModelSpec` (docs/own-model.md); `train`, `score`, `batch_predict` and `load_model` are the
+Python API (docs/python-api.md). The names below are imported on first use, so that the commands do not pay for
+torch and Ray before they need them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from typing import Any
 _EXPORTS = {
     "ModelSpec": "raytrain_app.core.model_spec",
     "DataShape": "raytrain_app.core.model_spec",
+    "TrainConfig": "raytrain_app.core.config",
+    "train": "raytrain_app.api",
+    "score": "raytrain_app.api",
+    "batch_predict": "raytrain_app.api",
+    "load_model": "raytrain_app.api",
+    "TrainResult": "raytrain_app.api",
+    "PredictResult": "raytrain_app.api",
+    "TrainingFailed": "raytrain_app.api",
+    "TrainingDiverged": "raytrain_app.api",
 }
 
 __all__ = sorted(_EXPORTS)

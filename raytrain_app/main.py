@@ -14,7 +14,7 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from raytrain_app.checkpoint.format import BEST_MODEL_FILE
@@ -102,17 +102,31 @@ def prepare(argv: list[str]) -> Plan:
                 lineage=lineage, recovery=recovery, input_stats=input_stats)
 
 
+@dataclass
+class Outcome:
+    """How a training command ended: its exit code, and what it leaves (for the Python API, raytrain_app.api)."""
+
+    exit_code: int
+    plan: Plan
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last reported metrics, when training ran
+    best_model: str | None = None  # where the run's best model is, when it finished
+    stopped_by: int | None = None  # the signal that stopped it
+    divergence: dict[str, int] | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every mistake a user can make ends here as one line on stderr and exit code 2, with nothing written;
     anything unexpected as one line and exit code 1. --debug adds the traceback."""
     argv = sys.argv[1:] if argv is None else argv
     # --debug is read before parsing: a flag that fails to parse still gets its traceback. Ctrl-C lands here
     # only before the workers start; afterwards the signal handler stops them.
-    return run_command(lambda: train(argv), debug="--debug" in argv,
+    return run_command(lambda: train(argv).exit_code, debug="--debug" in argv,
                        interrupted="\nInterrupted before training started: nothing was written.")
 
 
-def train(argv: list[str]) -> int:
+def train(argv: list[str]) -> Outcome:
+    """The command, as the Python API runs it too: mistakes raise (the USER_ERRORS of cli.errors), anything else
+    ends in the returned outcome."""
     plan = prepare(argv)
     cfg, summary, run_dir = plan.cfg, plan.summary, plan.run_dir
 
@@ -123,7 +137,7 @@ def train(argv: list[str]) -> int:
     if done_epochs >= cfg.epochs:
         print(f"Nothing to train: the checkpoint has completed {done_epochs} epochs and --epochs is {cfg.epochs} "
               "(a total). Pass a larger --epochs to train more.")
-        return 0
+        return Outcome(0, plan)
     if cfg.use_gpu and cfg.gpu_memory_gb:  # known without the cluster: refused before connecting to it
         check_fits(cfg, cfg.gpu_memory_gb * GB, "--gpu-memory-gb")
     plan.cfg = prepare_wandb(cfg, run_dir)  # the workers' wandb mode, decided here
@@ -149,11 +163,11 @@ def train(argv: list[str]) -> int:
         return fit(plan, argv)
     except USER_ERRORS as e:  # storage failing once training has started is no mistake in the command: exit 1
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_TRAINING_FAILED
+        return Outcome(EXIT_TRAINING_FAILED, plan)
 
 
-def fit(plan: Plan, argv: list[str]) -> int:
-    """Train the checked plan; the exit code."""
+def fit(plan: Plan, argv: list[str]) -> Outcome:
+    """Train the checked plan; how it ended."""
     import ray.train
 
     cfg, run_dir = plan.cfg, plan.run_dir
@@ -173,18 +187,19 @@ def fit(plan: Plan, argv: list[str]) -> int:
         print(f"error: training failed after {cfg.max_failures} restart(s): {str(e).strip().splitlines()[0]}",
               file=sys.stderr)
         print(f"Re-run the same command to continue from the latest checkpoint in {run_dir}.", file=sys.stderr)
-        return EXIT_TRAINING_FAILED
+        return Outcome(EXIT_TRAINING_FAILED, plan)
 
     divergence = ray.get(stop_request.divergence.remote())
     if divergence is not None:
         print_divergence(plan, argv, divergence)
-        return EXIT_DIVERGED
+        return Outcome(EXIT_DIVERGED, plan, divergence=divergence)
     metrics = result.metrics or {}
     if stopped_by is not None and metrics.get("epoch", 0) < cfg.epochs:
         print(f"\n⏸️  Stopped by {signal.Signals(stopped_by).name} at epoch {metrics.get('epoch')}, global step "
               f"{metrics.get('global_step')}: that step is checkpointed in {run_dir}.")
         print(f"  Continue (the same command): {command}")
-        return 128 + stopped_by  # not 0: a job system must see an interruption, not a finished run
+        # Not 0: a job system must see an interruption, not a finished run.
+        return Outcome(128 + stopped_by, plan, metrics, stopped_by=stopped_by)
     best = plan.save_dir.join(BEST_MODEL_FILE)
     # A fork keeps its base's best and may never beat it; a fork re-run after an interruption continues its own
     # run, and its base is then known from the lineage its checkpoints record.
@@ -208,7 +223,7 @@ def fit(plan: Plan, argv: list[str]) -> int:
                             "--resume-from-checkpoint", best_path, "--lr", f"{cfg.lr / 10:g}",
                             "--epochs", str(cfg.epochs + 5)])
     print(f"  Fine-tune the best model with a lower learning rate: {fine_tune}")
-    return 0
+    return Outcome(0, plan, metrics, best_model=best_path)
 
 
 def print_divergence(plan: Plan, argv: list[str], divergence: dict[str, int]) -> None:

@@ -396,6 +396,21 @@ def run_main(args: list[str], ray_address: str | None = None, timeout: float = 3
                           timeout=timeout, cwd=cwd or REPO_ROOT)
 
 
+def run_api(call: str, ray_address: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, Any]:
+    """A Python API call (`call`: an expression over `rt`, the package) in a script of its own on the cluster at
+    `ray_address`, as a user's script or notebook runs it; (the process, what the call returned, as JSON)."""
+    require_slow("runs the Python API on a Ray cluster")
+    script = ("import dataclasses, json, raytrain_app as rt\n"
+              f"result = {call}\n"
+              "print('API-RESULT ' + json.dumps(dataclasses.asdict(result) if dataclasses.is_dataclass(result) "
+              "else result))\n")
+    env = {**base_env(), "RAY_ADDRESS": ray_address}
+    process = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                             timeout=timeout, cwd=REPO_ROOT)
+    lines = [line for line in process.stdout.splitlines() if line.startswith("API-RESULT ")]
+    return process, json.loads(lines[-1].removeprefix("API-RESULT ")) if lines else None
+
+
 def run_tune(args: list[str], ray_address: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return run_main(args, ray_address, timeout=timeout, module="raytrain_app.tune")
 

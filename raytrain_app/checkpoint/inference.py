@@ -6,6 +6,7 @@ that it runs without Ray too (a unit test, benchmarks/gpu_check.py on a machine 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -75,6 +76,36 @@ def load_trained_model(where: str, flag: str = "--checkpoint") -> TrainedModel:
                               "sequence or per step (no config); it was not written by raytrain_app")
     cfg = TrainConfig.from_dict(config, source=f"{flag} {where}")
     return TrainedModel(cfg=cfg, weights=weights, source=state_file, global_step=int(state.get("global_step") or 0))
+
+
+def load_exported_model(where: str) -> TrainedModel:
+    """The model of a safetensors file written by `python -m raytrain_app.ckpt export` (the settings that build
+    it are in its metadata), local or a URI."""
+    from safetensors.torch import load
+
+    from raytrain_app.storage.location import parse_location
+
+    location = parse_location(where, flag="model file")
+    if not location.is_file():
+        raise CheckpointError(f"{where}: no such file")
+    try:
+        raw = location.read_bytes()
+        weights = load(raw)
+        metadata = _safetensors_metadata(raw)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line naming it
+        raise CheckpointError(f"{where}: not a safetensors file written by raytrain_app.ckpt export ({e})") from None
+    if "config" not in metadata:
+        raise CheckpointError(f"{where}: its metadata has no config (it was not written by raytrain_app.ckpt export)")
+    known = {f.name for f in fields(TrainConfig)}
+    config = {k: v for k, v in json.loads(metadata["config"]).items() if k in known}
+    return TrainedModel(cfg=TrainConfig.from_dict(config, source=where), weights=weights, source=location,
+                        global_step=int(metadata.get("global_step") or 0))
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file: its header is 8 bytes of length, then JSON."""
+    header_size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + header_size]).get("__metadata__") or {}
 
 
 def score_table(model: torch.nn.Module, table: pa.Table, cfg: TrainConfig,

@@ -22,7 +22,7 @@ from raytrain_app.core.schedule import lr_at
 from raytrain_app.datasets.formats import open_dataset
 from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.main import main
-from tests.conftest import STEP_DELAY, run_main, run_until_checkpoint
+from tests.conftest import STEP_DELAY, run_api, run_until_checkpoint
 from tests.helpers import (
     EPOCHS,
     LAST_STEP,
@@ -148,8 +148,14 @@ def test_a_fork_with_new_hyperparameters_killed_and_rerun_continues_its_own_run(
     latest_name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
     assert latest_name != ckpt(run_dir, STEPS_PER_EPOCH).name
 
-    again = run_main(args, ray_address)  # the very same command, --resume-from-checkpoint included
+    # The very same settings, --resume-from-checkpoint included, through the Python API (a script's or a
+    # notebook's rt.train): the same run name, so it continues the run the command started.
+    cfg, given = parse_config(args)
+    settings = {name: getattr(cfg, name) for name in sorted(given)}
+    again, result = run_api(f"rt.train(**{settings!r})", ray_address)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert result["run_name"] == run_name and result["completed"] and result["global_step"] == LAST_STEP
+    assert result["best_model"] == str(source / "state.pt") and result["epoch"] == EPOCHS
     assert f"Run {run_name} has checkpoints: continuing it from its latest one." in again.stdout
     assert f"Loading checkpoint from: {run_dir / latest_name / 'state.pt'}" in again.stdout
     assert run_name != reference_run.name

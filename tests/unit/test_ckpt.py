@@ -63,3 +63,19 @@ def test_exported_weights_give_the_checkpoints_outputs(run: Path, tmp_path: Path
     assert set(exported_keys := weights) == set(trained_state()["model_state_dict"]) and exported_keys
     assert (config["hidden_dim"], config["num_layers"]) == (16, 2)  # enough to build the model
     assert torch.equal(outputs(weights), outputs(trained_state()["model_state_dict"]))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_load_model_gives_a_ready_module_from_a_checkpoint_or_an_export(run: Path, tmp_path: Path, fmt: str) -> None:
+    """The Python API's load_model: a run folder (its best checkpoint) or an exported file, in eval mode, with the
+    checkpoint's outputs."""
+    import raytrain_app as rt
+
+    out = tmp_path / f"model.{fmt}"
+    assert main(["export", str(run), "--format", fmt, str(out)]) == 0
+    expected = outputs(trained_state()["model_state_dict"])
+    for where in (run, out):
+        model = rt.load_model(str(where))
+        assert not model.training
+        with torch.no_grad():
+            assert torch.equal(model(torch.linspace(-1, 1, 2 * 8 * 4).reshape(2, 8, 4)), expected), where

@@ -157,3 +157,14 @@ def test_the_confusion_png_shows_the_matrix(tmp_path: Path) -> None:
 
     image = Image.open(io.BytesIO(confusion_png([[3, 1], [0, 4]], "t")))
     assert image.format == "PNG" and json.loads(image.text["Description"]) == [[3, 1], [0, 4]]
+
+
+def test_the_python_api_scores_as_the_command_and_returns_the_report(
+        scored: tuple[Path, Path], tmp_path: Path) -> None:
+    import raytrain_app as rt
+
+    data, checkpoint = scored
+    report = rt.score(str(checkpoint), str(data), out=str(tmp_path / "eval"), batch_size=BATCH)
+    assert report == json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    expected = expected_scores(checkpoint, data)
+    assert {k: report[k] for k in expected} == expected
