@@ -142,6 +142,7 @@ class StateSummary:
     best_val_accuracy: float | None = None
     eval_val_accuracy: float | None = None
     sharded: bool = False  # weights and moments in the folder's shards (--strategy fsdp), not in the state file
+    from_meta: bool = False  # read from the folder's meta.json: the state file itself was not loaded
 
 
 def summarize(location: Location, label: str | None = None) -> StateSummary:
@@ -184,7 +185,7 @@ def _summary_from_meta(meta: dict[str, Any], path: str) -> StateSummary:
         lineage=lineage if isinstance(lineage, dict) else None,
         eval_val_loss=_float_or_none(meta.get("eval_val_loss")), sharded=bool(meta.get("sharded")),
         best_val_accuracy=_float_or_none(meta.get("best_val_accuracy")),
-        eval_val_accuracy=_float_or_none(meta.get("eval_val_accuracy")))
+        eval_val_accuracy=_float_or_none(meta.get("eval_val_accuracy")), from_meta=True)
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from raytrain_app.checkpoint.fit import check_weights_fit, fit_to_checkpoint
+from raytrain_app.checkpoint.format import load_state
 from raytrain_app.checkpoint.resolve import StateSummary, summarize
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.errors import UserError
@@ -114,6 +115,11 @@ def prepare_start(cfg: TrainConfig, given: set[str], source: Location, data: Dat
     """Read the checkpoint training starts from and fit the config to it (architecture), or raise UserError.
     `label` names the checkpoint in messages when `source` is a local copy of it."""
     summary = summarize(source, label)
+    if summary.from_meta:
+        # Summarised from meta.json: its state.pt was never read here. A file whose manifest matches can still
+        # fail to load (written damaged, or holding pickled code): refused now, not on the workers. Local files
+        # are memory-mapped (no tensor is read); a remote one is downloaded once more.
+        load_state(source, mmap=True)
     cfg = fit_to_checkpoint(cfg, given, summary, num_classes_given=data.num_classes_given)
     check_weights_fit(cfg, summary)
     check_model(cfg, given)

@@ -7,6 +7,8 @@ each would cost a minute of the suite."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import re
 from collections.abc import Callable
@@ -42,6 +44,23 @@ def checkpoint(path: Path, **arch: int) -> Path:
     torch.save({"epoch": 1, "global_step": 8, "model_state_dict": SequenceTransformer(cfg).state_dict(),
                 "config": cfg.to_dict()}, path)
     return path
+
+
+def checkpoint_folder(folder: Path, extra: dict | None = None, damaged: bool = False) -> Path:
+    """A checkpoint folder whose manifest matches its files, as a run writes it, but whose state.pt cannot be
+    loaded: it holds `extra` (pickled code), or its bytes were `damaged` before the manifest was written."""
+    from raytrain_app.checkpoint.format import MANIFEST_FILE, save_checkpoint_dir
+
+    state = torch.load(checkpoint(folder.parent / f"{folder.name}.pt"), weights_only=True)
+    save_checkpoint_dir(str(folder), {"val_loss": 0.5, **state, **(extra or {})})
+    if damaged:  # cut short, and the manifest rewritten to match: only loading it can tell
+        state_file = folder / "state.pt"
+        state_file.write_bytes(state_file.read_bytes()[:-100])
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        manifest["files"]["state.pt"] = {"sha256": hashlib.sha256(state_file.read_bytes()).hexdigest(),
+                                         "size": state_file.stat().st_size}
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return folder
 
 
 class RunsCode:
@@ -108,6 +127,12 @@ CASES: dict[str, Case] = {
         r"unknown key\(s\) in .*c\.yaml: learning_rate"),
     "unknown URI scheme": (lambda d: ["--save-dir", "ftp://host/runs"],
                            r"--save-dir ftp://host/runs: unknown URI scheme"),
+    "checkpoint folder whose state.pt would run code": (
+        lambda d: ["--resume-from-checkpoint", str(checkpoint_folder(d / "evil", {"extra": RunsCode(d / "pwned")}))],
+        r"evil/state\.pt is not a readable checkpoint \(Weights only load failed"),
+    "checkpoint folder whose state.pt is damaged": (
+        lambda d: ["--resume-from-checkpoint", str(checkpoint_folder(d / "cut", damaged=True))],
+        r"cut/state\.pt is not a readable checkpoint"),
     # A model of a user's own (--model), refused before any worker starts.
     "a model that cannot be imported": (
         lambda d: ["--model", "my_models.nowhere:spec"],
