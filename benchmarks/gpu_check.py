@@ -351,8 +351,10 @@ def check_activation_checkpointing(ctx: Context) -> str:
     for recompute in (False, True):
         trainer = build(cfg.replace(activation_checkpointing=recompute), ctx.device)
         calls: list[int] = []
-        # A pre-hook: the recompute stops as soon as it has rebuilt what backward needs, before a block's end.
-        hooks = [b.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1)) for b in trainer.model.blocks]
+        # A pre-hook on each block's first layer: the recompute stops as soon as it has rebuilt what backward
+        # needs, before a block's end, and it runs the block's forward itself, not the block's hooks.
+        hooks = [b.ln1.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+                 for b in trainer.model.blocks]
         base = 0
         if ctx.cuda:  # the peak above what is held before training (the other run's snapshot included)
             sync(ctx)

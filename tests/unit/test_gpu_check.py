@@ -97,7 +97,7 @@ def test_the_cpu_fallback_passes_every_check_but_the_cuda_only_ones_without_ray(
     ("import raytrain_app.checkpoint.state as s; s.restore_rng_state = lambda state: None",
      "checkpoint_resume", "differ from the uninterrupted run"),
     # Activation checkpointing without the saved RNG state: the recompute draws other dropout masks.
-    ("import functools, torch.utils.checkpoint as c, raytrain_app.core.model as m; "
+    ("import functools, torch.utils.checkpoint as c, raytrain_app.core.model_spec as m; "
      "m.checkpoint = functools.partial(c.checkpoint, preserve_rng_state=False)",
      "activation_checkpointing", "recompute changed the losses"),
 ])
