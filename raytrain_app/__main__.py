@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from raytrain_app.observability.console import configure_console
+
 # command -> (module, what it does)
 COMMANDS = {
     "train": ("raytrain_app.main", "train, resume or fine-tune a model on Ray"),
@@ -30,6 +32,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -26,6 +26,7 @@ from raytrain_app.cli.errors import run_command
 from raytrain_app.core.config import as_flags
 from raytrain_app.core.model import NORMALIZATION_KEYS, has_input_stats
 from raytrain_app.core.model_spec import model_text
+from raytrain_app.observability.console import configure_console
 from raytrain_app.storage.location import Location, parse_location
 from raytrain_app.storage.publish import publish_file
 
@@ -130,6 +131,7 @@ def _resolve(where: str, verify: bool = True) -> Location:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     parser = argparse.ArgumentParser(prog="python -m raytrain_app.ckpt", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -15,6 +15,7 @@ import sys
 from raytrain_app.cli.errors import run_command
 from raytrain_app.datasets.dataset import Split
 from raytrain_app.datasets.formats import load_dataset, make_synthetic, write_pickle_atomic
+from raytrain_app.observability.console import configure_console
 
 
 def _add_size_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,7 @@ def _add_size_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     parser = argparse.ArgumentParser(prog="python -m raytrain_app.data")
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="Write a synthetic, learnable dataset.")

@@ -25,6 +25,7 @@ from raytrain_app.core.errors import UserError
 from raytrain_app.core.evaluation import class_report, tally
 from raytrain_app.datasets.dataset import SPLITS, Dataset
 from raytrain_app.datasets.formats import open_dataset
+from raytrain_app.observability.console import configure_console
 from raytrain_app.observability.evaluation_report import (
     CONFUSION_FILE,
     METRICS_FILE,
@@ -51,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     return run_command(lambda: evaluate(args), debug=args.debug)
 

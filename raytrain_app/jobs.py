@@ -31,6 +31,7 @@ from raytrain_app.cli.errors import EXIT_DIVERGED, EXIT_TRAINING_FAILED, EXIT_US
 from raytrain_app.cli.flags import parse_config, parse_sweep_config
 from raytrain_app.core.config import sweep_identity_hash
 from raytrain_app.core.errors import UserError
+from raytrain_app.observability.console import configure_console
 from raytrain_app.ray_adapter.joining import ClusterUnreachable, check_job_api
 from raytrain_app.storage.location import parse_location
 
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "submit":
         args.training_args = args.training_args[1:] if args.training_args[:1] == ["--"] else args.training_args

@@ -40,6 +40,7 @@ from raytrain_app.core.memory import GB, check_fits
 from raytrain_app.core.model_spec import model_text
 from raytrain_app.core.trainer import UNVALIDATED_LOSS
 from raytrain_app.datasets.normalize import feature_stats
+from raytrain_app.observability.console import configure_console
 from raytrain_app.observability.metrics import prepare_wandb
 from raytrain_app.observability.progress import ProgressDisplay, read_from
 from raytrain_app.ray_adapter.capacity import check_cluster_fits, check_cluster_gpu_memory_fits
@@ -117,6 +118,7 @@ class Outcome:
 def main(argv: list[str] | None = None) -> int:
     """Every mistake a user can make ends here as one line on stderr and exit code 2, with nothing written;
     anything unexpected as one line and exit code 1. --debug adds the traceback."""
+    configure_console()
     argv = sys.argv[1:] if argv is None else argv
     # --debug is read before parsing: a flag that fails to parse still gets its traceback. Ctrl-C lands here
     # only before the workers start; afterwards the signal handler stops them.
@@ -178,7 +180,7 @@ def fit(plan: Plan, argv: list[str]) -> Outcome:
                            verified_checkpoint=verified_name(plan.recovery.state), input_stats=plan.input_stats)
     command = shlex.join([python_for_commands(), "-m", "raytrain_app.main", *argv])
     try:
-        display = ProgressDisplay(read_from(stop_request), cfg.progress_every)
+        display = ProgressDisplay(read_from(stop_request), cfg.progress_every, out=sys.stdout)
         try:
             result, stopped_by = fit_until_stopped(trainer, stop_request, on_tick=display)
         finally:

@@ -15,9 +15,11 @@ from raytrain_app.cli.errors import run_command
 from raytrain_app.cli.flags import build_parser, parse_config
 from raytrain_app.cli.preflight import prepare_data
 from raytrain_app.core.memory import GB, plan_lines
+from raytrain_app.observability.console import configure_console
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         build_parser("python -m raytrain_app.plan", __doc__.split("\n\n")[0]).print_help()

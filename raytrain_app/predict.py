@@ -27,6 +27,7 @@ from raytrain_app.checkpoint.inference import TrainedModel, load_trained_model
 from raytrain_app.cli.errors import EXIT_TRAINING_FAILED, USER_ERRORS, run_command
 from raytrain_app.core.errors import UserError
 from raytrain_app.datasets.prediction_input import PredictionInput, Shape, open_prediction_input
+from raytrain_app.observability.console import configure_console
 from raytrain_app.ray_adapter.driver import connect_ray
 from raytrain_app.ray_adapter.inference import IO_CPUS, cluster_replicas, predict_to
 from raytrain_app.storage.location import Location, StorageError, check_bucket, parse_location
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     argv = sys.argv[1:] if argv is None else argv
     return run_command(lambda: predict(build_parser().parse_args(argv)), debug="--debug" in argv,
                        interrupted="\nInterrupted: nothing was written to --out.")

@@ -13,6 +13,7 @@ import sys
 
 from raytrain_app.cli.errors import run_command
 from raytrain_app.core.errors import UserError
+from raytrain_app.observability.console import configure_console
 from raytrain_app.observability.metrics import METRICS_FILE, read_rows
 from raytrain_app.observability.run_report import PLOT_FILE, plot, summary
 from raytrain_app.storage.location import check_bucket, parse_location
@@ -20,6 +21,7 @@ from raytrain_app.storage.publish import publish_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     parser = argparse.ArgumentParser(prog="python -m raytrain_app.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run folder: <save-dir>/<run-name>, a local path or a URI")
     parser.add_argument("--out", help=f"where to write the plot (default: {PLOT_FILE} in the run folder)")

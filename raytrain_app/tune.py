@@ -30,6 +30,7 @@ from raytrain_app.core.errors import UserError
 from raytrain_app.core.trainer import resume_batch_index
 from raytrain_app.datasets.order import batches_per_epoch
 from raytrain_app.observability import sweep_results
+from raytrain_app.observability.console import configure_console
 from raytrain_app.observability.metrics import prepare_wandb
 from raytrain_app.ray_adapter.capacity import cluster_capacity, how_many_fit, run_resources
 from raytrain_app.ray_adapter.driver import connect_ray
@@ -253,6 +254,7 @@ def print_plan(plan: SweepPlan) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     argv = sys.argv[1:] if argv is None else argv
     return run_command(lambda: sweep(argv), debug="--debug" in argv)
 

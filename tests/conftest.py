@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from raytrain_app.datasets.formats import make_synthetic, write_pickle_atomic
+from raytrain_app.observability.console import configure_console
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).with_name("ray")
@@ -43,6 +44,10 @@ HERMETIC_ENV = {
 for _name in ("WANDB_API_KEY", "RAY_AUTH_TOKEN", "NETRC"):
     os.environ.pop(_name, None)
 os.environ.update(HERMETIC_ENV)
+
+# The library's log lines reach the console as in a command (each command's main() does the same), so that a
+# test calling a library function directly sees them with capsys.
+configure_console()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -4,12 +4,15 @@ checkpoint, and a check that its weights have this model's shapes (on the meta d
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from raytrain_app.checkpoint.resolve import StateSummary
 from raytrain_app.core.config import ARCH_FIELDS, TrainConfig
 from raytrain_app.core.errors import UserError
 from raytrain_app.core.model_spec import BUILTIN, model_identity
+
+log = logging.getLogger(__name__)
 
 
 def fit_to_checkpoint(
@@ -86,9 +89,9 @@ def _checkpoint_normalization(cfg: TrainConfig, given: set[str], summary: StateS
     else:
         saved = "none"  # written before --normalize existed: trained on the features as they are
     if "normalize" in given and cfg.normalize != saved:
-        print(f"Note: --normalize {cfg.normalize} does not apply to a run started from a checkpoint; its weights "
-              f"expect {'its own statistics' if saved == 'standard' else 'the features as they are'} "
-              f"(--normalize {saved}), and that is kept.")
+        log.info(f"Note: --normalize {cfg.normalize} does not apply to a run started from a checkpoint; its "
+                 f"weights expect {'its own statistics' if saved == 'standard' else 'the features as they are'} "
+                 f"(--normalize {saved}), and that is kept.")
     return saved
 
 

@@ -4,6 +4,7 @@ state file, and what that checkpoint holds, without starting anything.
 
 from __future__ import annotations
 
+import logging
 import math
 import posixpath
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from raytrain_app.checkpoint.format import (
 )
 from raytrain_app.storage.location import Location, check_bucket, parse_location
 
+log = logging.getLogger(__name__)
+
 
 def last_good_checkpoint(run_dir: Location | str, before_step: int) -> Location | None:
     """The folder of the run's newest whole checkpoint from before global step `before_step` whose validation
@@ -44,7 +47,7 @@ def last_good_checkpoint(run_dir: Location | str, before_step: int) -> Location 
     return None
 
 
-def best_run_checkpoint(run_dir: Location | str, warn: Any = print) -> Location | None:
+def best_run_checkpoint(run_dir: Location | str, warn: Any = log.info) -> Location | None:
     """The state file of the run's whole checkpoint that is best by the run's --select-metric (the lowest
     validation loss or the highest accuracy; latest on ties); one that is not whole is named by `warn` and
     passed over."""

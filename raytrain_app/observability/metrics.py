@@ -21,6 +21,7 @@ metrics.jsonl rows (one JSON object per line):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -35,6 +36,8 @@ from raytrain_app.core.model import transformer_flops_per_token
 from raytrain_app.core.model_spec import count_flops
 from raytrain_app.storage.location import Location
 from raytrain_app.storage.publish import publish_bytes
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_FLUSH_INTERVAL_S = 1.0
@@ -234,8 +237,8 @@ class RunMetrics:
 
 def _wandb_failed(what: str, error: Exception) -> None:
     first_line = (str(error).strip().splitlines() or [""])[0]
-    print(f"⚠️  wandb {what} ({type(error).__name__}: {first_line}); training goes on, and every metric is still "
-          f"written to {METRICS_FILE}", flush=True)
+    log.info(f"⚠️  wandb {what} ({type(error).__name__}: {first_line}); training goes on, and every metric is "
+             f"still written to {METRICS_FILE}")
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
@@ -260,8 +263,8 @@ def prepare_wandb(cfg: TrainConfig, where: Location) -> TrainConfig:
     if mode == "online" and key:
         os.environ["WANDB_API_KEY"] = key
     if mode == "offline" and not where.is_local and not os.environ.get("WANDB_DIR"):
-        print(f"⚠️  wandb is offline and the run is on {where.uri.split('://')[0]}://: its offline files go to the "
-              f"temporary folder of rank 0's machine. Set WANDB_DIR to a folder that lasts to keep them.")
+        log.info(f"⚠️  wandb is offline and the run is on {where.uri.split('://')[0]}://: its offline files go to "
+                 f"the temporary folder of rank 0's machine. Set WANDB_DIR to a folder that lasts to keep them.")
     return cfg.replace(wandb_mode=mode)
 
 

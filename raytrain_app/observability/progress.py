@@ -8,7 +8,6 @@ the reports made at checkpoints.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -56,10 +55,10 @@ def bar(p: dict[str, Any], width: int = 24) -> str:
 
 class ProgressDisplay:
     """Called from the driver's main thread while it waits for training (`on_tick`). `read` returns rank 0's
-    latest progress, or None (nothing yet, or the cluster did not answer in time)."""
+    latest progress, or None (nothing yet, or the cluster did not answer in time). `out`: the console stream the
+    command draws on (a line redrawn in place is not a log record)."""
 
-    def __init__(self, read: Callable[[float], dict[str, Any] | None], every_s: float,
-                 out: TextIO = sys.stdout) -> None:
+    def __init__(self, read: Callable[[float], dict[str, Any] | None], every_s: float, out: TextIO) -> None:
         self.read, self.every_s, self.out = read, every_s, out
         self.interval = push_interval(every_s)
         self.live = out.isatty()
@@ -79,7 +78,8 @@ class ProgressDisplay:
             self.out.flush()
         elif now - self.last_line >= self.every_s:
             self.last_line = now
-            print(progress_line(progress), file=self.out, flush=True)
+            self.out.write(progress_line(progress) + "\n")
+            self.out.flush()
 
     def close(self) -> None:
         if self.live and self.seen is not None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from raytrain_app.core.config import TrainConfig
@@ -11,6 +12,8 @@ from raytrain_app.core.errors import UserError
 from raytrain_app.core.memory import GB, GPU_MEMORY_GB, check_fits
 from raytrain_app.ray_adapter import ray_compat
 from raytrain_app.ray_adapter.driver import scaling_config
+
+log = logging.getLogger(__name__)
 
 
 def run_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -61,8 +64,8 @@ def check_cluster_gpu_memory_fits(cfg: TrainConfig) -> None:
     types = sorted(k.split(":", 1)[1] for k in capacity if k.startswith("accelerator_type:"))
     known = sorted((GPU_MEMORY_GB[t], t) for t in types if t in GPU_MEMORY_GB)
     if not known:
-        print(f"Memory plan not checked: the cluster reports no known GPU type ({', '.join(types) or 'none'}); pass "
-              "--gpu-memory-gb to check it.")
+        log.info(f"Memory plan not checked: the cluster reports no known GPU type ({', '.join(types) or 'none'}); "
+                 "pass --gpu-memory-gb to check it.")
         return
     gb, name = known[0]
     check_fits(cfg, gb * GB, f"{name}, {gb:g} GB")

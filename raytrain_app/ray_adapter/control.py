@@ -18,9 +18,9 @@ workers save the current step once and keep training; Ray Train restarts from th
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +28,8 @@ from typing import Any
 
 from raytrain_app.core.interrupts import CONTINUE, SAVE, STOP
 from raytrain_app.ray_adapter import ray_compat
+
+log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_INTERVAL_S = 0.5  # how often each worker asks the driver whether to stop
@@ -88,12 +90,11 @@ def fit_until_stopped(trainer: Any, stop_request: Any,
     def on_signal(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if received:  # the second one: the user insists
-            print(f"\n{name} again: stopping now without waiting for the workers to save.", file=sys.stderr,
-                  flush=True)
+            log.warning(f"\n{name} again: stopping now without waiting for the workers to save.")
             os._exit(128 + signum)
         received.append(signum)
-        print(f"\n{name} received: the workers save a checkpoint of the current step, then the run stops "
-              f"(send it again to stop at once).", flush=True)
+        log.info(f"\n{name} received: the workers save a checkpoint of the current step, then the run stops "
+                 f"(send it again to stop at once).")
 
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     thread = threading.Thread(target=fit, name="trainer.fit", daemon=True)
@@ -139,8 +140,7 @@ class Interrupts:
             except ray.exceptions.GetTimeoutError:
                 continue  # a busy node: ask again
             except ray.exceptions.RayError as e:  # the driver and its actor are gone: Ray ends these workers too
-                print(f"Stop requests can no longer be received ({type(e).__name__}): the driver is gone.",
-                      flush=True)
+                log.info(f"Stop requests can no longer be received ({type(e).__name__}): the driver is gone.")
                 return
             time.sleep(POLL_INTERVAL_S)
 

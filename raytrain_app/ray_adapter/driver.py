@@ -7,6 +7,7 @@ Shared by `raytrain_app.main` (one run) and `raytrain_app.tune` (one run per tri
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sys
@@ -16,6 +17,8 @@ from raytrain_app.core.config import ConfigError, TrainConfig
 from raytrain_app.ray_adapter.fault_injection import STEP_DELAY_ENV_VAR
 from raytrain_app.ray_adapter.joining import plan_join
 from raytrain_app.storage.location import FORWARDED_ENV_VARS, Location
+
+log = logging.getLogger(__name__)
 
 # This driver process's id in the run's metrics: a restore under the same id is a worker restart, under another
 # a re-run of the command.
@@ -37,7 +40,7 @@ def connect_ray(num_cpus: int) -> None:
         del os.environ["RAY_ADDRESS"]  # blank: no address (ray.init would take it as given and fail to parse it)
     join = plan_join()
     if join.note:
-        print(join.note, flush=True)
+        log.info(join.note)
     if join.starts_local:
         # A private instance stays on loopback; Ray reads this at import time, so set it before importing ray.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -20,6 +20,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from raytrain_app.observability.console import configure_console
+
+log = logging.getLogger(__name__)
+
 SUPPORTED_RAY_VERSION = "2.60.0"
 EXIT_UNSUPPORTED = 2  # a mistake in the environment the user set up, as the commands' other input mistakes
 
@@ -42,7 +46,8 @@ def _installed_ray_version() -> str | None:
 
 _problem = ray_version_problem(_installed_ray_version())
 if _problem:
-    print(_problem, file=sys.stderr)
+    configure_console()  # at import, before any command has set up the console: the process ends with this line
+    log.error(_problem)
     raise SystemExit(EXIT_UNSUPPORTED)
 
 

@@ -6,6 +6,7 @@ checkpoint and the record is rewritten so that Ray restores that same one.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ from raytrain_app.core.trainer import UNVALIDATED_ACCURACY, UNVALIDATED_LOSS
 from raytrain_app.ray_adapter import ray_compat
 from raytrain_app.storage.location import Location
 from raytrain_app.storage.publish import publish_bytes
+
+log = logging.getLogger(__name__)
 
 
 def _latest_result(run_dir: Location) -> dict[str, Any] | None:
@@ -47,7 +50,7 @@ class Recovery:
             publish_bytes(json.dumps(self.new_snapshot).encode(), self.snapshot_file)
 
 
-def plan_recovery(run_dir: Location | str, warn: Any = print) -> Recovery:
+def plan_recovery(run_dir: Location | str, warn: Any = log.info) -> Recovery:
     """Find the checkpoint a run continues from, verified, without writing anything.
 
     When the checkpoint Ray's record names as the latest is not whole (cut off, damaged, deleted), `warn` names
@@ -89,7 +92,7 @@ def plan_recovery(run_dir: Location | str, warn: Any = print) -> Recovery:
                     new_snapshot=ray_compat.run_record_without(snapshot, broken, chosen))
 
 
-def recover_run(run_dir: Location | str, warn: Any = print) -> Location | None:
+def recover_run(run_dir: Location | str, warn: Any = log.info) -> Location | None:
     """`plan_recovery`, applied at once: the verified state file a run continues from, or None."""
     recovery = plan_recovery(run_dir, warn)
     recovery.apply()

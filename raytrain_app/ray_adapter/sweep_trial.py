@@ -9,15 +9,19 @@ latest checkpoint; a trial with no checkpoint yet starts from the sweep's base c
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
 from raytrain_app.checkpoint.resolve import verified_name
 from raytrain_app.core.config import TrainConfig
+from raytrain_app.observability.console import configure_console
 from raytrain_app.observability.sweep_results import trial_dir_name
 from raytrain_app.ray_adapter.driver import make_trainer
 from raytrain_app.ray_adapter.run_record import latest_run_metrics, recover_run
 from raytrain_app.storage.location import Location, parse_location
+
+log = logging.getLogger(__name__)
 
 # Written into a trial's folder when Ray Train gave up on it (its workers failed --max-failures times): Tune's
 # own retries of the trial are for lost trial drivers, not for repeating the same failure (N+1)^2 times.
@@ -81,6 +85,7 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     lineage (of the base)."""
     from ray import tune
 
+    configure_console()  # the trial's lines reach the sweep's console through Ray's forwarding of stdout/stderr
     trial_id = tune.get_context().get_trial_id()
     trial_dir = parse_location(spec["sweep_dir"]).join(trial_dir_name(trial_id))
     run_name = trial_run_name(trial_id)
@@ -91,7 +96,7 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     # again instead of starting workers that would have nothing to train.
     done = latest_run_metrics(trial_dir.join(run_name))
     if done and int(done.get("epoch", 0)) >= cfg.epochs:
-        print(f"Trial {trial_id} (lr {cfg.lr:g}) had already finished: not training it again.", flush=True)
+        log.info(f"Trial {trial_id} (lr {cfg.lr:g}) had already finished: not training it again.")
         tune.report(tune_metrics(done, base_step))
         return
 
@@ -103,8 +108,7 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
                            f"command to try again from its latest checkpoint. The failure: {mark['error']}")
 
     # The trial's own latest checkpoint, verified: one that is not whole is named and the trial falls back.
-    verified = recover_run(trial_dir.join(run_name), warn=lambda line: print(f"[trial {trial_id}] {line}",
-                                                                              flush=True))
+    verified = recover_run(trial_dir.join(run_name), warn=lambda line: log.info(f"[trial {trial_id}] {line}"))
 
     import ray.train
 

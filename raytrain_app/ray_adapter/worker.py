@@ -8,6 +8,7 @@ is used here and in the driver only.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -48,6 +49,7 @@ from raytrain_app.core.rng import seed_everything
 from raytrain_app.core.trainer import UNVALIDATED_ACCURACY, UNVALIDATED_LOSS, Scores, Trainer
 from raytrain_app.datasets.dataset import Dataset
 from raytrain_app.datasets.formats import open_dataset
+from raytrain_app.observability.console import configure_console
 from raytrain_app.observability.metrics import RunMetrics
 from raytrain_app.observability.progress import ProgressSender
 from raytrain_app.ray_adapter import ray_compat
@@ -55,9 +57,12 @@ from raytrain_app.ray_adapter.control import Interrupts
 from raytrain_app.ray_adapter.fault_injection import StepDelay
 from raytrain_app.storage.location import parse_location
 
+log = logging.getLogger(__name__)
+
 
 def train_func(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs (`loop_config`: see `driver.make_trainer`)."""
+    configure_console()  # this worker's lines reach the driver's console through Ray's forwarding of stdout/stderr
     cfg = TrainConfig.from_dict(loop_config["config"])
     ray_compat.quiet_report_logs()
     rank = ray.train.get_context().get_world_rank()
@@ -191,8 +196,8 @@ class WorkerRun:
         if trainer.diverged is not None:
             self._report_divergence()
         elif not completed and self.rank == 0:
-            print(f"{self.log_prefix}Stopped on request at epoch {trainer.epoch}, global step {trainer.global_step}, "
-                  f"batch {trainer.batch_index}: checkpoint saved.", flush=True)
+            log.info(f"{self.log_prefix}Stopped on request at epoch {trainer.epoch}, global step "
+                     f"{trainer.global_step}, batch {trainer.batch_index}: checkpoint saved.")
 
     # --- what the loop calls -------------------------------------------------------------------------------------
     def on_step(self) -> None:
@@ -213,7 +218,7 @@ class WorkerRun:
                                       ) if is_best else None
             state = (state, best)
         if self.rank == 0:
-            print(self.log_prefix + validation_line(metrics, self.cfg.epochs), flush=True)
+            log.info(self.log_prefix + validation_line(metrics, self.cfg.epochs))
         if self.recorder is not None:
             # The metrics up to this step first (see RunMetrics.commit for why before the checkpoint).
             self.recorder.commit({
@@ -233,8 +238,8 @@ class WorkerRun:
 
     def on_notice(self, info: Any) -> None:
         if self.rank == 0:  # the step just taken is checkpointed next, unless a validation already did
-            print(f"{self.log_prefix}Preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
-                  f"{info.preempted_ranks}): checkpointing global step {self.trainer.global_step}", flush=True)
+            log.info(f"{self.log_prefix}Preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
+                     f"{info.preempted_ranks}): checkpointing global step {self.trainer.global_step}")
 
     # --- what the checkpoint writer calls ---------------------------------------------------------------------------
     def write(self, snapshot: dict[str, Any], is_best: bool, dir_name: str) -> Any:
@@ -296,9 +301,9 @@ class WorkerRun:
                  "optimizer reset (--reset-optimizer)" if report.reset else "no optimizer state (fresh)"]
         if trainer.scaler.is_enabled():
             parts.append("gradient scaler" if report.scaler else "no gradient scaler state (fresh)")
-        print(f"{self.log_prefix}Workers loaded {source}: {', '.join(parts)}; at epoch {trainer.epoch}, global step "
-              f"{trainer.global_step}, batch {trainer.batch_index}; {trainer.world_size} worker(s), "
-              f"{trainer.grad_accum} micro-batch(es) per step", flush=True)
+        log.info(f"{self.log_prefix}Workers loaded {source}: {', '.join(parts)}; at epoch {trainer.epoch}, global "
+                 f"step {trainer.global_step}, batch {trainer.batch_index}; {trainer.world_size} worker(s), "
+                 f"{trainer.grad_accum} micro-batch(es) per step")
 
     def _record_end(self, completed: bool, first_step: int, loop_s: float) -> None:
         """Rank 0: the event that ends this attempt in metrics.jsonl (benchmarks/ray_overhead.py reads its times)."""
@@ -321,8 +326,8 @@ class WorkerRun:
         info = {"first_step": d.first_step, "last_step": d.last_step, "epoch": trainer.epoch,
                 "global_step": trainer.global_step}
         if self.rank == 0:
-            print(f"{self.log_prefix}Diverged: global steps {d.first_step}-{d.last_step} all had a non-finite loss "
-                  f"or gradients and were skipped; stopping without saving.", flush=True)
+            log.info(f"{self.log_prefix}Diverged: global steps {d.first_step}-{d.last_step} all had a non-finite "
+                     f"loss or gradients and were skipped; stopping without saving.")
             if self.control is not None:
                 ray.get(self.control.report_divergence.remote(info))
         # A sweep trial's last report: ASHA and the results table see a diverged trial (no checkpoint with it).

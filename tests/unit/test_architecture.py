@@ -89,3 +89,17 @@ def test_raytrain_console_script_runs_each_command() -> None:
             2, f"error: --checkpoint {missing}: nothing there\n"), (command, by_script.stderr, by_module.stderr)
     unknown = subprocess.run([str(raytrain), "fly"], capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: unknown command 'fly'")
+
+
+LIBRARY_LAYERS = ("ray_adapter", "observability", "checkpoint", "core", "datasets", "storage")
+
+
+def test_the_library_layers_log_and_never_print() -> None:
+    """A library module speaks through its logger (`observability.console` decides what reaches the console); only
+    the commands and `cli` print. `print` passed as a callable (a `warn=print` default) counts too."""
+    prints = [f"{path.relative_to(REPO_ROOT)}:{node.lineno}"
+              for layer in LIBRARY_LAYERS for path in sorted((PACKAGE / layer).rglob("*.py"))
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Name) and node.id == "print"]
+    assert prints == [], "print in a library layer: log through logging.getLogger(__name__) instead"
+    assert (PACKAGE / "ray_adapter" / "worker.py").is_file() and (PACKAGE / "storage").is_dir()  # scanned something
