@@ -261,9 +261,9 @@ def _pickle_input(location: Location, data: str, split: str, shape: Shape, flag:
         got = f"shape {x.shape}, dtype {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
         raise _data_error(f"{flag} {data}: {split}.x must be a float array {shape.rows()}, got {got}")
     if x.shape[1:] != shape.dims:
-        raise _data_error(f"{flag} {data}: {split}.x is [N, {', '.join(map(str, x.shape[1:]))}] but the checkpoint expects "
-                          f"{shape.rows()} ({shape.describe()}): score data shaped like the data the model was "
-                          "trained on")
+        got = f"[N, {', '.join(map(str, x.shape[1:]))}]"
+        raise _data_error(f"{flag} {data}: {split}.x is {got} but the checkpoint expects {shape.rows()} "
+                          f"({shape.describe()}): score data shaped like the data the model was trained on")
     if x.shape[0] == 0:
         raise _data_error(f"{flag} {data}: {split}.x holds no rows")
     array = np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape[0], shape.size)

@@ -165,7 +165,8 @@ def test_rows_with_float_targets_are_a_regression_dataset(tmp_path: Path) -> Non
 
 def test_per_step_regression_and_more_axes(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    seq = {"x": rng.standard_normal((12, 5, 3)).astype(np.float32), "y": rng.standard_normal((12, 5)).astype(np.float32)}
+    seq = {"x": rng.standard_normal((12, 5, 3)).astype(np.float32),
+           "y": rng.standard_normal((12, 5)).astype(np.float32)}
     ds = load_dataset(str(dump(tmp_path / "seq.pkl", {"train": seq})), val_fraction=0.25)
     assert (ds.input_shape, ds.seq_len, ds.feature_dim, ds.per_step, ds.task) == ((5, 3), 5, 3, True, "regression")
     assert (len(ds.train), len(ds.val)) == (9, 3) and ds.val.y.shape == (3, 5)
