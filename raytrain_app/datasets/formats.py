@@ -226,6 +226,9 @@ def make_synthetic(
     falls well below the variance of y). A test split (`num_test`) is drawn after the others, so train and val
     are the same with or without it."""
     shape = tuple(input_shape) if input_shape is not None else (seq_len, feature_dim)
+    if task not in (CLASSIFICATION, REGRESSION) or (task == CLASSIFICATION and num_classes < 2):
+        raise ValueError(f"task must be {CLASSIFICATION} (with num_classes >= 2) or {REGRESSION}, got {task!r} with "
+                         f"num_classes {num_classes}")
     if per_step and len(shape) < 2:
         raise ValueError(f"per-step targets need sequences (an input shape of 2 or more axes), got {list(shape)}")
     g = torch.Generator().manual_seed(seed)
