@@ -1,8 +1,10 @@
 """Datasets in the "new format": load safely, validate, shard per worker, and write synthetic ones.
 
 Format: a pickled dict {"train": {"x": X, "y": Y}, "val": {"x": X, "y": Y}, "test": {...}, "num_classes": C}
-(val, test and num_classes optional) with X float [N, T, F] and Y int [N] (one class per sequence) or [N, T] (one
-class per step), numpy or torch. Training never reads test: it is for scoring a trained model.
+(val, test and num_classes optional), numpy or torch. X: floats of any fixed shape with at least one axis after N
+([N, F] rows, [N, T, F] sequences, [N, A, B, F] ...). Y: integers (classification: [N] a class per sample, or
+[N, T] a class per step of a sequence) or floats (regression: [N] or [N, T], finite; no num_classes). Training
+never reads test: it is for scoring a trained model.
 
 Order and sharding are pure functions: the epoch's permutation depends only on (seed, epoch) and a worker's
 shard only on (rank, world size), so a resumed run sees exactly the batches the uninterrupted one would.
@@ -24,7 +26,15 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from raytrain_app.datasets.dataset import DataError, Dataset, Split, check_num_classes
+from raytrain_app.datasets.dataset import (
+    CLASSIFICATION,
+    REGRESSION,
+    DataError,
+    Dataset,
+    Split,
+    check_num_classes,
+    refuse_num_classes_for_regression,
+)
 from raytrain_app.storage.location import Location, check_bucket, parse_location
 
 
@@ -91,23 +101,37 @@ def _validate_split(raw: object, name: str) -> Split:
         raise DataError(f"{name} must be a dict with keys 'x' and 'y', got {keys}")
     x = _as_tensor(raw["x"], f"{name}.x")
     y = _as_tensor(raw["y"], f"{name}.y")
-    if x.dim() != 3:
-        raise DataError(f"{name}.x must be [N, T, F], got shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise DataError(f"{name}.x must be [N, ...] with at least one axis after N ([N, F] rows, [N, T, F] "
+                        f"sequences), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise DataError(f"{name}.x must be a float array, got dtype {x.dtype}")
     if y.dim() not in (1, 2):
         raise DataError(f"{name}.y must be [N] or [N, T], got shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise DataError(f"{name}.y must be an integer array, got dtype {y.dtype}")
+    if y.is_complex() or y.dtype == torch.bool:
+        raise DataError(f"{name}.y must be an integer array (classes) or a float array (regression targets), "
+                        f"got dtype {y.dtype}")
     if y.shape[0] != x.shape[0]:
         raise DataError(f"{name}.y has {y.shape[0]} rows but {name}.x has {x.shape[0]}")
+    if y.dim() == 2 and x.dim() < 3:
+        raise DataError(f"{name}.y is [N, T] (a target per step) but {name}.x is {list(x.shape)}, rows without "
+                        f"steps: give y as [N], or x as [N, T, F]")
     if y.dim() == 2 and y.shape[1] != x.shape[1]:
         raise DataError(f"{name}.y is [N, T] with T={y.shape[1]} but {name}.x has T={x.shape[1]}")
     if x.shape[0] == 0:
         raise DataError(f"{name} is empty (0 sequences)")
     if not torch.isfinite(x).all():
         raise DataError(f"{name}.x contains NaN or inf values")
+    if y.is_floating_point():
+        y = y.to(torch.float32)
+        if not torch.isfinite(y).all():
+            raise DataError(f"{name}.y contains NaN or inf values (regression targets, in float32, must be finite)")
+        return Split(x=x.to(torch.float32), y=y)
     return Split(x=x.to(torch.float32), y=y.to(torch.int64))
+
+
+def _y_kind(split: Split) -> str:
+    return "float targets" if split.y.is_floating_point() else "integer labels"
 
 
 def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -165,13 +189,19 @@ def _dataset_from_dict(raw: object, path: str, *, val_fraction: float, seed: int
                             f"[N, {', '.join(map(str, train.x.shape[1:]))}]")
         if split.y.dim() != train.y.dim():
             raise DataError(f"{name}.y has {split.y.dim()} dims but train.y has {train.y.dim()}")
-    labels_max = int(max(train.y.max(), val.y.max()))
-    labels_min = int(min(train.y.min(), val.y.min()))
-    num_classes, given = check_num_classes(raw.get("num_classes"), labels_min, labels_max)
+        if split.y.is_floating_point() != train.y.is_floating_point():
+            raise DataError(f"{name}.y holds {_y_kind(split)} but train.y holds {_y_kind(train)}: every split needs "
+                            "integer labels (classification) or every split float targets (regression)")
+    if train.y.is_floating_point():
+        refuse_num_classes_for_regression(raw.get("num_classes"), "the dataset")
+        task, num_classes, given = REGRESSION, 0, False
+    else:
+        labels_max = int(max(train.y.max(), val.y.max()))
+        labels_min = int(min(train.y.min(), val.y.min()))
+        task, (num_classes, given) = CLASSIFICATION, check_num_classes(raw.get("num_classes"), labels_min, labels_max)
     # The test split's labels are not part of the class count: training never reads them (evaluate checks them).
     return Dataset(train=train, val=val, num_classes=num_classes, num_classes_given=given,
-                   seq_len=train.x.shape[1], feature_dim=train.x.shape[2], per_step=train.y.dim() == 2, uri=uri,
-                   test=test)
+                   input_shape=tuple(train.x.shape[1:]), per_step=train.y.dim() == 2, uri=uri, test=test, task=task)
 
 
 def open_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0, check_labels: bool = True) -> Dataset:
@@ -187,30 +217,55 @@ def open_dataset(path: str, *, val_fraction: float = 0.1, seed: int = 0, check_l
 
 
 def make_synthetic(
-    *, num_train: int, num_val: int, seq_len: int, feature_dim: int, num_classes: int, per_step: bool, seed: int,
-    num_test: int = 0,
+    *, num_train: int, num_val: int, seq_len: int = 0, feature_dim: int = 0, num_classes: int = 0, per_step: bool,
+    seed: int, num_test: int = 0, task: str = CLASSIFICATION, input_shape: tuple[int, ...] | None = None,
 ) -> dict:
-    """Features ~ N(0, 1); labels are the argmax of a fixed random linear map of (running) feature means,
-    so a model can learn them: the loss falls well below chance (ln C). A test split (`num_test`) is drawn after
-    the others, so train and val are the same with or without it."""
+    """Features ~ N(0, 1) of `input_shape` (default (seq_len, feature_dim)) and targets a fixed random linear map
+    of their (running) feature means, so a model can learn them. Classification: the argmax over `num_classes`
+    (the loss falls well below chance, ln C). Regression: one float32 value, plus small seeded noise (the loss
+    falls well below the variance of y). A test split (`num_test`) is drawn after the others, so train and val
+    are the same with or without it."""
+    shape = tuple(input_shape) if input_shape is not None else (seq_len, feature_dim)
+    if task not in (CLASSIFICATION, REGRESSION) or (task == CLASSIFICATION and num_classes < 2):
+        raise ValueError(f"task must be {CLASSIFICATION} (with num_classes >= 2) or {REGRESSION}, got {task!r} with "
+                         f"num_classes {num_classes}")
+    if per_step and len(shape) < 2:
+        raise ValueError(f"per-step targets need sequences (an input shape of 2 or more axes), got {list(shape)}")
     g = torch.Generator().manual_seed(seed)
     n = num_train + num_val
-    x = torch.randn(n, seq_len, feature_dim, generator=g)
-    w = torch.randn(feature_dim, num_classes, generator=g)
+    x = torch.randn(n, *shape, generator=g)
+    regression = task == REGRESSION
+    # Scaled so that y has a variance of about 1/T (the variance of a mean over T steps) whatever F is.
+    w = torch.randn(shape[-1], generator=g) / shape[-1] ** 0.5 if regression else \
+        torch.randn(shape[-1], num_classes, generator=g)
 
-    def labels(x: torch.Tensor) -> torch.Tensor:
+    def means(x: torch.Tensor) -> torch.Tensor:
+        """Per step, the running mean over steps ([N, T, F]); else the mean over all axes but N and F ([N, F])."""
         if per_step:
-            running = x.cumsum(1) / torch.arange(1, seq_len + 1).view(1, -1, 1)
-            return (running @ w).argmax(-1)
-        return (x.mean(1) @ w).argmax(-1)
+            steps = x.shape[1]
+            x = x.cumsum(1) / torch.arange(1, steps + 1).view(1, -1, *[1] * (x.dim() - 2))
+            return x.mean(dim=tuple(range(2, x.dim() - 1))) if x.dim() > 3 else x
+        return x.mean(dim=tuple(range(1, x.dim() - 1))) if x.dim() > 2 else x
 
-    y = labels(x)
+    def targets(x: torch.Tensor) -> torch.Tensor:
+        if not regression:
+            return (means(x) @ w).argmax(-1)
+        signal = means(x) @ w
+        return signal + REGRESSION_NOISE_STD * torch.randn(signal.shape, generator=g)
+
+    y = targets(x)
     split = lambda a, b: {"x": x[a:b].numpy(), "y": y[a:b].numpy()}  # noqa: E731
-    data = {"train": split(0, num_train), "val": split(num_train, n), "num_classes": num_classes}
+    data = {"train": split(0, num_train), "val": split(num_train, n)}
+    if not regression:
+        data["num_classes"] = num_classes
     if num_test:
-        x_test = torch.randn(num_test, seq_len, feature_dim, generator=g)
-        data["test"] = {"x": x_test.numpy(), "y": labels(x_test).numpy()}
+        x_test = torch.randn(num_test, *shape, generator=g)
+        data["test"] = {"x": x_test.numpy(), "y": targets(x_test).numpy()}
     return data
+
+
+# Small against the signal's variance (about 1/T, 1/16 with the default 16 steps; 1 for rows), so the fit is good
+REGRESSION_NOISE_STD = 0.05
 
 
 def write_pickle_atomic(obj: object, path: str) -> None:

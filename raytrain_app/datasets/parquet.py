@@ -7,14 +7,19 @@ Layout (local or on object storage):
 or a single Parquet file / a folder of Parquet files: all rows are training rows, and the last --val-fraction of
 them is held out for validation (write rows shuffled, or give a val split).
 
-Schema: `x` fixed_size_list<float32>[T*F] (row-major [T, F]); `y` int64 (a class per sequence) or
-fixed_size_list<int64>[T] (a class per step). Schema metadata: `seq_len`, `feature_dim`, optional `num_classes`.
+Schema: `x` fixed_size_list<float32>[prod(input_shape)] (one sample, row-major); `y` int64 (a class per sample)
+or fixed_size_list<int64>[T] (a class per step), or for regression float32/float64 or fixed_size_list<float>[T].
+Schema metadata: `input_shape` (a JSON list: [F] rows, [T, F] sequences, ...), optional `num_classes` (integer y
+only). Files written before `input_shape` have `seq_len` and `feature_dim` instead, read as [seq_len, feature_dim];
+the writer still writes those two beside it for a [T, F] input shape.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
+import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +28,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from raytrain_app.datasets.dataset import DataError, Dataset, check_num_classes
+from raytrain_app.datasets.dataset import (
+    CLASSIFICATION,
+    REGRESSION,
+    DataError,
+    Dataset,
+    check_num_classes,
+    refuse_num_classes_for_regression,
+)
 from raytrain_app.datasets.order import ORDER_BLOCK_ROWS
 from raytrain_app.storage.location import Location, parse_location
 
@@ -60,30 +72,59 @@ def is_parquet(location: Location) -> bool:
 
 @dataclass
 class _Shape:
-    seq_len: int
-    feature_dim: int
+    input_shape: tuple[int, ...]
     per_step: bool
     num_classes: object  # as stated in the metadata, or None
+    task: str = CLASSIFICATION  # REGRESSION: y is float
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.input_shape)
+
+
+def _input_shape(meta: dict[str, str], label: str) -> tuple[int, ...]:
+    """`input_shape` from the schema metadata, or [seq_len, feature_dim] (files written before it)."""
+    if "input_shape" not in meta:
+        try:
+            return int(meta["seq_len"]), int(meta["feature_dim"])
+        except (KeyError, ValueError):
+            raise DataError(f"{label} needs 'input_shape' (a JSON list such as [8, 4]), or integer 'seq_len' and "
+                            "'feature_dim', in its schema metadata") from None
+    try:
+        shape = json.loads(meta["input_shape"])
+    except ValueError:
+        shape = None
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d > 0 for d in shape):
+        raise DataError(f"{label}: schema metadata input_shape must be a JSON list of positive integers such as "
+                        f"[8, 4] or [6], got {meta['input_shape']!r}")
+    return tuple(shape)
 
 
 def _shape_of(schema: pa.Schema, label: str) -> _Shape:
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     if "x" not in schema.names or "y" not in schema.names:
         raise DataError(f"{label} must have columns 'x' and 'y', got {schema.names}")
-    try:
-        seq_len, feature_dim = int(meta["seq_len"]), int(meta["feature_dim"])
-    except (KeyError, ValueError):
-        raise DataError(f"{label} needs integer 'seq_len' and 'feature_dim' in its schema metadata") from None
+    input_shape = _input_shape(meta, label)
+    size = math.prod(input_shape)
     x_type, y_type = schema.field("x").type, schema.field("y").type
     if not (pa.types.is_fixed_size_list(x_type) and pa.types.is_floating(x_type.value_type)
-            and x_type.list_size == seq_len * feature_dim):
-        raise DataError(f"{label}: x must be fixed_size_list<float>[{seq_len * feature_dim}] (T*F), got {x_type}")
+            and x_type.list_size == size):
+        what = "T*F" if len(input_shape) == 2 else f"input_shape {list(input_shape)}"
+        raise DataError(f"{label}: x must be fixed_size_list<float>[{size}] ({what}), got {x_type}")
     per_step = pa.types.is_fixed_size_list(y_type)
     y_value = y_type.value_type if per_step else y_type
-    if not pa.types.is_integer(y_value) or (per_step and y_type.list_size != seq_len):
-        raise DataError(f"{label}: y must be int64 or fixed_size_list<int64>[{seq_len}], got {y_type}")
+    if per_step and len(input_shape) < 2:
+        raise DataError(f"{label}: y is a list a row ({y_type}, a target per step) but x rows (input_shape "
+                        f"{list(input_shape)}) have no steps: give y one value a row")
+    if not (pa.types.is_integer(y_value) or pa.types.is_floating(y_value)) or (
+            per_step and y_type.list_size != input_shape[0]):
+        raise DataError(f"{label}: y must be int64 or float (a target per sample) or fixed_size_list<int64 or "
+                        f"float>[{input_shape[0] if len(input_shape) >= 2 else 'T'}] (per step), got {y_type}")
+    task = REGRESSION if pa.types.is_floating(y_value) else CLASSIFICATION
     num_classes = int(meta["num_classes"]) if "num_classes" in meta else None
-    return _Shape(seq_len, feature_dim, per_step, num_classes)
+    if task == REGRESSION:
+        refuse_num_classes_for_regression(num_classes, label)
+    return _Shape(input_shape, per_step, num_classes, task)
 
 
 class ParquetSplit:
@@ -132,9 +173,10 @@ class ParquetSplit:
         s = self.shape
         x = table.column("x").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         # A copy: Arrow's buffers are read-only, and a row group is small.
-        x = torch.from_numpy(np.array(x, dtype=np.float32).reshape(-1, s.seq_len, s.feature_dim))
-        y = torch.from_numpy(np.array(self._labels(table.column("y").combine_chunks()), dtype=np.int64))
-        return x, y.reshape((-1, s.seq_len) if s.per_step else (-1,))
+        x = torch.from_numpy(np.array(x, dtype=np.float32).reshape(-1, *s.input_shape))
+        y_dtype = np.float32 if s.task == REGRESSION else np.int64
+        y = torch.from_numpy(np.array(self._labels(table.column("y").combine_chunks()), dtype=y_dtype))
+        return x, y.reshape((-1, s.input_shape[0]) if s.per_step else (-1,))
 
     def _labels(self, y: pa.Array) -> np.ndarray:
         """The label values of a y column, flat (per-step lists are flattened)."""
@@ -153,7 +195,8 @@ class ParquetSplit:
         return (torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else (xs[0], ys[0])
 
     def label_range(self) -> tuple[int, int]:
-        """(min, max) label, reading only the y column one row group at a time."""
+        """(min, max) label, reading only the y column one row group at a time. Float targets (regression) are
+        checked finite instead, and give (0, 0)."""
         lo, hi = None, None
         first, last = self._offset, self._offset + self._num_rows
         for k, (file_index, group) in enumerate(self._groups):
@@ -162,6 +205,11 @@ class ParquetSplit:
                 continue
             y = self._handle(file_index).read_row_group(group, columns=["y"]).column("y").combine_chunks()
             values = self._labels(y.slice(a - self._starts[k], b - a))
+            if self.shape.task == REGRESSION:
+                if not np.isfinite(np.asarray(values, dtype=np.float32)).all():  # as read: in float32
+                    raise DataError(f"--data {self.files[file_index]}: y contains NaN or inf values (row group "
+                                    f"{group}); regression targets must be finite")
+                continue
             lo = int(values.min()) if lo is None else min(lo, int(values.min()))
             hi = int(values.max()) if hi is None else max(hi, int(values.max()))
         return (lo, hi) if lo is not None else (0, 0)
@@ -185,9 +233,9 @@ def open_parquet_dataset(location: Location, *, val_fraction: float, label: str,
             raise DataError(f"--data {f}: not a readable Parquet file ({' '.join(str(e).split())[:160]})") from None
         shapes.append(_shape_of(schema, f"--data {f}"))
     shape = shapes[0]
-    if any((s.seq_len, s.feature_dim, s.per_step) != (shape.seq_len, shape.feature_dim, shape.per_step)
-           for s in shapes):
-        raise DataError(f"--data {label}: files disagree on seq_len, feature_dim or the kind of y")
+    if any((s.input_shape, s.per_step, s.task) != (shape.input_shape, shape.per_step, shape.task) for s in shapes):
+        raise DataError(f"--data {label}: files disagree on the input shape (seq_len, feature_dim) or the kind of y "
+                        "(integer or float, per sample or per step)")
     train = ParquetSplit(train_files, shape, label)
     if val_files:
         val = ParquetSplit(val_files, shape, label)
@@ -201,32 +249,43 @@ def open_parquet_dataset(location: Location, *, val_fraction: float, label: str,
         raise DataError(f"--data {label}: the {'train' if train.num_rows == 0 else 'val'} split is empty")
     if check_labels:
         (lo_t, hi_t), (lo_v, hi_v) = train.label_range(), val.label_range()
+    if shape.task == REGRESSION:
+        num_classes, given = 0, False
+    elif check_labels:
         num_classes, given = check_num_classes(shape.num_classes, min(lo_t, lo_v), max(hi_t, hi_v))
     else:  # the driver checked them and put the class count into the config
         num_classes, given = shape.num_classes or 0, shape.num_classes is not None
-    return Dataset(train=train, val=val, num_classes=num_classes, num_classes_given=given, seq_len=shape.seq_len,
-                   feature_dim=shape.feature_dim, per_step=shape.per_step, uri=location.uri,
+    return Dataset(train=train, val=val, num_classes=num_classes, num_classes_given=given,
+                   input_shape=shape.input_shape, per_step=shape.per_step, uri=location.uri, task=shape.task,
                    test=ParquetSplit(test_files, shape, label) if test_files else None)
 
 
 def _table(x: np.ndarray, y: np.ndarray, metadata: dict[str, str]) -> pa.Table:
-    n, t, f = x.shape
-    x_col = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x, np.float32).reshape(-1)), t * f)
-    y = np.ascontiguousarray(y, np.int64)
-    y_col = pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1)), t) if y.ndim == 2 else pa.array(y)
+    """Rows of x [N, ...] and y (integer: int64; float: float32) as a table with the schema metadata given."""
+    size = math.prod(x.shape[1:])
+    x_col = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x, np.float32).reshape(-1)), size)
+    y = np.ascontiguousarray(y, np.float32 if np.issubdtype(y.dtype, np.floating) else np.int64)
+    y_col = pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1)), y.shape[1]) if y.ndim == 2 else pa.array(y)
     schema = pa.schema([("x", x_col.type), ("y", y_col.type)], metadata=metadata)
     return pa.Table.from_arrays([x_col, y_col], schema=schema)
+
+
+def shape_metadata(input_shape: tuple[int, ...]) -> dict[str, str]:
+    """The schema metadata of an input shape: `input_shape`, and for sequences [T, F] also `seq_len` and
+    `feature_dim` (what readers written before input_shape need)."""
+    metadata = {"seq_len": str(input_shape[0]), "feature_dim": str(input_shape[1])} if len(input_shape) == 2 else {}
+    metadata["input_shape"] = json.dumps([int(d) for d in input_shape])
+    return metadata
 
 
 def write_parquet_dataset(out: str, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
                           num_classes: int | None, test: tuple[np.ndarray, np.ndarray] | None = None) -> Location:
     """Write OUT/train.parquet, OUT/val.parquet (and OUT/test.parquet), one row group per order block (so a block
-    is one read)."""
+    is one read). x of any shape [N, ...]; y integer labels or float targets (then `num_classes` is None)."""
     location = parse_location(out, flag="OUT")
     if location.is_local:
         location.fs.create_dir(location.path, recursive=True)
-    n, t, f = train[0].shape
-    metadata = {"seq_len": str(t), "feature_dim": str(f)}
+    metadata = shape_metadata(tuple(train[0].shape[1:]))
     if num_classes is not None:
         metadata["num_classes"] = str(num_classes)
     for name, (x, y) in (("train", train), ("val", val), *((("test", test),) if test is not None else ())):
@@ -235,4 +294,3 @@ def write_parquet_dataset(out: str, train: tuple[np.ndarray, np.ndarray], val: t
             # Uncompressed: float features barely compress, and decompression would cost read throughput.
             pq.write_table(_table(x, y, metadata), sink, row_group_size=ORDER_BLOCK_ROWS, compression="none")
     return location
-

@@ -5,20 +5,23 @@ and decoded into one table layout the model replicas score.
 Accepted inputs (local paths or URIs):
   a .parquet file; a folder of .parquet files; a dataset folder with splits (train.parquet or train/,
   val..., test...), of which one split is read; a dataset pickle (one of its splits' `x`).
-Parquet columns: `x` (required) fixed_size_list<float>[T*F] or list<float> (row-major [T, F]); `id` (optional,
-any scalar type) is carried to the output; `y` and any other column are ignored. Schema metadata
-`seq_len`/`feature_dim`, when present, must be the checkpoint's.
+Parquet columns: `x` (required) fixed_size_list<float>[size] or list<float>, one sample of the checkpoint's input
+shape row-major ([F] a row, [T, F] a sequence: T*F values, ...); `id` (optional, any scalar type) is carried to the
+output; `y` and any other column are ignored. Schema metadata `input_shape` (or, in files without it,
+`seq_len`/`feature_dim`), when present, must be the checkpoint's.
 
 Every row keeps its global index: rows are numbered across the files in sorted order (the order `data convert`
 and training use). A row that cannot be scored (x null, of the wrong length, or with NaN or infinite values) is
 kept with its reason in `error`; a whole input that does not fit the checkpoint is a DataError (one line).
 
-The decoded table of every piece: `row` int64, `id` (when the input has one), `x` fixed_size_list<float32>[T*F]
+The decoded table of every piece: `row` int64, `id` (when the input has one), `x` fixed_size_list<float32>[size]
 (null when the row cannot be scored), `error` string (null when it can).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -39,19 +42,42 @@ PIECE_BYTES = 64 << 20
 DECODE_BYTES = 16 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Shape:
-    """What one row of x must hold: the checkpoint's seq_len x feature_dim floats."""
+    """What one row of x must hold: one sample of the checkpoint's input shape. `Shape(T, F)` a sequence of T
+    steps of F features (as before input shapes), `Shape(F)` a row of F features, `Shape(A, B, F)` ...; a tuple
+    works too: `Shape((T, F))`."""
 
-    seq_len: int
-    feature_dim: int
+    dims: tuple[int, ...]
+
+    def __init__(self, *dims: int | tuple[int, ...]) -> None:
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        if not dims or any(int(d) <= 0 for d in dims):
+            raise ValueError(f"an input shape needs at least one positive size, got {list(dims)}")
+        object.__setattr__(self, "dims", tuple(int(d) for d in dims))
+
+    @property
+    def seq_len(self) -> int:
+        """Steps: the first axis of a sequence, 1 for a row of features."""
+        return self.dims[0] if len(self.dims) >= 2 else 1
+
+    @property
+    def feature_dim(self) -> int:
+        return self.dims[-1]
 
     @property
     def size(self) -> int:
-        return self.seq_len * self.feature_dim
+        return math.prod(self.dims)
+
+    def rows(self) -> str:
+        """The shape of x with N rows, as messages show it: [N, 6], [N, 8, 4]."""
+        return f"[N, {', '.join(map(str, self.dims))}]"
 
     def describe(self) -> str:
-        return f"seq_len {self.seq_len} x feature_dim {self.feature_dim} = {self.size} values"
+        if len(self.dims) == 2:
+            return f"seq_len {self.seq_len} x feature_dim {self.feature_dim} = {self.size} values"
+        return f"input shape {list(self.dims)} = {self.size} values"
 
 
 @dataclass(frozen=True)
@@ -67,7 +93,7 @@ class ParquetPiece:
 
 @dataclass
 class PredictionInput:
-    """The rows to score: Parquet pieces, or (a pickle) the whole x array in memory as [N, T*F] float32."""
+    """The rows to score: Parquet pieces, or (a pickle) the whole x array in memory as [N, size] float32."""
 
     label: str  # what the user passed, for messages
     shape: Shape
@@ -171,7 +197,16 @@ def _check_schema(schema: pa.Schema, shape: Shape, label: str) -> pa.DataType | 
         raise _data_error(f"{label} has no 'x' column (it has {', '.join(schema.names) or 'none'}): the features to "
                           "score go in a list column named x")
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-    for name in ("seq_len", "feature_dim"):
+    if "input_shape" in meta:  # what the writer records for every file since input shapes
+        try:
+            dims = json.loads(meta["input_shape"])
+        except ValueError:
+            dims = meta["input_shape"]
+        if dims != list(shape.dims):
+            raise _data_error(f"{label} has input_shape {meta['input_shape']} (its schema metadata) but the checkpoint "
+                              f"was trained on {shape.rows()}: score data shaped like the data the model was trained "
+                              "on")
+    for name in ("seq_len", "feature_dim") if "input_shape" not in meta else ():
         if name in meta and meta[name] != str(getattr(shape, name)):
             raise _data_error(f"{label} has {name} {meta[name]} (its schema metadata) but the checkpoint was trained "
                               f"on {name} {getattr(shape, name)}: score data shaped like the data the model was "
@@ -222,13 +257,13 @@ def _pickle_input(location: Location, data: str, split: str, shape: Shape, flag:
     x = raw[split].get("x")
     if hasattr(x, "numpy") and not isinstance(x, np.ndarray):  # a torch tensor
         x = x.detach().cpu().numpy()
-    if not isinstance(x, np.ndarray) or x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
+    if not isinstance(x, np.ndarray) or x.ndim < 2 or not np.issubdtype(x.dtype, np.floating):
         got = f"shape {x.shape}, dtype {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise _data_error(f"{flag} {data}: {split}.x must be a float array [N, T, F], got {got}")
-    if x.shape[1:] != (shape.seq_len, shape.feature_dim):
-        raise _data_error(f"{flag} {data}: {split}.x is [N, {x.shape[1]}, {x.shape[2]}] but the checkpoint expects "
-                          f"[N, {shape.seq_len}, {shape.feature_dim}] ({shape.describe()}): score data shaped like the "
-                          "data the model was trained on")
+        raise _data_error(f"{flag} {data}: {split}.x must be a float array {shape.rows()}, got {got}")
+    if x.shape[1:] != shape.dims:
+        got = f"[N, {', '.join(map(str, x.shape[1:]))}]"
+        raise _data_error(f"{flag} {data}: {split}.x is {got} but the checkpoint expects {shape.rows()} "
+                          f"({shape.describe()}): score data shaped like the data the model was trained on")
     if x.shape[0] == 0:
         raise _data_error(f"{flag} {data}: {split}.x holds no rows")
     array = np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape[0], shape.size)
@@ -262,14 +297,14 @@ def read_piece(piece: ParquetPiece, shape: Shape, id_type: pa.DataType | None) -
 
 
 def decode_array(x: np.ndarray, first_row: int, shape: Shape) -> pa.Table:
-    """The decoded table of rows of an in-memory [n, T*F] float32 array (a pickle's)."""
+    """The decoded table of rows of an in-memory [n, size] float32 array (a pickle's)."""
     values = pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
     return decode(pa.FixedSizeListArray.from_arrays(values, shape.size), first_row, shape, None, None)
 
 
 def decode(x: pa.Array | pa.ChunkedArray, first_row: int, shape: Shape, ids: pa.Array | None,
            id_type: pa.DataType | None) -> pa.Table:
-    """Rows [first_row, first_row + len(x)) decoded: x as fixed_size_list<float32>[T*F], null where the row cannot
+    """Rows [first_row, first_row + len(x)) decoded: x as fixed_size_list<float32>[size], null where the row cannot
     be scored, and why in `error`."""
     if isinstance(x, pa.ChunkedArray):
         x = x.combine_chunks()

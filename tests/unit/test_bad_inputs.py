@@ -87,9 +87,10 @@ CASES: dict[str, Case] = {
     "wrong keys": (lambda d: ["--data", str(dump(d / "keys.pkl", {"training": arrays()}))],
                    r"--data .*keys\.pkl must hold keys 'train'"),
     "wrong dimensions": (
-        lambda d: ["--data", str(dump(d / "dims.pkl", {"train": arrays(x=np.zeros((64, 4), np.float32))}))],
-        r"--data .*dims\.pkl: train\.x must be \[N, T, F\], got shape \(64, 4\)"),
-    "wrong dtype": (lambda d: ["--data", str(dump(d / "dtype.pkl", {"train": arrays(y=np.zeros(64, np.float32))}))],
+        lambda d: ["--data", str(dump(d / "dims.pkl", {"train": arrays(x=np.zeros(64, np.float32))}))],
+        r"--data .*dims\.pkl: train\.x must be \[N, \.\.\.\] with at least one axis after N \(\[N, F\] rows, "
+        r"\[N, T, F\] sequences\), got shape \(64,\)"),
+    "wrong dtype": (lambda d: ["--data", str(dump(d / "dtype.pkl", {"train": arrays(y=np.zeros(64, np.bool_))}))],
                     r"--data .*dtype\.pkl: train\.y must be an integer array"),
     "labels outside the class range": (
         lambda d: ["--data", str(dump(d / "labels.pkl", {"train": arrays(y=np.full(64, 5)), "num_classes": 3}))],

@@ -197,3 +197,50 @@ def test_overwrite_replaces_a_whole_earlier_output_only_once_the_new_one_is_whol
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == {"part-9.parquet": b"new",
                                                                               SUCCESS_FILE: b"new"}
     assert not (tmp_path / "out.partial").exists()
+
+
+# --- inputs of any shape: rows [N, F] for a model of input shape (F,) ------------------------------------------
+
+def test_shape_of_any_input_shape_and_the_sequence_constructor() -> None:
+    assert Shape(T, F) == Shape((T, F)) and (Shape(T, F).seq_len, Shape(T, F).size) == (T, T * F)
+    assert Shape(T, F).describe() == f"seq_len {T} x feature_dim {F} = {T * F} values"  # as before
+    rows = Shape(F)
+    assert (rows.dims, rows.seq_len, rows.feature_dim, rows.size, rows.rows()) == ((F,), 1, F, F, f"[N, {F}]")
+    assert Shape(2, T, F).rows() == f"[N, 2, {T}, {F}]" and Shape(2, T, F).describe() == (
+        f"input shape [2, {T}, {F}] = {2 * T * F} values")
+
+
+def test_rows_are_read_for_a_model_of_rows(tmp_path: Path) -> None:
+    x = np.random.default_rng(4).normal(size=(5, F)).astype(np.float32)
+    write_parquet(tmp_path / "rows.parquet", x, metadata={"input_shape": f"[{F}]"})
+    source = open_prediction_input(str(tmp_path / "rows.parquet"), None, Shape(F))
+    table = pa.concat_tables(t for piece in source.pieces for t in read_piece(piece, source.shape, source.id_type))
+    assert table.column("error").to_pylist() == [None] * 5
+    assert np.array_equal(np.array(table.column("x").to_pylist(), dtype=np.float32), x)
+    with open(tmp_path / "rows.pkl", "wb") as f:
+        pickle.dump({"test": {"x": x, "y": np.zeros(5, np.float32)}}, f)
+    source = open_prediction_input(str(tmp_path / "rows.pkl"), None, Shape(F))
+    assert source.num_rows == 5 and np.array_equal(source.array, x)
+
+
+@pytest.mark.parametrize("case", ["parquet", "metadata", "pickle"])
+def test_rows_one_feature_too_wide_are_refused_in_one_line(tmp_path: Path, case: str) -> None:
+    from raytrain_app.datasets.dataset import DataError
+
+    wide = np.zeros((3, F + 1), np.float32)
+    if case == "parquet":
+        data = write_parquet(tmp_path / "wide.parquet", wide, metadata={"note": "no shape"})
+        expected = (f"--data {data}: x holds {F + 1} values a row but the checkpoint expects input shape [{F}] = {F} "
+                    "values: score data shaped like the data the model was trained on")
+    elif case == "metadata":
+        data = write_parquet(tmp_path / "wide.parquet", wide, metadata={"input_shape": f"[{F + 1}]"})
+        expected = (f"--data {data} has input_shape [{F + 1}] (its schema metadata) but the checkpoint was trained "
+                    f"on [N, {F}]: score data shaped like the data the model was trained on")
+    else:
+        data = tmp_path / "wide.pkl"
+        data.write_bytes(pickle.dumps({"test": {"x": wide}}))
+        expected = (f"--data {data}: test.x is [N, {F + 1}] but the checkpoint expects [N, {F}] (input shape [{F}] "
+                    f"= {F} values): score data shaped like the data the model was trained on")
+    with pytest.raises(DataError) as refused:
+        open_prediction_input(str(data), None, Shape(F))
+    assert str(refused.value) == expected
