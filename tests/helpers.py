@@ -108,7 +108,7 @@ def trained_state(step: int = 12) -> dict:
     trainer.global_step, trainer.epoch, trainer.best_val_loss = step, 1, 0.75
     trainer.lineage = {"base_checkpoint": "s3://b/base/state.pt", "base_global_step": 8, "base_epoch": 1,
                        "base_sha256": "ab" * 32, "base_lineage": None}
-    return training_state(trainer, Scores(loss=0.8, accuracy=0.5))
+    return training_state(trainer, Scores(loss=0.8, values={"val_accuracy": 0.5}))
 
 
 def outputs(state_dict: dict) -> torch.Tensor:

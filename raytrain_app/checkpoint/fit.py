@@ -36,6 +36,12 @@ def fit_to_checkpoint(
             changes[name] = saved[name]  # the data just doesn't use the top classes
         elif data_value != saved[name]:
             mismatches.append(f"dataset {what} {data_value} (checkpoint has {saved[name]})")
+    saved_shape = summary.config.get("input_shape")
+    if saved_shape and cfg.input_shape and list(saved_shape) != list(cfg.input_shape):
+        mismatches.append(f"dataset inputs {list(cfg.input_shape)} (checkpoint has {list(saved_shape)})")
+    saved_task = summary.config.get("task") or "classification"  # configs from before regression: classification
+    if saved_task != cfg.task:
+        mismatches.append(f"dataset targets are {cfg.task} (checkpoint has {saved_task})")
     # Both heads have the same shapes, so only the config can tell them apart.
     if "per_step" in summary.config and bool(summary.config["per_step"]) != cfg.per_step:
         kinds = {True: "per-step labels [N, T]", False: "per-sequence labels [N]"}

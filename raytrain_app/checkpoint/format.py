@@ -39,7 +39,8 @@ state.pt keys (the first eight are the ones users' tools already know):
   data_position         where in the epoch the next micro-batch comes from
   eval_val_loss         the validation loss measured at this checkpoint
   eval_val_accuracy     the validation accuracy measured at this checkpoint; val_accuracy: the best so far (both
-                        absent before accuracy was measured, None when not validated)
+                        absent before accuracy was measured, None when not validated). A regression run's:
+                        eval_val_rmse, val_rmse, eval_val_mae, val_mae instead
   lineage               None for a run trained from scratch; for a run started from another checkpoint
                         (--resume-from-checkpoint, a sweep trial): base_checkpoint (its location),
                         base_global_step, base_epoch, base_sha256 (of the base state file), base_lineage
@@ -59,11 +60,13 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from raytrain_app.core.config import REGRESSION, TASK_SCORES
 from raytrain_app.core.model_spec import model_identity
 from raytrain_app.storage.location import Location, parse_location
 from raytrain_app.storage.publish import publish_bytes_from, publish_file
 
 FORMAT_VERSION = 2
+REGRESSION_SCORES = TASK_SCORES[REGRESSION]
 MANIFEST_VERSION_SINCE = 2  # format versions from this one on are written with a manifest
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -91,6 +94,8 @@ def _meta(state: dict[str, Any]) -> dict[str, Any]:
         "best_val_loss": state["val_loss"],
         "eval_val_accuracy": state.get("eval_val_accuracy"),
         "best_val_accuracy": state.get("val_accuracy"),
+        **{key: value for name in REGRESSION_SCORES if name in state
+           for key, value in ((f"eval_{name}", state.get(f"eval_{name}")), (f"best_{name}", state[name]))},
         "data_position": state.get("data_position"),
         "lineage": state.get("lineage"),
         "config": state.get("config"),

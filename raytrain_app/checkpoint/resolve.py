@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -29,7 +29,10 @@ from raytrain_app.checkpoint.format import (
     step_of,
     verify_checkpoint_dir,
 )
+from raytrain_app.core.config import HIGHER_IS_BETTER, higher_is_better
 from raytrain_app.storage.location import Location, check_bucket, parse_location
+
+SCORES = tuple(name for name in HIGHER_IS_BETTER if name != "val_loss")  # every task's
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +63,26 @@ def best_run_checkpoint(run_dir: Location | str, warn: Any = log.info) -> Locati
         meta = read_json(run_dir.join(name, META_FILE))
         if meta is None or not run_dir.join(name, STATE_FILE).is_file():
             continue
-        loss, accuracy = meta.get("eval_val_loss"), meta.get("eval_val_accuracy")
-        if (meta.get("config") or {}).get("select_metric") == "val_accuracy":
-            score = -accuracy if loss is not None and math.isfinite(loss) and accuracy is not None else math.inf
-        else:
-            score = math.inf if loss is None else loss
-        candidates.append((score, -meta["global_step"], name))
+        candidates.append((_rank(meta), -meta["global_step"], name))
     for _, _, name in sorted(candidates):
         problem = checkpoint_problem(run_dir.join(name))
         if problem is None:
             return run_dir.join(name, STATE_FILE)
         warn(f"⚠️  WARNING: checkpoint {run_dir.join(name)} is not whole: {problem}. Passing over it.")
     return None
+
+
+def _rank(meta: dict[str, Any]) -> float:
+    """A checkpoint's place by its run's --select-metric, lowest first (a score higher is better for is negated);
+    one without a finite validation loss is last."""
+    metric = (meta.get("config") or {}).get("select_metric") or "val_loss"
+    loss = meta.get("eval_val_loss")
+    if metric == "val_loss":
+        return math.inf if loss is None else loss
+    value = meta.get(f"eval_{metric}")
+    if loss is None or not math.isfinite(loss) or value is None:
+        return math.inf
+    return -value if higher_is_better(metric) else value
 
 
 def is_run_dir(location: Location) -> bool:
@@ -144,6 +155,7 @@ class StateSummary:
     eval_val_loss: float | None = None  # measured at this checkpoint (best_val_loss is the run's best so far)
     best_val_accuracy: float | None = None
     eval_val_accuracy: float | None = None
+    best_scores: dict[str, float] = field(default_factory=dict)  # the best of each of the task's scores so far
     sharded: bool = False  # weights and moments in the folder's shards (--strategy fsdp), not in the state file
     from_meta: bool = False  # read from the folder's meta.json: the state file itself was not loaded
 
@@ -173,6 +185,7 @@ def summarize(location: Location, label: str | None = None) -> StateSummary:
         eval_val_loss=_float_or_none(state.get("eval_val_loss")),
         best_val_accuracy=_float_or_none(state.get("val_accuracy")),
         eval_val_accuracy=_float_or_none(state.get("eval_val_accuracy")),
+        best_scores=_scores({name: state.get(name) for name in SCORES}),
     )
 
 
@@ -188,7 +201,12 @@ def _summary_from_meta(meta: dict[str, Any], path: str) -> StateSummary:
         lineage=lineage if isinstance(lineage, dict) else None,
         eval_val_loss=_float_or_none(meta.get("eval_val_loss")), sharded=bool(meta.get("sharded")),
         best_val_accuracy=_float_or_none(meta.get("best_val_accuracy")),
-        eval_val_accuracy=_float_or_none(meta.get("eval_val_accuracy")), from_meta=True)
+        eval_val_accuracy=_float_or_none(meta.get("eval_val_accuracy")), from_meta=True,
+        best_scores=_scores({name: meta.get(f"best_{name}") for name in SCORES}))
+
+
+def _scores(values: dict[str, Any]) -> dict[str, float]:
+    return {name: float(value) for name, value in values.items() if value is not None}
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -36,7 +36,7 @@ from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.distributed import all_gather
 from raytrain_app.core.model import has_input_stats, set_normalization
 from raytrain_app.core.rng import capture_rng_state, restore_rng_state, seed_everything
-from raytrain_app.core.trainer import CheckpointFn, Scores, Trainer, resume_batch_index
+from raytrain_app.core.trainer import CheckpointFn, Scores, Trainer, resume_batch_index, starting_best
 
 # (metrics, the training state on rank 0 or None on the others, is_best)
 StateCheckpointFn = Callable[[dict[str, Any], "dict[str, Any] | None", bool], None]
@@ -182,22 +182,26 @@ class _Scores(_Part):
         self.scores = scores  # of the validation at this step
 
     def state_dict(self) -> dict[str, Any]:
+        """val_loss and each of the task's scores (val_accuracy; val_rmse, val_mae): the best so far; eval_...:
+        this step's."""
         t, scores = self.trainer, self.scores
-        return {"val_loss": t.best_val_loss,
-                "val_accuracy": t.best_val_accuracy if math.isfinite(t.best_val_accuracy) else None,
-                "eval_val_loss": scores.loss if scores is not None else None,
-                "eval_val_accuracy": scores.accuracy if scores is not None else None}
+        state = {"val_loss": t.best_val_loss, "eval_val_loss": scores.loss if scores is not None else None}
+        for name, best in t.best_scores.items():
+            state[name] = best if math.isfinite(best) else None
+            state[f"eval_{name}"] = scores.values[name] if scores is not None else None
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Absent from checkpoints written before accuracy was measured: the next validation is the best accuracy.
-        self._set(state.get("val_loss"), state.get("val_accuracy"))
+        # A score absent (accuracy, from checkpoints written before it was measured): the next validation is best.
+        self._set(state.get("val_loss"), {name: state.get(name) for name in self.trainer.best_scores})
 
     def start_afresh(self) -> None:  # the fork tracks the best of its own validations
-        self._set(None, None)
+        self._set(None, {name: None for name in self.trainer.best_scores})
 
-    def _set(self, loss: float | None, accuracy: float | None) -> None:
+    def _set(self, loss: float | None, bests: dict[str, float | None]) -> None:
         self.trainer.best_val_loss = math.inf if loss is None else float(loss)
-        self.trainer.best_val_accuracy = -math.inf if accuracy is None else float(accuracy)
+        for name, value in bests.items():
+            self.trainer.best_scores[name] = starting_best(name) if value is None else float(value)
 
 
 class _Ema(_Part):

@@ -9,7 +9,7 @@ import math
 from raytrain_app.checkpoint.fit import check_weights_fit, fit_to_checkpoint
 from raytrain_app.checkpoint.format import load_state
 from raytrain_app.checkpoint.resolve import StateSummary, summarize
-from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.config import SCORE_LABELS, TrainConfig
 from raytrain_app.core.errors import UserError
 from raytrain_app.datasets.dataset import Dataset
 from raytrain_app.datasets.formats import open_dataset
@@ -18,8 +18,10 @@ from raytrain_app.storage.location import Location
 
 
 def with_data_shape(cfg: TrainConfig, data: Dataset) -> TrainConfig:
-    return cfg.replace(feature_dim=data.feature_dim, seq_len=data.seq_len, num_classes=data.num_classes,
-                       per_step=data.per_step)
+    cfg = cfg.replace(feature_dim=data.feature_dim, seq_len=data.seq_len, num_classes=data.num_classes,
+                      per_step=data.per_step, input_shape=list(data.input_shape), task=data.task)
+    cfg.check_select_metric()
+    return cfg
 
 
 BUILTIN_ONLY_FLAGS = ("hidden_dim", "num_layers", "num_heads")
@@ -31,9 +33,14 @@ def check_model(cfg: TrainConfig, given: set[str]) -> None:
     import torch
 
     from raytrain_app.core.model_spec import SpecError, build_model, data_shape, load_spec
+    from raytrain_app.core.tasks import describe_outputs, output_shape
 
     spec = load_spec(cfg.model)
     shape = data_shape(cfg)
+    if spec.task != shape.task:
+        targets = "integer labels" if shape.task == "classification" else "float targets"
+        raise SpecError(f"--model {cfg.model} is a {spec.task} model, but --data has {targets} ({shape.task}): "
+                        "train it on data of its task, or pick a model of this one")
     with torch.device("meta"):
         model = build_model(cfg, spec)
         x = torch.empty(2, *shape.input_shape)
@@ -44,12 +51,11 @@ def check_model(cfg: TrainConfig, given: set[str]) -> None:
         except Exception as e:  # noqa: BLE001 - the user's code: whatever it raises is named in the one line
             raise SpecError(f"--model {cfg.model} rejects inputs of shape {list(x.shape)} from --data: "
                             f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-    expected = [2, *([shape.input_shape[0]] if shape.per_step else []), shape.num_classes]
+    expected = output_shape(shape.task, 2, shape.input_shape, shape.per_step, shape.num_classes)
     if not isinstance(out, torch.Tensor) or list(out.shape) != expected:
         found = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        what = "per step" if shape.per_step else "per sample"
         raise SpecError(f"--model {cfg.model} returns {found} for inputs {list(x.shape)}; a {spec.task} model must "
-                        f"return {expected} (logits over {shape.num_classes} classes {what})")
+                        f"return {expected} ({describe_outputs(shape.task, shape.per_step, shape.num_classes)})")
     _check_model_flags(cfg, given)
 
 
@@ -81,8 +87,8 @@ def print_resume_summary(summary: StateSummary, uses_scaler: bool, reset_optimiz
     print(f"  ✅ Resuming from global step {summary.global_step}")
     if summary.best_val_loss is not None and math.isfinite(summary.best_val_loss):
         print(f"  ✅ Best val loss: {summary.best_val_loss:.6f}")
-    if summary.best_val_accuracy is not None:
-        print(f"  ✅ Best val accuracy: {summary.best_val_accuracy:.4f}")
+    for name, value in summary.best_scores.items():  # val_accuracy; val_rmse, val_mae
+        print(f"  ✅ Best val {SCORE_LABELS[name]}: {value:.4f}")
     if summary.train_ema_loss is not None:
         print(f"  ✅ Train EMA loss: {summary.train_ema_loss:.6f}")
     print("\n  🎯 Checkpoint loaded successfully!\n")

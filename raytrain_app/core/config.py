@@ -34,6 +34,19 @@ def _opt(default: Any, help: str, *, cli: bool = True, identity: bool = True, **
 # Fields that define the network's shapes: a checkpoint can only be loaded into the same values.
 ARCH_FIELDS = ("hidden_dim", "num_layers", "num_heads")
 
+# What the targets are (from the data): integer labels, or float values.
+CLASSIFICATION, REGRESSION = "classification", "regression"
+# The validation scores reported beside the loss, by task, and the direction of every metric a best model can be
+# chosen by: the one place that says whether higher is better (checkpoints kept, best_model.pt, a run folder's
+# best checkpoint, a sweep's ranking and early stopping).
+TASK_SCORES = {CLASSIFICATION: ("val_accuracy",), REGRESSION: ("val_rmse", "val_mae")}
+HIGHER_IS_BETTER = {"val_loss": False, "val_accuracy": True, "val_rmse": False, "val_mae": False}
+SCORE_LABELS = {"val_loss": "loss", "val_accuracy": "accuracy", "val_rmse": "RMSE", "val_mae": "MAE"}
+
+
+def higher_is_better(metric: str) -> bool:
+    return HIGHER_IS_BETTER[metric]
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -69,6 +82,11 @@ class TrainConfig:
     seq_len: int = _opt(0, "Sequence length, from the data.", cli=False)
     num_classes: int = _opt(0, "Number of classes, from the data.", cli=False)
     per_step: bool = _opt(False, "True when targets are [N, T] (one class per step), from the data.", cli=False)
+    input_shape: list[int] | None = _opt(
+        None, "One sample's input shape, from the data (None, in configs written before: [seq_len, feature_dim]).",
+        cli=False)
+    task: str = _opt("classification", "classification (integer labels) or regression (float targets), from the "
+                     "data.", cli=False, choices=(CLASSIFICATION, REGRESSION))
 
     # --- optimisation ---
     epochs: int = _opt(5, "Total epochs (not additional ones): resuming at epoch 5 with --epochs 10 runs 6-10.")
@@ -80,9 +98,10 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value (0 disables).")
     eval_every: int = _opt(50, "Validate and checkpoint every N optimizer steps (and at the end of every epoch).")
     select_metric: str = _opt(
-        "val_loss", "What makes a checkpoint the best: val_loss (lowest) or val_accuracy (highest). It picks "
-        "best_model.pt, the checkpoints --keep-checkpoints keeps, a run folder's best checkpoint, and a sweep's "
-        "ranking and early stopping.", choices=("val_loss", "val_accuracy"), added_later=True)
+        "val_loss", "What makes a checkpoint the best: val_loss (lowest), val_accuracy (highest; classification), "
+        "val_rmse or val_mae (lowest; regression). It picks best_model.pt, the checkpoints --keep-checkpoints keeps, "
+        "a run folder's best checkpoint, and a sweep's ranking and early stopping.",
+        choices=tuple(HIGHER_IS_BETTER), added_later=True)
     seed: int = _opt(0, "Seed for initialisation, data order, dropout and augmentation.")
 
     # --- precision and speed ---
@@ -230,8 +249,20 @@ class TrainConfig:
 
     @property
     def selects_max(self) -> bool:
-        """Whether the best checkpoint has the highest --select-metric (accuracy) rather than the lowest (loss)."""
-        return self.select_metric == "val_accuracy"
+        """Whether the best checkpoint has the highest --select-metric (accuracy) rather than the lowest (a loss,
+        an error)."""
+        return higher_is_better(self.select_metric)
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The validation scores this run reports beside val_loss (its task's)."""
+        return TASK_SCORES[self.task]
+
+    def check_select_metric(self) -> None:
+        """--select-metric must be the loss or one of this task's scores (known once the data is)."""
+        if self.select_metric != "val_loss" and self.select_metric not in self.scores:
+            raise ConfigError(f"--select-metric {self.select_metric} is not measured for {self.task} data; use "
+                              f"{' or '.join(('val_loss', *self.scores))}")
 
     def workers_text(self) -> str:
         return f"{self.min_workers}-{self.num_workers}" if self.elastic else str(self.num_workers)

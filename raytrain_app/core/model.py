@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytrain_app.core import tasks
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.model_spec import CLASSIFICATION, DataShape, ModelSpec
 
@@ -109,7 +110,8 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction=reduction)
+    """The built-in model's loss: cross-entropy (`core.tasks.loss_fn` for classification)."""
+    return tasks.loss_fn(CLASSIFICATION, logits, y, reduction)
 
 
 def arch_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:

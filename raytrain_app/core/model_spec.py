@@ -26,10 +26,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from raytrain_app.core.config import ConfigError, TrainConfig
+from raytrain_app.core.config import CLASSIFICATION, REGRESSION, ConfigError, TrainConfig
 
-CLASSIFICATION = "classification"
-TASKS = (CLASSIFICATION,)  # what the training loop, evaluate and predict implement
+TASKS = (CLASSIFICATION, REGRESSION)
 BUILTIN = "transformer"  # --model's default: the built-in SequenceTransformer
 # Imported by name like any plug-in (and so the model module, which uses this protocol, is not imported here).
 BUILTIN_SPEC = "raytrain_app.core.model:TRANSFORMER"
@@ -38,12 +37,13 @@ BUILTIN_SPEC = "raytrain_app.core.model:TRANSFORMER"
 @dataclass(frozen=True)
 class DataShape:
     """What the data says a model is built for. `input_shape`: one sample's input ([T, F] for a sequence of T
-    steps of F features); `per_step`: one target per step ([N, T] targets) rather than one per sample;
-    `num_classes`: classification's class count."""
+    steps of F features, [F] for a row of F features); `per_step`: one target per step ([N, T] targets) rather
+    than one per sample; `num_classes`: classification's class count (0 for regression)."""
 
     input_shape: tuple[int, ...]
     per_step: bool = False
     num_classes: int = 0
+    task: str = CLASSIFICATION
 
     @property
     def num_features(self) -> int:
@@ -56,7 +56,7 @@ class ModelSpec:
     """A model this service can train. See the module docstring and docs/own-model.md."""
 
     build: Callable[[DataShape, Any, float], nn.Module]  # (shape, args, dropout) -> the module, in training mode
-    task: str = CLASSIFICATION  # outputs [B, C] or [B, T, C] (per step) logits for integer targets
+    task: str = CLASSIFICATION  # or REGRESSION: outputs of the targets' shape (see raytrain_app.core.tasks)
     args: type | None = None  # a dataclass of the model's own settings (--model-args), every field with a default
     shard_units: Callable[[nn.Module], Iterable[nn.Module]] | None = None  # submodules, each its own FSDP unit
     flops_per_sample: Callable[[DataShape, Any], float] | None = None  # training FLOPs of one sample, for MFU
@@ -131,8 +131,10 @@ def args_dict(args: Any) -> dict[str, Any]:
 
 
 def data_shape(cfg: TrainConfig) -> DataShape:
-    """The shape the config's model is built for (filled from the data or the checkpoint)."""
-    return DataShape(input_shape=(cfg.seq_len, cfg.feature_dim), per_step=cfg.per_step, num_classes=cfg.num_classes)
+    """The shape the config's model is built for (filled from the data or the checkpoint; a config written before
+    inputs of any shape holds sequences [seq_len, feature_dim])."""
+    input_shape = tuple(cfg.input_shape) if cfg.input_shape else (cfg.seq_len, cfg.feature_dim)
+    return DataShape(input_shape=input_shape, per_step=cfg.per_step, num_classes=cfg.num_classes, task=cfg.task)
 
 
 class Standardized(nn.Module):

@@ -19,13 +19,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.config import TrainConfig, higher_is_better
 from raytrain_app.core.distributed import LazyHostValue, all_reduce_sum, world
 from raytrain_app.core.interrupts import CONTINUE, SAVE, STOP, Agreement, InterruptFn
-from raytrain_app.core.model import loss_fn
 from raytrain_app.core.optim import build_optimizer
 from raytrain_app.core.parallel import amp_dtype, strategy_for
 from raytrain_app.core.schedule import WarmupCosineSchedule
+from raytrain_app.core.tasks import loss_fn, score_sums, scores_from_sums
 from raytrain_app.datasets.augment import augment
 from raytrain_app.datasets.dataset import Dataset
 from raytrain_app.datasets.order import batches_per_epoch, eval_batches, shard_batches
@@ -66,16 +66,20 @@ def _steps_per_epoch(data: Dataset, batch_size: int, world_size: int, grad_accum
 
 @dataclass(frozen=True)
 class Scores:
-    """A validation's results over every sample of the split, across all ranks: the mean cross-entropy and the
-    fraction of correct predictions (per sequence, or per step for [N, T] labels), both averaged over the same
-    samples."""
+    """A validation's results over every sample of the split, across all ranks: the mean loss, and the task's
+    scores (`values`: val_accuracy, the fraction of correct predictions per sequence or per step; or val_rmse and
+    val_mae for regression), all over the same samples."""
 
     loss: float
-    accuracy: float
+    values: dict[str, float]
 
     @property
     def finite(self) -> bool:
         return math.isfinite(self.loss)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.values.get("val_accuracy")
 
 
 # The callback receives (metrics, the scores of the validation at this step or None, is_best) on every rank at
@@ -98,6 +102,16 @@ class PendingCheckpoints(Protocol):
 # so Ray keeps such a checkpoint only while it is the latest. `validated` says which kind a report is.
 UNVALIDATED_LOSS = sys.float_info.max
 UNVALIDATED_ACCURACY = -1.0  # the same for --select-metric val_accuracy: below any real accuracy
+
+
+def unvalidated(metric: str) -> float:
+    """What a metric is reported as without a validation (or with a non-finite one): the worst value it has."""
+    return UNVALIDATED_ACCURACY if higher_is_better(metric) else UNVALIDATED_LOSS
+
+
+def starting_best(metric: str) -> float:
+    """The best value of a metric before any validation: beaten by the first finite one."""
+    return -math.inf if higher_is_better(metric) else math.inf
 
 
 @dataclass
@@ -129,7 +143,8 @@ class Trainer:
         self.global_step = 0  # optimizer steps taken
         self.batch_index = 0  # micro-batches of the current epoch already consumed by this rank
         self.best_val_loss = math.inf
-        self.best_val_accuracy = -math.inf  # of validations with a finite loss
+        # The best of each of the task's scores (val_accuracy; val_rmse, val_mae), of validations with a finite loss.
+        self.best_scores = {name: starting_best(name) for name in cfg.scores}
         self.ema = torch.zeros((), device=device)  # stays on the device: no host sync per step
         self.ema_started = torch.zeros((), dtype=torch.bool, device=device)  # a step counted in it yet
         # Steps skipped for a non-finite loss or gradients: in all, and in a row now. Device tensors, no syncs.
@@ -165,7 +180,7 @@ class Trainer:
             # Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last micro-batch.
             with self.strategy.gradient_sync(self.train_model, last):
                 with self._autocast():
-                    loss = loss_fn(self.train_model(x), y) / len(micro_batches)
+                    loss = loss_fn(self.cfg.task, self.train_model(x), y) / len(micro_batches)
                 self.scaler.scale(loss).backward()
             step_loss += loss.detach()
         self.schedule.set_step(self.global_step)
@@ -200,9 +215,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> Scores:
-        """Mean validation loss and accuracy over every sample of the split, across all ranks."""
+        """Mean validation loss and the task's scores over every sample of the split, across all ranks."""
         self.model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, samples, correct
+        task = self.cfg.task
+        # The loss's sum, the number of targets, the sums behind the scores (correct predictions; squared and
+        # absolute errors).
+        totals = torch.zeros(2 + len(self.cfg.scores), dtype=torch.float64, device=self.device)
         forwards = 0
         # The training batch size is known to fit in memory; evaluation needs less (no activations kept).
         for x, y in eval_batches(data.val, rank=self.rank, world_size=self.world_size,
@@ -210,9 +228,9 @@ class Trainer:
             x, y = to_device(x, self.device), to_device(y, self.device)
             with self._autocast():
                 logits = self.model(x)
-            totals[0] += loss_fn(logits, y, reduction="sum").double()
+            totals[0] += loss_fn(task, logits, y, reduction="sum").double()
             totals[1] += y.numel()
-            totals[2] += (logits.argmax(-1) == y).sum()
+            totals[2:] += score_sums(task, logits, y)
             forwards += 1
         # FSDP: as many forwards on every rank (each all-gathers the weights), whatever this rank's share.
         padding = self.strategy.eval_padding(forwards, eval_forwards(data.val.num_rows, self.world_size,
@@ -223,28 +241,38 @@ class Trainer:
                 with self._autocast():
                     self.model(x_pad)
         all_reduce_sum(totals)
-        loss, count, correct = totals.tolist()
-        return Scores(loss=loss / count, accuracy=correct / count)
+        loss, count, *sums = totals.tolist()
+        return Scores(loss=loss / count, values=scores_from_sums(task, sums, count))
 
     def mean_ema(self) -> float:
         ema = self.ema.detach().clone().reshape(1)
         return (all_reduce_sum(ema) / self.world_size).item()
+
+    @property
+    def best_val_accuracy(self) -> float:
+        return self.best_scores.get("val_accuracy", -math.inf)
+
+    @best_val_accuracy.setter
+    def best_val_accuracy(self, value: float) -> None:
+        self.best_scores["val_accuracy"] = value
 
     def is_better(self, scores: Scores) -> bool:
         """Whether a validation beats the best so far by --select-metric. Never for a non-finite loss: a diverged
         model is never the best (its argmax can still be right by chance)."""
         if not scores.finite:
             return False
-        if self.cfg.select_metric == "val_accuracy":
-            return scores.accuracy > self.best_val_accuracy
-        return scores.loss < self.best_val_loss
+        metric = self.cfg.select_metric
+        value, best = ((scores.loss, self.best_val_loss) if metric == "val_loss"
+                       else (scores.values[metric], self.best_scores[metric]))
+        return value > best if higher_is_better(metric) else value < best
 
     def _validate(self, data: Dataset, on_checkpoint: CheckpointFn) -> None:
         scores = self.evaluate(data)
         is_best = self.is_better(scores)
-        if scores.finite:  # both bests are tracked, whichever one --select-metric picks the best model by
+        if scores.finite:  # every best is tracked, whichever one --select-metric picks the best model by
             self.best_val_loss = min(self.best_val_loss, scores.loss)
-            self.best_val_accuracy = max(self.best_val_accuracy, scores.accuracy)
+            for name, value in scores.values.items():
+                self.best_scores[name] = (max if higher_is_better(name) else min)(self.best_scores[name], value)
         self._checkpoint(on_checkpoint, scores, is_best)
 
     def _checkpoint(self, on_checkpoint: CheckpointFn, scores: Scores | None, is_best: bool = False) -> None:
@@ -257,11 +285,11 @@ class Trainer:
             "epoch": self.epoch, "global_step": self.global_step, "batch_index": self.batch_index,
             "skipped_steps": int(self.skipped_steps),
             "val_loss": scores.loss if finite else UNVALIDATED_LOSS,
-            "val_accuracy": scores.accuracy if finite else UNVALIDATED_ACCURACY,
+            **{name: scores.values[name] if finite else unvalidated(name) for name in self.cfg.scores},
             "validated": scores is not None, "val_loss_finite": finite or scores is None,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else UNVALIDATED_LOSS,
-            "best_val_accuracy": (self.best_val_accuracy if math.isfinite(self.best_val_accuracy)
-                                  else UNVALIDATED_ACCURACY),
+            **{f"best_{name}": best if math.isfinite(best) else unvalidated(name)
+               for name, best in self.best_scores.items()},
             "train_ema_loss": self.mean_ema(),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
