@@ -21,11 +21,13 @@ moments); an FSDP one by every worker, its shard (12P/N), and best_model.pt gath
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.errors import UserError
+from raytrain_app.core.model_spec import BUILTIN, build_model, data_shape, units
 
 GB = 1e9
 CUDA_RUNTIME_BYTES = 1.0 * GB  # context, cuBLAS/cuDNN workspaces, kernels: about this on current GPUs
@@ -47,22 +49,47 @@ def parameter_shapes(cfg: TrainConfig) -> tuple[list[tuple[int, ...]], list[tupl
     return outside, block
 
 
+def model_shapes(cfg: TrainConfig) -> tuple[list[tuple[int, ...]], list[list[tuple[int, ...]]]]:
+    """(the shapes of the parameters outside the model's shard units, those of each unit). The built-in model's
+    are computed; a plug-in's are read off the model built on the meta device (once per model and data shape:
+    the plan is computed for many candidate configurations that share them)."""
+    if cfg.model == BUILTIN:
+        outside, block = parameter_shapes(cfg)
+        return outside, [block] * cfg.num_layers
+    shape = data_shape(cfg)
+    key = json.dumps([cfg.model, cfg.model_args, shape.input_shape, shape.per_step, shape.num_classes, shape.task],
+                     sort_keys=True, default=str)
+    if key not in _PLUGIN_SHAPES:
+        import torch
+
+        with torch.device("meta"):
+            model = build_model(cfg)
+        unit_list = units(cfg, model)
+        in_units = {id(p) for unit in unit_list for p in unit.parameters()}
+        _PLUGIN_SHAPES[key] = ([tuple(p.shape) for p in model.parameters() if id(p) not in in_units],
+                               [[tuple(p.shape) for p in unit.parameters()] for unit in unit_list])
+    return _PLUGIN_SHAPES[key]
+
+
+_PLUGIN_SHAPES: dict[str, tuple[list[tuple[int, ...]], list[list[tuple[int, ...]]]]] = {}
+
+
 def count_parameters(cfg: TrainConfig) -> tuple[int, int]:
-    """(all parameters, one block's)."""
-    outside, block = parameter_shapes(cfg)
-    per_block = sum(math.prod(s) for s in block)
-    return sum(math.prod(s) for s in outside) + cfg.num_layers * per_block, per_block
+    """(all parameters, the largest shard unit's: one block of the built-in model)."""
+    outside, unit_shapes = model_shapes(cfg)
+    per_unit = [sum(math.prod(s) for s in unit) for unit in unit_shapes]
+    return sum(math.prod(s) for s in outside) + sum(per_unit), max(per_unit, default=0)
 
 
 def largest_shard(cfg: TrainConfig, num_workers: int) -> int:
     """Parameters on the worker holding most under FSDP: each tensor is split along its first dimension into
     `num_workers` pieces of ceil(rows / num_workers) rows (the last ones shorter, or empty)."""
-    outside, block = parameter_shapes(cfg)
+    outside, unit_shapes = model_shapes(cfg)
 
     def share(shapes: list[tuple[int, ...]]) -> int:
-        return sum(math.ceil(s[0] / num_workers) * math.prod(s[1:]) for s in shapes)
+        return sum(math.ceil(s[0] / num_workers) * math.prod(s[1:]) if s else 1 for s in shapes)
 
-    return share(outside) + cfg.num_layers * share(block)
+    return share(outside) + sum(share(unit) for unit in unit_shapes)
 
 
 @dataclass(frozen=True)
@@ -99,7 +126,11 @@ class MemoryPlan:
 
 def activation_bytes(cfg: TrainConfig, batch: int, checkpointed: bool, *, rebuilt_block: bool = True) -> float:
     """Bytes autograd keeps between forward and backward for one micro-batch of `batch` sequences. Checkpointed:
-    the blocks' inputs, plus (`rebuilt_block`) the one block whose activations backward rebuilds at a time."""
+    the blocks' inputs, plus (`rebuilt_block`) the one block whose activations backward rebuilds at a time. The
+    built-in model's; a model of a user's own has no estimate (0: the plan counts its parameters, gradients and
+    optimizer state, and says so)."""
+    if cfg.model != BUILTIN:
+        return 0.0
     b, t, h, f, c = batch, cfg.seq_len, cfg.hidden_dim, cfg.feature_dim, cfg.num_classes
     value = 2 if cfg.use_amp else 4  # matmul inputs and outputs in the autocast dtype
     btd = b * t * h
@@ -165,7 +196,8 @@ def plan_lines(cfg: TrainConfig, gpu_bytes: float | None, num_workers: int | Non
     rows = [("parameters", plan.parameters, ""), ("gradients", plan.gradients, ""),
             ("optimizer state", plan.optimizer, "AdamW moments"),
             ("activations", plan.activations,
-             "with --activation-checkpointing" if cfg.activation_checkpointing
+             f"not estimated for --model {cfg.model}: leave room for them" if cfg.model != BUILTIN
+             else "with --activation-checkpointing" if cfg.activation_checkpointing
              else f"{human(plan.activations_checkpointed)} with --activation-checkpointing"),
             ("communication", plan.communication, "FSDP all-gather and reduce-scatter buffers"
              if cfg.strategy == "fsdp" else "DDP buckets are the gradients" if cfg.grad_compression == "none"
@@ -180,11 +212,12 @@ def plan_lines(cfg: TrainConfig, gpu_bytes: float | None, num_workers: int | Non
         verdict = "fits" if plan.fits(gpu_bytes) else "does NOT fit"
         lines.append(f"  {'total':<16}{human(plan.total):>12}   of {human(gpu_bytes)} per GPU, "
                      f"{100 * (1 - HEADROOM):.0f}% usable: {verdict}")
-        lines.append(f"  largest micro-batch that fits: {plan.largest_micro_batch(gpu_bytes)}")
+        if cfg.model == BUILTIN:
+            lines.append(f"  largest micro-batch that fits: {plan.largest_micro_batch(gpu_bytes)}")
         if not plan.fits(gpu_bytes):
             change = smallest_fitting_change(cfg, gpu_bytes)
             lines.append(f"  smallest change that fits: {change}" if change else
-                         "  nothing here fits: a smaller model (--hidden-dim, --num-layers) or larger GPUs")
+                         f"  nothing here fits: a smaller model ({_smaller(cfg)}) or larger GPUs")
     who = "each worker (its shard), plus best_model.pt gathered on rank 0" if cfg.strategy == "fsdp" else "rank 0"
     lines.append(f"Checkpoint host memory (CPU RAM, not GPU): {human(plan.checkpoint_host)} on the worker that needs "
                  f"most; copies are taken by {who}")
@@ -200,11 +233,15 @@ def check_fits(cfg: TrainConfig, gpu_bytes: float, source: str) -> None:
         return
     change = smallest_fitting_change(cfg.replace(num_workers=workers, min_workers=None), gpu_bytes)
     advice = (f"{change} would fit" if change else
-              "nothing but a smaller model (--hidden-dim, --num-layers) or larger GPUs would fit")
+              f"nothing but a smaller model ({_smaller(cfg)}) or larger GPUs would fit")
     raise UserError(f"--strategy {cfg.strategy} --batch-size {cfg.batch_size} on {workers} worker(s) needs "
                     f"{human(plan.total)} per GPU by the memory plan, more than {100 * (1 - HEADROOM):.0f}% of the "
                     f"{human(gpu_bytes)} of each GPU ({source}): {advice}. See python -m raytrain_app.plan with the "
                     "same flags.")
+
+
+def _smaller(cfg: TrainConfig) -> str:
+    return "--hidden-dim, --num-layers" if cfg.model == BUILTIN else "--model-args"
 
 
 def human(num_bytes: float) -> str:

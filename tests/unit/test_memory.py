@@ -118,3 +118,22 @@ def test_the_plan_names_the_smallest_change_and_the_largest_micro_batch(tmp_path
     assert f"  largest micro-batch that fits: {largest}" in result.stdout
     assert plan_memory(cfg.replace(batch_size=largest)).fits(80 * GB)
     assert not plan_memory(cfg.replace(batch_size=largest + 1)).fits(80 * GB)
+
+
+def test_a_plugins_plan_counts_its_own_parameters_and_shard_units() -> None:
+    """A model of a user's own: its parameters and its largest FSDP unit read off the model itself (on the meta
+    device), every tensor split by rows over the workers; its activations are not estimated, and the plan says so."""
+    from raytrain_app.core.memory import largest_shard, plan_lines
+    from raytrain_app.core.model_spec import build_model
+    from tests.helpers import PLUGIN
+
+    cfg = TrainConfig(model=PLUGIN, model_args={"channels": 12, "num_blocks": 3}, feature_dim=4, seq_len=8,
+                      num_classes=3, num_workers=2, strategy="fsdp")
+    model = build_model(cfg)
+    assert count_parameters(cfg) == (sum(p.numel() for p in model.parameters()),
+                                     sum(p.numel() for p in model.net.blocks[0].parameters()))
+    assert largest_shard(cfg, 2) == sum(-(-p.shape[0] // 2) * p[0].numel() if p.dim() else 1
+                                        for p in model.parameters())
+    plan = plan_memory(cfg)
+    assert plan.activations == 0 and plan.parameters == 4 * largest_shard(cfg, 2)
+    assert any("not estimated for --model" in line for line in plan_lines(cfg, 80 * GB))
