@@ -23,6 +23,7 @@ _EXPORTS = {
     "score": "raytrain_app.api",
     "batch_predict": "raytrain_app.api",
     "load_model": "raytrain_app.api",
+    "write_dataset": "raytrain_app.api",
     "TrainResult": "raytrain_app.api",
     "PredictResult": "raytrain_app.api",
     "TrainingFailed": "raytrain_app.api",

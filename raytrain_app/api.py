@@ -158,3 +158,41 @@ def load_model(where: str, device: str = "cpu") -> Any:
     if where.endswith(".safetensors"):
         return load_exported_model(where).build(device)
     return load_trained_model(where).build(device)
+
+
+def write_dataset(out: str, train: Any, val: Any = None, test: Any = None, *, target: str | None = None,
+                  num_classes: int | None = None, val_fraction: float = 0.1, seed: int = 0) -> str:
+    """Write a dataset `--data` reads, from numpy arrays or pandas DataFrames; returns where it is.
+
+    Each split is `(x, y)` arrays (x floats [N, ...]; y integer labels [N] or [N, T] for classification, floats for
+    regression) or a DataFrame whose column `target` is y and whose other columns are the features of one row
+    (x [N, F]). `out` ending in .pkl is the pickle format; anything else (a folder, an s3:// or gs:// URI) is
+    Parquet, where a dataset without `val` gets the validation rows training would hold out (`val_fraction`,
+    `seed`). The arrays are checked as `--data` is, before anything is written."""
+    import numpy as np
+
+    from raytrain_app.datasets.formats import dataset_from_arrays, write_pickle_atomic
+    from raytrain_app.datasets.parquet import write_parquet_dataset
+
+    def arrays(split: Any, name: str) -> dict[str, Any]:
+        if hasattr(split, "columns"):  # a pandas DataFrame: one row per sample
+            if target is None or target not in split.columns:
+                raise ConfigError(f"write_dataset: {name} is a DataFrame: name its target column with target=")
+            return {"x": split.drop(columns=[target]).to_numpy(np.float32), "y": split[target].to_numpy()}
+        x, y = split
+        return {"x": np.asarray(x), "y": np.asarray(y)}
+
+    raw = {name: arrays(split, name) for name, split in (("train", train), ("val", val), ("test", test))
+           if split is not None}
+    if num_classes is not None:
+        raw["num_classes"] = num_classes
+    data = dataset_from_arrays(raw, out, val_fraction=val_fraction, seed=seed)  # DataError, nothing written
+    if out.endswith(".pkl") and "://" not in out:
+        write_pickle_atomic(raw, out)
+        return out
+    if "val" not in raw:  # the rows training would hold out (the check above held them out), as their own file
+        raw["train"] = {"x": data.train.x.numpy(), "y": data.train.y.numpy()}
+        raw["val"] = {"x": data.val.x.numpy(), "y": data.val.y.numpy()}
+    split = {name: (raw[name]["x"], raw[name]["y"]) for name in ("train", "val", "test") if name in raw}
+    given = num_classes if data.task == "classification" and data.num_classes_given else None
+    return write_parquet_dataset(out, split["train"], split["val"], given, test=split.get("test")).uri

@@ -348,6 +348,15 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def regression_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tabular rows of 6 features with a float target each, as many as `dataset` (the same run geometry)."""
+    sizes = {"num_train": 256, "num_val": 64, "per_step": False, "seed": 0, "task": "regression", "input_shape": (6,)}
+    path = tmp_path_factory.mktemp("data") / "rows.pkl"
+    write_pickle_atomic(make_synthetic(**sizes), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def parquet_dataset(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
     """The session's pickle dataset converted to Parquet (train.parquet, val.parquet)."""
     out = tmp_path_factory.mktemp("parquet") / "tiny"
@@ -359,29 +368,32 @@ def parquet_dataset(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> 
 
 @pytest.fixture(scope="session")
 @slow_resource
-def uninterrupted(shared_tmp: Path, dataset: Path):
+def uninterrupted(shared_tmp: Path, dataset: Path, regression_dataset: Path):
     """The final state.pt of an uninterrupted run of `tests.helpers.train_args` from the pickle, per worker count
     (trained once per test session, on first use, whichever pytest worker needs it first): what the resume, fault,
     jobs and storage tests' interrupted Ray runs must end with, bit for bit. It is trained by the same loop without
     Ray, on as many gloo processes (`tests.distributed.train_all`): a Ray run, killed and resumed any way, must end
     exactly as the plain PyTorch loop does. A Parquet copy of the data is read in the same order, so its runs must
     end with the same bits too. Every checkpoint of the run is in the folder of the returned file's parent: the fork
-    and the diverging fine-tune start from them."""
+    and the diverging fine-tune start from them. `regression=True`: the regression model on the rows
+    (`tests.helpers.REGRESSION_MODEL`, `regression_dataset`)."""
     # Here, not at the top: this file makes the environment hermetic before torch (tests.helpers imports it) loads.
     from raytrain_app.main import prepare
     from tests.distributed import train_all
-    from tests.helpers import LAST_STEP, ckpt, train_args
+    from tests.helpers import LAST_STEP, PLUGIN_MODEL, REGRESSION_MODEL, ckpt, train_args
 
-    def final_state(workers: int) -> Path:
+    def final_state(workers: int, regression: bool = False) -> Path:
         def train(folder: Path) -> str:
             # The config exactly as the driver makes it from the command (data shapes, locations).
-            plan = prepare(train_args(dataset, folder / "save-dir", workers))
+            plan = prepare(train_args(regression_dataset if regression else dataset, folder / "save-dir", workers,
+                                      model=REGRESSION_MODEL if regression else PLUGIN_MODEL))
             train_all(folder, {"run": {"config": plan.cfg.to_dict()}}, world_size=workers)
             run_dir = folder / "run"
             assert sorted(p.name for p in run_dir.glob("checkpoint_step=*"))[-1] == ckpt(run_dir, LAST_STEP).name
             return str(ckpt(run_dir, LAST_STEP) / "state.pt")
 
-        return Path(computed_once(shared_tmp, f"uninterrupted-{workers}", train))
+        key = f"uninterrupted-{workers}" + ("-regression" if regression else "")
+        return Path(computed_once(shared_tmp, key, train))
 
     return final_state
 

@@ -39,6 +39,11 @@ TINY_MODEL = ["--hidden-dim", "16", "--num-layers", "2", "--num-heads", "2", "--
 # sharded and resubmitted runs train it, so every guarantee they prove holds for a plug-in, not the built-in alone.
 PLUGIN = "examples.conv_classifier.model:spec"
 PLUGIN_MODEL = ["--model", PLUGIN, "--model-args", "channels=16,num_blocks=2", "--warmup-steps", "4"]
+# A regression model of a user's own (examples/mlp_regressor) on tabular rows, its best model the lowest RMSE: the
+# runs whose workers are killed, and the killed sweep, train it.
+REGRESSOR = "examples.mlp_regressor.model:spec"
+REGRESSION_MODEL = ["--model", REGRESSOR, "--model-args", "width=16,depth=2", "--select-metric", "val_rmse",
+                    "--warmup-steps", "4"]
 
 
 def positive(value: object) -> bool:
@@ -140,12 +145,13 @@ def ckpt(run_dir: Path, step: int) -> Path:
     return run_dir / f"checkpoint_step={step:06d}"
 
 
-def train_args(dataset: Path, save_dir: Path, workers: int, *extra: str) -> list[str]:
+def train_args(dataset: Path, save_dir: Path, workers: int, *extra: str,
+               model: tuple[str, ...] | list[str] = tuple(PLUGIN_MODEL)) -> list[str]:
     # Checkpoints every 3 steps: 3 ... 15, 16 (epoch end), 18, 21, 24, 27, 30, 32 (epoch end), ...
     geometry = ["--batch-size", "4", "--grad-accum-steps", "2"] if workers == 2 else ["--batch-size", "16"]
     return ["--data", str(dataset), "--save-dir", str(save_dir), "--num-workers", str(workers),
             "--epochs", str(EPOCHS), "--eval-every", "3", "--dropout", "0.1", "--aug-noise-std", "0.05",
-            "--keep-checkpoints", "2", *geometry, *PLUGIN_MODEL, *extra]
+            "--keep-checkpoints", "2", *geometry, *model, *extra]
 
 
 def assert_resumed_mid_epoch(output: str, killed_at_least: int) -> int:

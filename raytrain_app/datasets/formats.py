@@ -167,6 +167,14 @@ def _load_pickle(location: Location, path: str, *, val_fraction: float, seed: in
         raise DataError(f"--data {path}: {e}") from None
 
 
+def dataset_from_arrays(raw: dict, label: str, *, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """A dataset held as the pickle format's dict of arrays, checked as `--data` is (DataError naming `label`)."""
+    try:
+        return _dataset_from_dict(raw, label, val_fraction=val_fraction, seed=seed, uri=label)
+    except DataError as e:
+        raise DataError(f"{label}: {e}") from None
+
+
 def _dataset_from_dict(raw: object, path: str, *, val_fraction: float, seed: int, uri: str) -> Dataset:
     if not isinstance(raw, dict):
         raise DataError(f"--data {path} must hold a dict with 'train' (and optionally 'val'), got {type(raw).__name__}")

@@ -34,7 +34,10 @@ from tests.conftest import (
     wait_until,
 )
 from tests.helpers import (
+    EPOCHS,
     LAST_STEP,
+    REGRESSION_MODEL,
+    REGRESSOR,
     FileEvents,
     assert_kept_checkpoints,
     assert_same_training_state,
@@ -73,15 +76,16 @@ def registered_step(run_dir: Path) -> int:
 
 
 def test_workers_killed_at_random_moments_and_the_run_ends_bit_exact(
-        tmp_path: Path, dataset: Path, ray_address: str, uninterrupted) -> None:
+        tmp_path: Path, regression_dataset: Path, ray_address: str, uninterrupted) -> None:
     """SIGKILLs of a Ray Train worker at seeded random checkpoints and random delays after them, with
     --max-failures 1: Ray Train restarts the worker group from the latest checkpoint; the second kill uses the
     restarts up, and the command says so in one line and exits 1. The same command run again continues from the
     latest checkpoint, and the run ends with the same bits as one never interrupted, keeping the
-    --keep-checkpoints best checkpoints and the latest."""
-    reference = uninterrupted(2)
+    --keep-checkpoints best checkpoints and the latest. The run trains a regression model of a user's own
+    (examples/mlp_regressor on tabular rows), its best model the one of lowest validation RMSE."""
+    reference = uninterrupted(2, regression=True)
     rng = random.Random(CHAOS_SEED)
-    args = train_args(dataset, tmp_path / "runs", 2, "--max-failures", "1")
+    args = train_args(regression_dataset, tmp_path / "runs", 2, "--max-failures", "1", model=REGRESSION_MODEL)
     run_dir = tmp_path / "runs" / parse_config(args)[0].default_run_name()
     log_path = tmp_path / "train.log"
     proc, log = start_process(args, ray_address, log_path=log_path, extra_env=STEP_DELAY)
@@ -118,6 +122,19 @@ def test_workers_killed_at_random_moments_and_the_run_ends_bit_exact(
     assert int(re.search(r"Resuming from global step (\d+)", rerun.stdout).group(1)) >= killed_after[-1]
     assert_same_training_state(reference, ckpt(run_dir, LAST_STEP) / "state.pt")
     assert_kept_checkpoints(failed + rerun.stdout, run_dir, keep=2)
+
+    # best_model.pt is the validation of lowest RMSE (--select-metric val_rmse), and the guide's fine-tune from it
+    # with a lower learning rate takes the regression model and its settings from the file.
+    best_file = tmp_path / "runs" / "best_model.pt"
+    best = load_state(str(best_file))
+    validations = [r for r in read_rows(parse_location(str(run_dir / "metrics.jsonl")))
+                   if r.get("kind") == "checkpoint" and r.get("val_rmse") is not None]
+    assert best["eval_val_rmse"] == min(r["val_rmse"] for r in validations) == best["val_rmse"]
+    assert best["config"]["model"] == REGRESSOR and best["config"]["task"] == "regression"
+    plan = prepare(["--data", str(regression_dataset), "--resume-from-checkpoint", str(best_file), "--lr", "1e-4",
+                    "--epochs", str(EPOCHS + 2), "--save-dir", str(tmp_path / "fine-tuned")])
+    assert plan.init_from == str(best_file) and (plan.cfg.model, plan.cfg.model_args) == (
+        REGRESSOR, {"width": 16, "depth": 2}) and plan.cfg.task == "regression"
 
 
 def big_args(dataset: Path, save_dir: Path, *extra: str) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 
 from raytrain_app.checkpoint.format import load_state, write_best_model
 from raytrain_app.checkpoint.state import restore_training_state, with_training_state
+from raytrain_app.cli.preflight import with_data_shape
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.model_spec import build_model
 from raytrain_app.core.rng import seed_everything
@@ -40,7 +41,7 @@ from tests.conftest import (
     wait_for_run_to_end,
     wait_until,
 )
-from tests.helpers import PLUGIN, offline_runs
+from tests.helpers import PLUGIN, REGRESSOR, offline_runs
 
 pytestmark = pytest.mark.e2e
 
@@ -56,16 +57,27 @@ class Stop(Exception):
 
 def trial_config(dataset: Path, **overrides: object) -> TrainConfig:
     values = dict(data=str(dataset), model=PLUGIN, model_args={"channels": 16, "num_blocks": 2}, warmup_steps=4,
-                  num_workers=1,
-                  batch_size=BATCH, feature_dim=4, seq_len=8, num_classes=3, epochs=1, eval_every=100)
+                  num_workers=1, batch_size=BATCH, epochs=1, eval_every=100)
     values.update(overrides)
-    return TrainConfig(**values)
+    # The data's shapes and task, as the driver fills them in.
+    return with_data_shape(TrainConfig(**values), open_dataset(str(dataset)))
 
 
 @pytest.fixture(scope="module")
 def base_checkpoint(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model trained one epoch (global step 8) in this process, saved as best_model.pt in the checkpoint format."""
-    cfg = trial_config(dataset)
+    return train_base(trial_config(dataset), dataset, tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def regression_base(regression_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same for the regression model of a user's own on tabular rows (best by lowest RMSE)."""
+    cfg = trial_config(regression_dataset, model=REGRESSOR, model_args={"width": 16, "depth": 2},
+                       select_metric="val_rmse")
+    return train_base(cfg, regression_dataset, tmp_path_factory.mktemp("regression-base"))
+
+
+def train_base(cfg: TrainConfig, dataset: Path, folder: Path) -> Path:
     seed_everything(cfg.seed, 0)
     model = build_model(cfg)
     trainer = Trainer(cfg, model, model, torch.device("cpu"))
@@ -73,7 +85,7 @@ def base_checkpoint(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     trainer.fit(open_dataset(str(dataset), val_fraction=0.1, seed=0),
                 with_training_state(trainer, lambda m, state, best: states.append(state)))
     assert states[-1]["global_step"] == STEPS_PER_EPOCH and states[-1]["epoch"] == 1
-    return Path(write_best_model(str(tmp_path_factory.mktemp("base")), states[-1]).path)
+    return Path(write_best_model(str(folder), states[-1]).path)
 
 
 def replay_first_step(trial_state: dict, base_state: dict) -> dict:
@@ -221,14 +233,15 @@ def start_sweep(args: list[str], ray_address: str) -> tuple[subprocess.Popen, An
 
 
 def test_killed_sweep_resumes_where_it_stopped(
-    base_checkpoint: Path, dataset: Path, ray_address: str, tmp_path: Path
+    regression_base: Path, regression_dataset: Path, ray_address: str, tmp_path: Path
 ) -> None:
+    """A sweep of the regression model of a user's own (examples/mlp_regressor), ranked by validation RMSE."""
     epochs = 3
     base = tmp_path / "base.pt"  # the user's file, which changes after the sweep started (below)
-    base.write_bytes(base_checkpoint.read_bytes())
-    args = ["--base-checkpoint", str(base), "--data", str(dataset), "--save-dir", str(tmp_path),
+    base.write_bytes(regression_base.read_bytes())
+    args = ["--base-checkpoint", str(base), "--data", str(regression_dataset), "--save-dir", str(tmp_path),
             "--lr-grid", "1e-3,3e-3", "--scheduler", "none", "--max-concurrent-trials", "1", "--sweep-name", "cut",
-            "--epochs", str(epochs), "--eval-every", "2", *FIXED]
+            "--epochs", str(epochs), "--eval-every", "2", "--select-metric", "val_rmse", *FIXED]
     sweep_dir = parse_location(str(tmp_path / "cut"))
 
     def progress() -> dict[str, dict]:
