@@ -10,7 +10,17 @@ import os
 import tomllib
 from typing import Any
 
-from raytrain_app.core.config import SWEEP_OWNED_FLAGS, ConfigError, SweepConfig, TrainConfig, cli_fields, flag_name
+from raytrain_app.core.config import (
+    SECTION_STARTS,
+    SECTION_TITLES,
+    SWEEP_OWNED_FLAGS,
+    ConfigError,
+    SweepConfig,
+    TrainConfig,
+    cli_fields,
+    config_sections,
+    flag_name,
+)
 
 
 def _cli_type(f: dataclasses.Field) -> Any:
@@ -19,9 +29,10 @@ def _cli_type(f: dataclasses.Field) -> Any:
     return {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
 
 
-def _add_fields(parser: argparse._ActionsContainer, cls: type, hidden: frozenset[str] = frozenset()) -> None:
+def _add_fields(parser: argparse._ActionsContainer, cls: type, hidden: frozenset[str] = frozenset(),
+                fields: list[dataclasses.Field] | None = None) -> None:
     """`hidden`: accepted (so a clear error can name them) but not listed in --help."""
-    for f in cli_fields(cls):
+    for f in fields if fields is not None else cli_fields(cls):
         flag = f"--{flag_name(f.name)}"
         help_text = argparse.SUPPRESS if f.name in hidden else f"{f.metadata['help']} (default: {f.default})"
         if f.type in ("bool", bool):
@@ -44,7 +55,8 @@ def build_parser(prog: str = "python -m raytrain_app.main", description: str | N
         _add_fields(parser.add_argument_group("training (fixed for every trial)"), TrainConfig,
                     hidden=frozenset(SWEEP_OWNED_FLAGS))
     else:
-        _add_fields(parser, TrainConfig)
+        for section, section_fields in config_sections().items():
+            _add_fields(parser.add_argument_group(SECTION_TITLES[section]), TrainConfig, fields=section_fields)
     return parser
 
 
@@ -65,11 +77,27 @@ def load_config_file(path: str, allowed: set[str]) -> dict[str, Any]:
         raise ConfigError(f"--config {path} could not be parsed: {e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path} must hold a mapping of settings, got {type(values).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = _flatten_sections({str(k).replace("-", "_"): v for k, v in values.items()}, path)
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ConfigError(f"unknown key(s) in --config {path}: {', '.join(unknown)}")
     return values
+
+
+def _flatten_sections(values: dict[str, Any], path: str) -> dict[str, Any]:
+    """A file's settings may be grouped by the config's sections (`optim: {lr: 0.001}`, a TOML `[optim]` table) or
+    flat; a section may not set what another key sets too."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTION_STARTS and isinstance(value, dict):  # `model: my.mod:spec` is the setting, not a section
+            inner = {str(k).replace("-", "_"): v for k, v in value.items()}
+        else:
+            inner = {key: value}
+        for name, setting in inner.items():
+            if name in flat:
+                raise ConfigError(f"--config {path} sets {name} twice")
+            flat[name] = setting
+    return flat
 
 
 def _given_values(parser: argparse.ArgumentParser, argv: list[str] | None, allowed: set[str]) -> dict[str, Any]:

@@ -7,7 +7,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from raytrain_app.core.config import SWEEP_OWNED_FLAGS, SweepConfig, TrainConfig, cli_fields, flag_name
+from raytrain_app.core.config import (
+    SECTION_TITLES,
+    SWEEP_OWNED_FLAGS,
+    SweepConfig,
+    TrainConfig,
+    cli_fields,
+    config_sections,
+    flag_name,
+)
 
 HEADER = """# Command-line reference
 
@@ -24,7 +32,8 @@ def _type_name(f: dataclasses.Field) -> str:
     if "choices" in f.metadata:
         return " \\| ".join(f.metadata["choices"])
     text = str(f.type).removesuffix(" | None")
-    return {"int": "integer", "float": "number", "str": "text", "tuple[float, ...]": "numbers, comma-separated"}.get(
+    return {"int": "integer", "float": "number", "str": "text", "tuple[float, ...]": "numbers, comma-separated",
+            "dict[str, Any]": "key=value,... or JSON"}.get(
         text, text)
 
 
@@ -36,9 +45,9 @@ def _default(f: dataclasses.Field) -> str:
     return f"`{f.default}`"
 
 
-def _table(cls: type, skip: frozenset[str] = frozenset()) -> list[str]:
+def _table(cls: type, skip: frozenset[str] = frozenset(), fields: list[dataclasses.Field] | None = None) -> list[str]:
     lines = ["| flag | value | default | what it does |", "| --- | --- | --- | --- |"]
-    for f in cli_fields(cls):
+    for f in fields if fields is not None else cli_fields(cls):
         if f.name in skip:
             continue
         flag = f"--{flag_name(f.name)}"
@@ -59,8 +68,11 @@ def reference() -> str:
         "Settings that change what is trained make up the default run name, so the same command continues the "
         "same run; operational settings (where checkpoints go, retries, logging) do not.",
         "",
-        *_table(TrainConfig),
+        "In a `--config` file the settings may be flat or grouped by these sections (`optim:` with `lr:` under it in "
+        "YAML, an `[optim]` table in TOML).",
         "",
+        *[line for section, section_fields in config_sections().items() for line in (
+            f"### {SECTION_TITLES[section]} (`{section}`)", "", *_table(TrainConfig, fields=section_fields), "")],
         "## Sweeps: `python -m raytrain_app.tune` (`raytrain tune`)",
         "",
         "The sweep's own settings:",

@@ -50,7 +50,7 @@ def higher_is_better(metric: str) -> bool:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    # --- data ---
+    # --- data (section "data") ---
     data: str = _opt(
         "data/demo.pkl",
         "Dataset: a pickled dict {'train': {'x', 'y'}, 'val': {...}} (see docs/data.md).",
@@ -65,7 +65,7 @@ class TrainConfig:
         0.0, "Std of Gaussian noise added to training features (augmentation; may change on resume)."
     )
 
-    # --- model (architecture fields must match a checkpoint being loaded) ---
+    # --- model (section "model"; architecture fields must match a checkpoint being loaded) ---
     model: str = _opt(
         "transformer", "The model: transformer (the built-in one) or your own ModelSpec as package.module:attribute, "
         "importable where the command runs and on every node (see docs/own-model.md). A run started from a "
@@ -88,7 +88,7 @@ class TrainConfig:
     task: str = _opt("classification", "classification (integer labels) or regression (float targets), from the "
                      "data.", cli=False, choices=(CLASSIFICATION, REGRESSION))
 
-    # --- optimisation ---
+    # --- optimisation (section "optim") ---
     epochs: int = _opt(5, "Total epochs (not additional ones): resuming at epoch 5 with --epochs 10 runs 6-10.")
     lr: float = _opt(1e-3, "Peak learning rate (AdamW), reached after warmup, then cosine decay to lr/10.")
     weight_decay: float = _opt(0.01, "AdamW weight decay (applied to matrices, not to biases and norms).")
@@ -104,7 +104,7 @@ class TrainConfig:
         choices=tuple(HIGHER_IS_BETTER), added_later=True)
     seed: int = _opt(0, "Seed for initialisation, data order, dropout and augmentation.")
 
-    # --- precision and speed ---
+    # --- precision and speed (section "speed") ---
     use_amp: bool = _opt(False, "Mixed precision with torch.autocast (bf16 or fp16, see --amp-dtype).")
     amp_dtype: str = _opt(
         "bf16", "Autocast dtype with --use-amp; fp16 also uses a GradScaler.", choices=("bf16", "fp16")
@@ -129,7 +129,7 @@ class TrainConfig:
         None, "Memory of each GPU in GB for the memory plan that refuses a run that cannot fit (default: from the "
         "cluster's accelerator type; see python -m raytrain_app.plan).", identity=False, added_later=True)
 
-    # --- cluster and run ---
+    # --- cluster (section "cluster"), then the run and its checkpoints ("run"), then what it reports ("logging") ---
     num_workers: int = _opt(
         2, "Ray Train workers (data-parallel ranks): N, or MIN-MAX to train elastically on whatever the cluster "
         "offers in that range (the effective batch stays batch-size x MAX x grad-accum-steps).",
@@ -320,6 +320,27 @@ def parse_model_args(text: str) -> dict[str, Any]:
         except ValueError:
             values[key.strip()] = raw.strip()
     return values
+
+
+# The config's sections, each from its first field to the next section's (in field order): how --help, the
+# command-line reference and --config files group the settings. The dataclass itself stays flat: a checkpoint's
+# config, Ray's train_loop_config and the flags are one dict of settings, as users' tools read them.
+SECTION_STARTS = {"data": "data", "model": "model", "optim": "epochs", "speed": "use_amp", "cluster": "num_workers",
+                  "run": "save_dir", "logging": "use_wandb"}
+SECTION_TITLES = {"data": "data", "model": "model", "optim": "optimisation", "speed": "precision and speed",
+                  "cluster": "cluster", "run": "the run and its checkpoints", "logging": "logging and console"}
+
+
+def config_sections(cls: type | None = None) -> dict[str, list[dataclasses.Field]]:
+    """TrainConfig's CLI fields by section, in order."""
+    sections: dict[str, list[dataclasses.Field]] = {}
+    starts = {field_name: section for section, field_name in SECTION_STARTS.items()}
+    current = next(iter(SECTION_STARTS))
+    for f in fields(cls or TrainConfig):
+        current = starts.get(f.name, current)
+        if f.metadata["cli"]:
+            sections.setdefault(current, []).append(f)
+    return sections
 
 
 def flag_name(name: str) -> str:

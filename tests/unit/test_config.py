@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raytrain_app.cli.flags import parse_config
-from raytrain_app.core.config import ConfigError, TrainConfig
+from raytrain_app.core.config import ConfigError, TrainConfig, cli_fields
 from raytrain_app.core.model import SequenceTransformer
 from raytrain_app.main import main
 from tests.conftest import REPO_ROOT
@@ -132,3 +132,25 @@ def test_run_names_survive_new_settings() -> None:
     assert cfg.default_run_name() == "run-47c1babf"
     changed, _ = parse_config(["--data", "/data/x.pkl", "--epochs", "5", "--reset-optimizer"])
     assert changed.default_run_name() != "run-47c1babf"  # a new setting counts once it is used
+
+
+def test_every_setting_is_in_one_section_and_a_config_file_may_group_them(tmp_path: Path) -> None:
+    from raytrain_app.cli.flags import parse_config
+    from raytrain_app.core.config import config_sections
+
+    sections = config_sections()
+    names = [f.name for section in sections.values() for f in section]
+    assert sorted(names) == sorted(f.name for f in cli_fields()) and len(names) == len(set(names))
+    assert [f.name for f in sections["model"]][:2] == ["model", "model_args"] and "lr" in {f.name for f in
+                                                                                           sections["optim"]}
+    grouped = tmp_path / "grouped.yaml"
+    grouped.write_text("data:\n  data: d.pkl\nmodel:\n  model: examples.conv_classifier.model:spec\n"
+                       "  model_args: {channels: 8}\noptim:\n  lr: 0.0003\n  epochs: 7\nlogging:\n  use-wandb: true\n")
+    flat = tmp_path / "flat.toml"
+    flat.write_text('data = "d.pkl"\nmodel = "examples.conv_classifier.model:spec"\nlr = 0.0003\nepochs = 7\n'
+                    "use_wandb = true\n[model_args]\nchannels = 8\n")
+    assert parse_config(["--config", str(grouped)]) == parse_config(["--config", str(flat)])
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("lr: 0.1\noptim:\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match="sets lr twice"):
+        parse_config(["--config", str(twice)])
