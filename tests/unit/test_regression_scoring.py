@@ -203,3 +203,33 @@ def test_predict_says_what_the_model_predicts() -> None:
     assert outputs_text(regression) == "a value per sample (regression)"
     assert outputs_text(regression.replace(per_step=True)) == "a value per step (regression)"
     assert outputs_text(TrainConfig(num_classes=3)) == "a class per sequence, 3 classes"  # as before
+
+
+def test_the_regression_png_holds_its_points_and_a_large_split_is_thinned_evenly() -> None:
+    import io
+
+    from raytrain_app.observability.evaluation_report import MAX_PLOT_POINTS, plotted_points, regression_png
+
+    image = Image.open(io.BytesIO(regression_png([1.0, 2.5], [1.25, 2.0], "t")))
+    assert image.format == "PNG" and json.loads(image.text["Description"]) == {"true": [1.0, 2.5],
+                                                                                "predicted": [1.25, 2.0]}
+    assert plotted_points(3) == [0, 1, 2]
+    shown = plotted_points(100_003)
+    assert len(shown) == MAX_PLOT_POINTS and shown[0] == 0 and shown[-1] == 100_002 and shown == sorted(set(shown))
+
+
+def test_r2_of_targets_without_spread_is_1_when_exact_else_0() -> None:
+    from raytrain_app.core.evaluation import tally_regression
+
+    class Constant(torch.nn.Module):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.value = value
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((len(x),), self.value)
+
+    batches = [(torch.zeros(4, 2), torch.full((4,), 3.0))]
+    assert tally_regression(Constant(3.0), batches, torch.device("cpu")).r2 == 1.0
+    off = tally_regression(Constant(1.0), batches, torch.device("cpu"))
+    assert (off.r2, off.rmse, off.mae, off.loss, off.count) == (0.0, 2.0, 2.0, 4.0, 4)
