@@ -5,7 +5,8 @@
 
 X is anything --resume-from-checkpoint accepts; D is Parquet (a file, a folder of files, or a dataset folder with
 train/val/test splits, of which --split picks one) or a dataset pickle; OUT is a folder or URI that receives
-Parquet files with one row per input row (row, id, predicted, probabilities, error) and a _SUCCESS marker.
+Parquet files with one row per input row (row, id, predicted, probabilities, error; a regression model's
+predicted is its float32 output and it has no probabilities) and a _SUCCESS marker.
 
 The output is whole or absent: everything is written into OUT.partial beside it and moved into place only once
 every row is there (a rename on a local disk; on object storage a copy, with _SUCCESS written last).
@@ -25,7 +26,9 @@ import pyarrow.parquet as pq
 
 from raytrain_app.checkpoint.inference import TrainedModel, load_trained_model
 from raytrain_app.cli.errors import EXIT_TRAINING_FAILED, USER_ERRORS, run_command
+from raytrain_app.core.config import REGRESSION, TrainConfig
 from raytrain_app.core.errors import UserError
+from raytrain_app.core.model_spec import data_shape
 from raytrain_app.datasets.prediction_input import PredictionInput, Shape, open_prediction_input
 from raytrain_app.observability.console import configure_console
 from raytrain_app.ray_adapter.driver import connect_ray
@@ -93,7 +96,7 @@ def predict(args: argparse.Namespace) -> int:
     requested = check_args(args)
     model = load_trained_model(args.checkpoint, flag="--checkpoint")
     cfg = model.cfg
-    source = open_prediction_input(args.data, args.split, Shape(cfg.seq_len, cfg.feature_dim))
+    source = open_prediction_input(args.data, args.split, Shape(*data_shape(cfg).input_shape))
     out = parse_location(args.out, flag="--out")
     check_bucket(out)
     staging = prepare_output(out, overwrite=args.overwrite)  # refuses an existing output before Ray starts
@@ -102,8 +105,7 @@ def predict(args: argparse.Namespace) -> int:
     connect_ray(num_cpus=(os.cpu_count() or 1) + IO_CPUS)
     replicas = cluster_replicas(requested, cpus=args.cpus_per_replica, use_gpu=args.use_gpu)
     print(f"Scoring {source.describe()}", flush=True)
-    print(f"  Model: {model.source} (global step {model.global_step}; a class "
-          f"{'per step' if cfg.per_step else 'per sequence'}, {cfg.num_classes} classes)")
+    print(f"  Model: {model.source} (global step {model.global_step}; {outputs_text(cfg)})")
     print(f"  Replicas: {replicas.min_size}" + (f"-{replicas.max_size}" if replicas.max_size > replicas.min_size
                                                else "")
           + f" x {'1 GPU' if replicas.use_gpu else f'{replicas.cpus} CPU'}, batch {args.batch_size}; "
@@ -126,6 +128,13 @@ def predict(args: argparse.Namespace) -> int:
           f"{summary['rows_scored']:,} scored, {rejected:,} rejected"
           + (" (the reason is in their error column)" if rejected else "") + f". Output: {out}")
     return 0
+
+
+def outputs_text(cfg: TrainConfig) -> str:
+    """What the model predicts, as the console says it."""
+    if cfg.task == REGRESSION:
+        return f"a value {'per step' if cfg.per_step else 'per sample'} (regression)"
+    return f"a class {'per step' if cfg.per_step else 'per sequence'}, {cfg.num_classes} classes"
 
 
 def finish(model: TrainedModel, source: PredictionInput, staging: Location, started: float) -> dict:

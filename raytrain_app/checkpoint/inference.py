@@ -17,12 +17,12 @@ import torch
 from raytrain_app.checkpoint.format import CheckpointError, load_state
 from raytrain_app.checkpoint.resolve import parent_location, resolve_checkpoint
 from raytrain_app.checkpoint.sharded import read_full_weights
-from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.config import CLASSIFICATION, TrainConfig
 from raytrain_app.core.model_spec import BUILTIN
 from raytrain_app.datasets.prediction_input import ERROR, ID, ROW, X
 from raytrain_app.storage.location import Location
 
-PREDICTED, PROBABILITIES = "predicted", "probabilities"  # the output columns score_table adds
+PREDICTED, PROBABILITIES = "predicted", "probabilities"  # the output columns score_table adds (a classifier both)
 
 
 @dataclass
@@ -111,31 +111,42 @@ def _safetensors_metadata(raw: bytes) -> dict[str, str]:
 def score_table(model: torch.nn.Module, table: pa.Table, cfg: TrainConfig,
                 device: torch.device | str = "cpu") -> pa.Table:
     """The output rows of a decoded input table (`raytrain_app.datasets.prediction_input`): the model applied to
-    every row whose x is not null, the others passed through with their error."""
+    every row whose x is not null, the others passed through with their error. A classifier's rows get
+    `predicted` (the argmax) and `probabilities` (the softmax); a regression model's get `predicted`, its output
+    as float32, and no probabilities."""
+    from raytrain_app.core.model_spec import data_shape
+
+    input_shape = data_shape(cfg).input_shape
     x_column = table.column(X).combine_chunks()
     scored = x_column.is_valid().to_numpy(zero_copy_only=False)
     # flatten() leaves out null rows: the values of the scored rows only, in order. A copy: Arrow's buffers are
     # read-only, and torch wants to own what it reads.
     x = np.array(x_column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    x = torch.from_numpy(x.reshape(-1, cfg.seq_len, cfg.feature_dim))
+    x = torch.from_numpy(x.reshape(-1, *input_shape))
+    steps = (input_shape[0],) if cfg.per_step else ()
+    classes = (cfg.num_classes,) if cfg.task == CLASSIFICATION else ()
     with torch.inference_mode():
-        logits = model(x.to(device)).float() if len(x) else torch.zeros(
-            (0, *((cfg.seq_len,) if cfg.per_step else ()), cfg.num_classes))
-        probabilities = torch.softmax(logits, dim=-1).cpu().numpy()
-        predicted = logits.argmax(dim=-1).cpu().numpy()
-    n, rejected = table.num_rows, pa.array(~scored)
-    per_row = cfg.num_classes * (cfg.seq_len if cfg.per_step else 1)
-    full = np.zeros((n, per_row), dtype=np.float32)
-    full[scored] = probabilities.reshape(len(probabilities), per_row)
-    probability_column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), per_row, mask=rejected)
-    classes = np.zeros((n, *predicted.shape[1:]), dtype=np.int64)
-    classes[scored] = predicted
-    if cfg.per_step:
-        predicted_column = pa.FixedSizeListArray.from_arrays(pa.array(classes.reshape(-1)), cfg.seq_len,
-                                                             mask=rejected)
-    else:
-        predicted_column = pa.array(classes, mask=~scored)
-    names = [ROW, *([ID] if ID in table.column_names else []), PREDICTED, PROBABILITIES, ERROR]
-    columns = [table.column(ROW), *([table.column(ID)] if ID in table.column_names else []), predicted_column,
-               probability_column, table.column(ERROR)]
-    return pa.Table.from_arrays(columns, names=names)
+        outputs = model(x.to(device)).float() if len(x) else torch.zeros((0, *steps, *classes))
+        if cfg.task == CLASSIFICATION:
+            columns = {PREDICTED: _per_row(outputs.argmax(dim=-1).cpu().numpy(), scored, steps),
+                       PROBABILITIES: _per_row(torch.softmax(outputs, dim=-1).cpu().numpy(), scored, steps, flat=True)}
+        else:
+            columns = {PREDICTED: _per_row(outputs.cpu().numpy(), scored, steps)}
+    ids = [ID] if ID in table.column_names else []
+    names = [ROW, *ids, *columns, ERROR]
+    return pa.Table.from_arrays([table.column(ROW), *(table.column(i) for i in ids), *columns.values(),
+                                 table.column(ERROR)], names=names)
+
+
+def _per_row(values: np.ndarray, scored: np.ndarray, steps: tuple[int, ...], flat: bool = False) -> pa.Array:
+    """An output column of every input row from `values` of the scored rows (null for the others): a scalar per
+    row, or a fixed-size list per row of its `steps` values (`flat`: of all its values, row-major)."""
+    n, rejected = len(scored), pa.array(~scored)
+    per_row = int(np.prod(values.shape[1:], dtype=np.int64))
+    if not steps and not flat:
+        full = np.zeros(n, dtype=values.dtype)
+        full[scored] = values
+        return pa.array(full, mask=~scored)
+    full = np.zeros((n, per_row), dtype=values.dtype)
+    full[scored] = values.reshape(len(values), per_row)
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), per_row, mask=rejected)

@@ -1,15 +1,19 @@
-"""Scoring a trained classifier on a labelled split: the confusion matrix and the summed loss, then per-class
-precision, recall, F1 and support from the matrix. Plain PyTorch, no I/O: `python -m raytrain_app.evaluate`
-feeds it batches and writes what it returns."""
+"""Scoring a trained model on a labelled split. A classifier: the confusion matrix and the summed loss, then
+per-class precision, recall, F1 and support from the matrix. A regression model: the summed loss, squared and
+absolute errors as validation sums them, R2, and every (true, predicted) pair for the plot. Plain PyTorch, no
+I/O: `python -m raytrain_app.evaluate` feeds it batches and writes what it returns."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from raytrain_app.core import tasks
+from raytrain_app.core.config import REGRESSION
 from raytrain_app.core.errors import UserError
 from raytrain_app.core.model import loss_fn
 
@@ -69,3 +73,61 @@ def class_report(confusion: torch.Tensor) -> list[dict[str, float]]:
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         rows.append({"class": c, "precision": precision, "recall": recall, "f1": f1, "support": int(actual[c])})
     return rows
+
+
+@dataclass
+class RegressionTally:
+    """What scoring a split of float targets adds up, as validation does (each batch's sums added in float64):
+    the summed squared error (the loss, in fp32 per batch), the squared and absolute errors (float64), the targets
+    seen, and every target with its prediction (float32, flattened in the split's order, steps within a row)."""
+
+    loss_sum: float
+    squared_sum: float
+    absolute_sum: float
+    count: int
+    truth: torch.Tensor  # float32 [count]
+    predicted: torch.Tensor  # float32 [count]
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count
+
+    @property
+    def rmse(self) -> float:
+        return math.sqrt(self.squared_sum / self.count)
+
+    @property
+    def mae(self) -> float:
+        return self.absolute_sum / self.count
+
+    @property
+    def r2(self) -> float:
+        """1 - SSE/SST over every target value. Targets without spread (SST 0) give 1.0 when predicted exactly,
+        else 0.0, as scikit-learn's r2_score."""
+        truth = self.truth.double()
+        total = float(((truth - truth.mean()) ** 2).sum())
+        if total == 0.0:
+            return 1.0 if self.squared_sum == 0.0 else 0.0
+        return 1.0 - self.squared_sum / total
+
+
+@torch.no_grad()
+def tally_regression(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                     label: str = "the data") -> RegressionTally:
+    """Score `model` (in eval mode, outputs of the targets' shape) on every (x, y) batch: per sample, or per step
+    for [N, T] targets. An empty split is a UserError naming `label`."""
+    loss_sum, sums, count = 0.0, torch.zeros(2, dtype=torch.float64), 0
+    truth, predicted = [], []
+    for x, y in batches:
+        outputs = model(x.to(device))
+        y_device = y.to(device)
+        loss_sum += tasks.loss_fn(REGRESSION, outputs, y_device, reduction="sum").double().item()
+        sums += tasks.score_sums(REGRESSION, outputs, y_device).cpu()
+        count += y.numel()
+        truth.append(y.reshape(-1).float())
+        predicted.append(outputs.float().reshape(-1).cpu())
+    if count == 0:
+        raise UserError(f"{label} is empty: nothing to score")
+    squared_sum, absolute_sum = sums.tolist()
+    return RegressionTally(loss_sum=loss_sum, squared_sum=squared_sum, absolute_sum=absolute_sum, count=count,
+                           truth=torch.cat(truth), predicted=torch.cat(predicted))

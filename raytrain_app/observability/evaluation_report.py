@@ -1,5 +1,6 @@
 """What `python -m raytrain_app.evaluate` writes for people and tools: the numbers as JSON, a table on the
-console, and the confusion matrix as a PNG."""
+console, and a PNG: the confusion matrix of a classifier, or a regression model's predicted against true values.
+Each PNG carries what it plots as JSON in its `Description` text, so what it shows can be checked without eyes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from typing import Any
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion.png"
+REGRESSION_FILE = "regression.png"
+# At most this many points in the regression plot (and its metadata): evenly spaced through the split beyond it,
+# so the file stays small whatever the split's size.
+MAX_PLOT_POINTS = 5000
 
 
 def table(report: dict[str, Any]) -> list[str]:
@@ -50,5 +55,38 @@ def confusion_png(confusion: list[list[int]], title: str) -> bytes:
     out = io.BytesIO()
     fig.savefig(out, format="png", bbox_inches="tight", metadata={"Title": title,
                                                                   "Description": json.dumps(confusion)})
+    plt.close(fig)
+    return out.getvalue()
+
+
+def plotted_points(count: int) -> list[int]:
+    """The indices of the (true, predicted) pairs the regression plot shows: all, or MAX_PLOT_POINTS evenly
+    spaced from the first to the last."""
+    if count <= MAX_PLOT_POINTS:
+        return list(range(count))
+    return [i * (count - 1) // (MAX_PLOT_POINTS - 1) for i in range(MAX_PLOT_POINTS)]
+
+
+def regression_png(truth: list[float], predicted: list[float], title: str) -> bytes:
+    """Predicted against true values as a scatter, with the line y = x (a perfect model's points lie on it); the
+    points themselves in the PNG's text chunk as {"true": [...], "predicted": [...]}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 5.0), dpi=100)
+    ax.scatter(truth, predicted, s=6, alpha=0.5, linewidths=0)
+    values = truth + predicted
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    ax.plot([low, high], [low, high], color="black", linewidth=1, label="y = x")
+    ax.set_xlabel("true value")
+    ax.set_ylabel("predicted value")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(loc="upper left")
+    ax.set_title(title)
+    out = io.BytesIO()
+    points = json.dumps({"true": truth, "predicted": predicted})
+    fig.savefig(out, format="png", bbox_inches="tight", metadata={"Title": title, "Description": points})
     plt.close(fig)
     return out.getvalue()

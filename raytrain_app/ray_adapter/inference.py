@@ -14,7 +14,8 @@ tests and benchmarks/gpu_check.py call it directly. Ray is imported only inside 
 
 Output columns: `row` int64; `id` (when the input has one); `predicted` int64, or fixed_size_list<int64>[T] for a
 per-step model; `probabilities` fixed_size_list<float32>[C], or [T*C] row-major per step; `error` string (null for
-a scored row; for a rejected row predicted and probabilities are null).
+a scored row; for a rejected row predicted and probabilities are null). A regression model's `predicted` is its
+output, float32 or fixed_size_list<float32>[T] per step, and there is no `probabilities`.
 """
 
 from __future__ import annotations
