@@ -109,8 +109,8 @@ def train(config_file: str | None = None, **settings: Any) -> TrainResult:
 def score(checkpoint: str, data: str, *, split: str = "test", out: str | None = None, batch_size: int = 256,
              device: str | None = None) -> dict[str, Any]:
     """Score `checkpoint` (anything --resume-from-checkpoint accepts) on a split of `data`, as
-    `python -m raytrain_app.evaluate` does; returns the report it writes to `out`/metrics.json (loss, accuracy,
-    per-class scores, confusion matrix)."""
+    `python -m raytrain_app.evaluate` does; returns the report it writes to `out`/metrics.json: loss, accuracy,
+    per-class scores and the confusion matrix for classification; loss (MSE), rmse, mae and r2 for regression."""
     import raytrain_app.evaluate as command
     from raytrain_app.observability.evaluation_report import METRICS_FILE
     from raytrain_app.storage.location import parse_location
