@@ -130,12 +130,14 @@ def table(rows: list[TrialResult], metric: str = "val_loss") -> str:
     """The trials, the best (by `metric`) marked with a *; beside the loss, the task's first score."""
     best = best_trial(rows, metric)
     score = rows[0].scores[0] if rows else TASK_SCORES[CLASSIFICATION][0]
-    lines = [f"  {'':1} {'lr':>9}  {'best val loss':>13}  {COLUMN_TITLES[score]:>12}  {'steps':>6}  {'status':<13}  "
+    title = COLUMN_TITLES[score]
+    width = max(12, len(title))
+    lines = [f"  {'':1} {'lr':>9}  {'best val loss':>13}  {title:>{width}}  {'steps':>6}  {'status':<13}  "
              "best checkpoint"]
     for r in rows:
         mark = "*" if r is best else " "
         value = f"{r.best(score):.4f}" if math.isfinite(r.best(score)) else "-"
-        lines.append(f"  {mark} {r.lr:>9.3g}  {r.best_val_loss:>13.6f}  {value:>12}  {r.steps_trained:>6d}  "
+        lines.append(f"  {mark} {r.lr:>9.3g}  {r.best_val_loss:>13.6f}  {value:>{width}}  {r.steps_trained:>6d}  "
                      f"{r.status:<13}  {r.best_checkpoint or '-'}")
     return "\n".join(lines)
 
