@@ -23,7 +23,7 @@ from raytrain_app.checkpoint.format import MANIFEST_FILE, STATE_FILE, checkpoint
 from raytrain_app.checkpoint.inference import read_weights, resolve_state_file
 from raytrain_app.checkpoint.resolve import parent_location, summarize
 from raytrain_app.cli.errors import run_command
-from raytrain_app.core.config import as_flags
+from raytrain_app.core.config import CLASSIFICATION, SCORE_LABELS, TASK_SCORES, as_flags
 from raytrain_app.core.model import NORMALIZATION_KEYS, has_input_stats
 from raytrain_app.core.model_spec import model_text
 from raytrain_app.observability.console import configure_console
@@ -57,8 +57,17 @@ def _loss(value: Any) -> str:
     return "none" if value is None else f"{float(value):.6f}"
 
 
-def _accuracy(value: Any) -> str:
+def _score(value: Any) -> str:
     return "none" if value is None else f"{float(value):.4f}"
+
+
+def _scores_line(state: dict[str, Any], scores: tuple[str, ...]) -> str:
+    """The task's scores at the checkpoint and the run's best of each, e.g. "Validation RMSE at this checkpoint:
+    0.4120; best so far: 0.3990; MAE at this checkpoint: ..." (a state written before a score was measured has
+    none)."""
+    return "Validation " + "; ".join(
+        f"{SCORE_LABELS[name]} at this checkpoint: {_score(state.get(f'eval_{name}'))}; best so far: "
+        f"{_score(state.get(name))}" for name in scores)
 
 
 def _normalization(state: dict[str, Any], shapes: dict[str, Any]) -> str:
@@ -81,8 +90,7 @@ def show(where: str) -> list[str]:
              + f"; global step {state.get('global_step')}",
              f"Validation loss at this checkpoint: {_loss(state.get('eval_val_loss'))}; best so far: "
              f"{_loss(state.get('val_loss'))}; train EMA loss: {_loss(state.get('train_ema_loss'))}",
-             f"Validation accuracy at this checkpoint: {_accuracy(state.get('eval_val_accuracy'))}; best so far: "
-             f"{_accuracy(state.get('val_accuracy'))}",
+             _scores_line(state, TASK_SCORES[config.get("task") or CLASSIFICATION]),
              f"Input normalisation: {_normalization(state, summary.model_shapes)}",
              f"Model spec: {model_text(config)}",
              f"Model: {params:,} parameters; state file {_size(state_file.info().size)}"

@@ -35,13 +35,13 @@ from raytrain_app.cli.preflight import (
     print_resume_summary,
     start_position,
 )
-from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.config import SCORE_LABELS, TrainConfig
 from raytrain_app.core.memory import GB, check_fits
 from raytrain_app.core.model_spec import model_text
 from raytrain_app.core.trainer import UNVALIDATED_LOSS
 from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.observability.console import configure_console
-from raytrain_app.observability.metrics import prepare_wandb
+from raytrain_app.observability.metrics import measured, prepare_wandb
 from raytrain_app.observability.progress import ProgressDisplay, read_from
 from raytrain_app.ray_adapter.capacity import check_cluster_fits, check_cluster_gpu_memory_fits
 from raytrain_app.ray_adapter.control import fit_until_stopped, new_stop_request
@@ -214,10 +214,11 @@ def fit(plan: Plan, argv: list[str]) -> Outcome:
     if metrics:
         best_loss = metrics.get("best_val_loss")
         shown = f"{best_loss:.6f}" if best_loss is not None and best_loss < UNVALIDATED_LOSS else "none (not finite)"
-        accuracy = metrics.get("best_val_accuracy")
-        shown_accuracy = f", best val accuracy {accuracy:.4f}" if accuracy is not None and accuracy >= 0 else ""
+        score = cfg.scores[0]  # val_accuracy; val_rmse
+        value = metrics.get(f"best_{score}")
+        shown_score = f", best val {SCORE_LABELS[score]} {value:.4f}" if measured(score, value) else ""
         print(f"  Epoch {metrics.get('epoch')}, global step {metrics.get('global_step')}, best val loss {shown}"
-              f"{shown_accuracy} (best model by {cfg.select_metric})")
+              f"{shown_score} (best model by {cfg.select_metric})")
     print(f"  Checkpoints: {run_dir}")
     print(f"  Best model:  {best_path}")
     print(f"  Resume this run after an interruption (the same command): {command}")

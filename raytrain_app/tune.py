@@ -25,7 +25,7 @@ from raytrain_app.cli.commands import python_for_commands
 from raytrain_app.cli.errors import EXIT_TRAINING_FAILED, USER_ERRORS, run_command
 from raytrain_app.cli.flags import parse_sweep_config
 from raytrain_app.cli.preflight import prepare_data, prepare_start, start_position
-from raytrain_app.core.config import SweepConfig, TrainConfig, sweep_identity_hash
+from raytrain_app.core.config import SCORE_LABELS, SweepConfig, TrainConfig, sweep_identity_hash
 from raytrain_app.core.errors import UserError
 from raytrain_app.core.trainer import resume_batch_index
 from raytrain_app.datasets.order import batches_per_epoch
@@ -278,18 +278,24 @@ def sweep(argv: list[str]) -> int:
         return EXIT_TRAINING_FAILED
 
 
+def base_checkpoint_value(summary: StateSummary, metric: str) -> float | None:
+    """The base checkpoint's value of --select-metric, drawn on sweep.png: measured at that checkpoint where its
+    summary has it (the loss, the accuracy), else the best its run had by then."""
+    measured = getattr(summary, f"eval_{metric}", None)
+    if measured is not None:
+        return measured
+    return summary.best_val_loss if metric == "val_loss" else summary.best_scores.get(metric)
+
+
 def run_sweep(plan: SweepPlan, max_concurrent: int) -> int:
     """Run the trials, then report them: the table, results.csv, sweep.png and the best trial."""
     clear_failure_marks(plan.sweep_dir)  # running the command again is the user's "try again"
     results = run_tuner(plan, max_concurrent)
 
     rows = sweep_results.collect(results, sweep_dir=plan.sweep_dir, epochs=plan.cfg.epochs,
-                                 ended_by_tune=ended_trials(plan.sweep_dir))
-    s, metric = plan.summary, plan.cfg.select_metric
-    if metric == "val_accuracy":
-        base_value = s.eval_val_accuracy if s.eval_val_accuracy is not None else s.best_val_accuracy
-    else:
-        base_value = s.eval_val_loss if s.eval_val_loss is not None else s.best_val_loss
+                                 ended_by_tune=ended_trials(plan.sweep_dir), scores=plan.cfg.scores)
+    metric = plan.cfg.select_metric
+    base_value = base_checkpoint_value(plan.summary, metric)
     csv_file, png_file = sweep_results.write(rows, plan.sweep_dir, title=f"{plan.name}: learning-rate sweep",
                                              base_value=base_value, metric=metric)
     print(f"\n📊 Sweep {plan.name}: {len(rows)} trials, ranked by {metric}")
@@ -299,9 +305,11 @@ def run_sweep(plan: SweepPlan, max_concurrent: int) -> int:
     best = sweep_results.best_trial(rows, metric)
     failed = [r for r in rows if r.status in ("error", "unfinished", "not run")]
     if best is not None:
-        accuracy = f", best val accuracy {best.best_val_accuracy:.4f}" if math.isfinite(best.best_val_accuracy) else ""
+        score = plan.cfg.scores[0]  # val_accuracy; val_rmse
+        shown = (f", best val {SCORE_LABELS[score]} {best.best(score):.4f}" if math.isfinite(best.best(score))
+                 else "")
         print(f"\n🏆 Best{' so far' if failed else ''}: lr {best.lr:g}, best val loss {best.best_val_loss:.6f}"
-              f"{accuracy} ({best.best_checkpoint})")
+              f"{shown} ({best.best_checkpoint})")
         print(f"  Continue training it: {continue_command(plan, best)}")
     if failed:
         print(f"error: {len(failed)} trial(s) did not finish ({', '.join(f'lr {r.lr:g}' for r in failed)}). "

@@ -16,6 +16,8 @@ metrics.jsonl rows (one JSON object per line):
    "train_ema_loss" (mean over ranks),
    "validated", "skipped_steps", "samples_per_s", "tokens_per_s", "step_time_s", "data_wait_fraction", "mfu",
    "peak_gpu_mem_gb"}
+  A regression run's checkpoint rows hold "val_rmse", "val_mae", "best_val_rmse" and "best_val_mae" instead of
+  the accuracies; a value not measured (no validation yet) is null.
 """
 
 from __future__ import annotations
@@ -31,13 +33,27 @@ from typing import Any
 
 import torch
 
-from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.config import HIGHER_IS_BETTER, TrainConfig
 from raytrain_app.core.model import transformer_flops_per_token
 from raytrain_app.core.model_spec import count_flops
+from raytrain_app.core.trainer import unvalidated
 from raytrain_app.storage.location import Location
 from raytrain_app.storage.publish import publish_bytes
 
 log = logging.getLogger(__name__)
+
+SCORES = tuple(name for name in HIGHER_IS_BETTER if name != "val_loss")  # every task's (core.config.TASK_SCORES)
+
+
+def scores_in(keys: Any, prefix: str = "") -> tuple[str, ...]:
+    """The task's scores a metrics dict, progress message or metrics.jsonl row holds (as `prefix` + name):
+    val_accuracy for classification, val_rmse and val_mae for regression."""
+    return tuple(name for name in SCORES if f"{prefix}{name}" in keys)
+
+
+def measured(name: str, value: float | None) -> bool:
+    """Whether a reported score (or best score) is a real one, not the stand-in for "not validated"."""
+    return value is not None and math.isfinite(value) and value != unvalidated(name)
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_FLUSH_INTERVAL_S = 1.0
@@ -303,7 +319,9 @@ def open_wandb(cfg: TrainConfig, run_dir: Location, run_id: str, group: str | No
 
 
 WANDB_KEYS = {"val_loss": "val/loss", "best_val_loss": "val/best_loss", "val_accuracy": "val/accuracy",
-              "best_val_accuracy": "val/best_accuracy", "skipped_steps": "train/skipped_steps", "epoch": "epoch"}
+              "best_val_accuracy": "val/best_accuracy", "val_rmse": "val/rmse", "best_val_rmse": "val/best_rmse",
+              "val_mae": "val/mae", "best_val_mae": "val/best_mae", "skipped_steps": "train/skipped_steps",
+              "epoch": "epoch"}
 
 
 def log_to_wandb(run: Any, rows: list[dict[str, Any]]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import torch
 
 from raytrain_app.core.distributed import LazyHostValue
+from raytrain_app.observability.metrics import scores_in
 
 PUSH_INTERVAL_S = 1.0  # how often rank 0 sends its progress (more often when --progress-every asks for it)
 MIN_PUSH_INTERVAL_S = 0.1
@@ -36,15 +37,16 @@ def _loss(value: float | None) -> str:
 
 
 def progress_line(p: dict[str, Any]) -> str:
-    """`p`: rank 0's progress (see `ProgressSender`)."""
+    """`p`: rank 0's progress (see `ProgressSender`); the best scores shown are the task's (those in `p`)."""
     best = p.get("best_val_loss")
     done = p["step"] - p["start_step"]
     remaining = p["total_steps"] - p["step"]
     eta = remaining * p["step_time_s"] if p.get("step_time_s") else None
     return (f"progress: epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['total_steps']} "
             f"({100 * p['step'] / max(1, p['total_steps']):.0f}%) train_ema_loss {_loss(p['train_ema_loss'])} "
-            f"best_val_loss {_loss(best)} best_val_accuracy {_loss(p.get('best_val_accuracy'))} "
-            f"samples/s {p.get('samples_per_s') or 0:.1f} "
+            f"best_val_loss {_loss(best)} "
+            + "".join(f"best_{name} {_loss(p[f'best_{name}'])} " for name in scores_in(p, prefix="best_"))
+            + f"samples/s {p.get('samples_per_s') or 0:.1f} "
             f"ETA {format_eta(eta) if done > 0 else '?'}")
 
 
@@ -120,13 +122,14 @@ class ProgressSender:
         self.last = (now, trainer.global_step)
         step_time = (now - last_time) / max(1, trainer.global_step - last_step)
         samples = trainer.cfg.batch_size * trainer.grad_accum * trainer.world_size
-        best, best_accuracy = trainer.best_val_loss, trainer.best_val_accuracy
+        best = trainer.best_val_loss
         self.control.report_progress.remote({
             "epoch": trainer.epoch + (trainer.batch_index > 0), "epochs": self.epochs, "step": trainer.global_step,
             "total_steps": trainer.schedule.total_steps, "start_step": self.start_step,
             "train_ema_loss": self.ema.read(),  # the newest copy the device has finished: None at first
             "best_val_loss": best if math.isfinite(best) else None,
-            "best_val_accuracy": best_accuracy if math.isfinite(best_accuracy) else None,
+            **{f"best_{name}": value if math.isfinite(value) else None  # the task's: val_accuracy; val_rmse, val_mae
+               for name, value in trainer.best_scores.items()},
             "samples_per_s": samples / step_time, "step_time_s": step_time,
         })
 

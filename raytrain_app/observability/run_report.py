@@ -1,4 +1,4 @@
-"""A run's report for people: a summary of its metrics.jsonl, and loss.png (with validation accuracy)."""
+"""A run's report for people: a summary of its metrics.jsonl, and loss.png (with validation accuracy, or RMSE)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import io
 import time
 from typing import Any
 
-from raytrain_app.core.config import as_flags
+from raytrain_app.core.config import CLASSIFICATION, SCORE_LABELS, TASK_SCORES, as_flags, higher_is_better
+from raytrain_app.observability.metrics import scores_in
 from raytrain_app.storage.location import Location
 
 PLOT_FILE = "loss.png"
@@ -36,10 +37,12 @@ def summary(run: Location, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"Best validation loss: {best['val_loss']:.6f} at global step {best['step']}")
     else:
         lines.append("Best validation loss: none yet")
-    scored = [r for r in validated if r.get("val_accuracy") is not None]
+    score = _first_score(checkpoints)
+    scored = [r for r in validated if score is not None and r.get(score) is not None]
     if scored:
-        best = max(scored, key=lambda r: (r["val_accuracy"], r["step"]))
-        lines.append(f"Best validation accuracy: {best['val_accuracy']:.4f} at global step {best['step']}")
+        sign = 1 if higher_is_better(score) else -1  # of equal values, the latest step (as for the loss)
+        best = max(scored, key=lambda r: (sign * r[score], r["step"]))
+        lines.append(f"Best validation {SCORE_LABELS[score]}: {best[score]:.4f} at global step {best['step']}")
     resumes = [e for e in events if e.get("event") == "resume"]
     lines.append(f"Resumes: {len(resumes)}")
     lines += [f"  at global step {e['step']}: {e.get('cause')} ({_when(e)})" for e in resumes]
@@ -52,13 +55,18 @@ def summary(run: Location, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _first_score(checkpoints: list[dict[str, Any]]) -> str | None:
+    """The task's first score (val_accuracy; val_rmse for regression), from the keys of the checkpoint rows."""
+    return next((scores[0] for r in checkpoints if (scores := scores_in(r))), None)
+
+
 def _when(event: dict[str, Any]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("time", 0)))
 
 
 def plot(rows: list[dict[str, Any]], title: str) -> bytes:
-    """loss.png: training EMA loss and validation loss against the global step, validation accuracy on a second
-    axis; a dashed line per resume."""
+    """loss.png: training EMA loss and validation loss against the global step, the task's first score
+    (validation accuracy, or RMSE) on a second axis; a dashed line per resume."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,19 +76,21 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
                    if r.get("kind") == "train" and r.get("train_ema_loss") is not None)
     val = sorted((r["step"], r["val_loss"]) for r in rows
                  if r.get("kind") == "checkpoint" and r.get("val_loss") is not None)
-    accuracy = sorted((r["step"], r["val_accuracy"]) for r in rows
-                      if r.get("kind") == "checkpoint" and r.get("val_accuracy") is not None)
+    score = _first_score([r for r in rows if r.get("kind") == "checkpoint"])
+    scored = sorted((r["step"], r[score]) for r in rows
+                    if score is not None and r.get("kind") == "checkpoint" and r.get(score) is not None)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train EMA loss", linewidth=1)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation loss", markersize=3)
-    if accuracy:
+    if scored:
         right = ax.twinx()
-        right.plot(*zip(*accuracy, strict=True), "s--", color="tab:green", label="validation accuracy",
+        right.plot(*zip(*scored, strict=True), "s--", color="tab:green", label=f"validation {SCORE_LABELS[score]}",
                    markersize=3)
-        right.set_ylabel("accuracy")
-        right.set_ylim(0, 1)
+        right.set_ylabel(SCORE_LABELS[score])
+        if score in TASK_SCORES[CLASSIFICATION]:  # a fraction; an error (RMSE) has the targets' scale
+            right.set_ylim(0, 1)
         right.legend(loc="upper center")
     for i, event in enumerate(r for r in rows if r.get("kind") == "event" and r.get("event") == "resume"):
         ax.axvline(event["step"], color="grey", linestyle="--", linewidth=1,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raytrain_app.checkpoint.format import BEST_MODEL_FILE
+from raytrain_app.core.config import CLASSIFICATION, SCORE_LABELS, TASK_SCORES, higher_is_better
 from raytrain_app.storage.location import Location
 
 
@@ -23,9 +24,15 @@ def trial_id_of(trial_dir: str) -> str:
 
 RESULTS_FILE = "results.csv"
 PLOT_FILE = "sweep.png"
-CSV_COLUMNS = ("lr", "best_val_loss", "final_val_loss", "steps_trained", "status", "trial_id", "best_checkpoint",
-               "best_val_accuracy", "final_val_accuracy")
-LABELS = {"val_loss": "validation loss", "val_accuracy": "validation accuracy"}
+CSV_COLUMNS = ("lr", "best_val_loss", "final_val_loss", "steps_trained", "status", "trial_id", "best_checkpoint")
+# Then, for each of the task's scores: best_val_accuracy, final_val_accuracy; or best_val_rmse, final_val_rmse, ...
+LABELS = {metric: f"validation {label}" for metric, label in SCORE_LABELS.items()}
+COLUMN_TITLES = {"val_accuracy": "best val acc", "val_rmse": "best val RMSE", "val_mae": "best val MAE"}
+
+
+def worst(metric: str) -> float:
+    """A trial's value of `metric` when it has none: last in any ranking by it."""
+    return -math.inf if higher_is_better(metric) else math.inf
 
 
 @dataclass
@@ -38,15 +45,20 @@ class TrialResult:
     steps_trained: int = 0
     best_checkpoint: str = ""  # the trial's best_model.pt, empty when it has none
     curve: list[tuple[int, float]] = field(default_factory=list)  # (steps trained, validation loss)
-    best_val_accuracy: float = -math.inf  # of validations with a finite loss
-    final_val_accuracy: float = -math.inf
-    accuracy_curve: list[tuple[int, float]] = field(default_factory=list)  # (steps trained, validation accuracy)
+    scores: tuple[str, ...] = TASK_SCORES[CLASSIFICATION]  # the task's: val_accuracy; val_rmse, val_mae
+    # Of validations with a finite loss, by score; a score never measured is absent (see `best`).
+    best_scores: dict[str, float] = field(default_factory=dict)
+    final_scores: dict[str, float] = field(default_factory=dict)
+    score_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # (steps trained, value)
 
     def best(self, metric: str) -> float:
-        return self.best_val_accuracy if metric == "val_accuracy" else self.best_val_loss
+        return self.best_val_loss if metric == "val_loss" else self.best_scores.get(metric, worst(metric))
+
+    def final(self, metric: str) -> float:
+        return self.final_val_loss if metric == "val_loss" else self.final_scores.get(metric, worst(metric))
 
     def curve_of(self, metric: str) -> list[tuple[int, float]]:
-        return self.accuracy_curve if metric == "val_accuracy" else self.curve
+        return self.curve if metric == "val_loss" else self.score_curves.get(metric, [])
 
 
 def _last_per_step(frame: Any, metrics: dict[str, Any], key: str) -> dict[int, float]:
@@ -62,8 +74,10 @@ def _last_per_step(frame: Any, metrics: dict[str, Any], key: str) -> dict[int, f
     return curve
 
 
-def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: set[str]) -> list[TrialResult]:
-    """Turn Tune's ResultGrid into one TrialResult per trial, ordered by learning rate.
+def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: set[str],
+            scores: tuple[str, ...] = TASK_SCORES[CLASSIFICATION]) -> list[TrialResult]:
+    """Turn Tune's ResultGrid into one TrialResult per trial, ordered by learning rate; `scores`: the task's
+    (TrainConfig.scores).
 
     A trial is "finished" when it reached --epochs, "error" when it failed, "not run" when it never reported.
     One that did not reach --epochs is "stopped early" when Tune ended it (`ended_by_tune`: only the scheduler
@@ -73,20 +87,21 @@ def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: se
     for result in results:
         trial_id = trial_id_of(result.path)
         metrics = result.metrics or {}
-        row = TrialResult(trial_id=trial_id, lr=float(result.config["lr"]), status="not run")
+        row = TrialResult(trial_id=trial_id, lr=float(result.config["lr"]), status="not run", scores=scores)
         frame = result.metrics_dataframe
         row.curve = sorted(_last_per_step(frame, metrics, "val_loss").items())
-        # Validations only (an unmeasured accuracy is reported as -inf, see tune_metrics).
-        row.accuracy_curve = sorted((s, a) for s, a in _last_per_step(frame, metrics, "val_accuracy").items()
-                                    if math.isfinite(a))
+        for name in scores:  # validations only (an unmeasured score is reported as infinite, see tune_metrics)
+            curve = sorted((s, v) for s, v in _last_per_step(frame, metrics, name).items() if math.isfinite(v))
+            if curve:
+                row.score_curves[name] = curve
         if row.curve:
             row.steps_trained = row.curve[-1][0]
             row.final_val_loss = row.curve[-1][1]
             row.best_val_loss = float(metrics.get("best_val_loss", min(loss for _, loss in row.curve)))
-            if row.accuracy_curve:
-                row.final_val_accuracy = row.accuracy_curve[-1][1]
-                row.best_val_accuracy = float(metrics.get("best_val_accuracy",
-                                                          max(a for _, a in row.accuracy_curve)))
+            for name, curve in row.score_curves.items():
+                row.final_scores[name] = curve[-1][1]
+                best_of_curve = (max if higher_is_better(name) else min)(v for _, v in curve)
+                row.best_scores[name] = float(metrics.get(f"best_{name}", best_of_curve))
             if int(metrics.get("epoch", 0)) >= epochs:
                 row.status = "finished"
             elif metrics.get("diverged"):
@@ -103,35 +118,39 @@ def collect(results: Any, *, sweep_dir: Location, epochs: int, ended_by_tune: se
 
 
 def best_trial(rows: list[TrialResult], metric: str = "val_loss") -> TrialResult | None:
-    """The trial with the best `metric` (--select-metric: the lowest loss or the highest accuracy) that has a
-    best_model.pt."""
+    """The trial with the best `metric` (--select-metric: the lowest loss or error, the highest accuracy) that
+    has a best_model.pt; of equal ones, the first (the lowest learning rate)."""
     candidates = [r for r in rows if math.isfinite(r.best(metric)) and r.best_checkpoint]
     if not candidates:
         return None
-    return max(candidates, key=lambda r: r.best(metric)) if metric == "val_accuracy" else \
-        min(candidates, key=lambda r: r.best(metric))
+    return (max if higher_is_better(metric) else min)(candidates, key=lambda r: r.best(metric))
 
 
 def table(rows: list[TrialResult], metric: str = "val_loss") -> str:
-    """The trials, the best (by `metric`) marked with a *."""
+    """The trials, the best (by `metric`) marked with a *; beside the loss, the task's first score."""
     best = best_trial(rows, metric)
-    lines = [f"  {'':1} {'lr':>9}  {'best val loss':>13}  {'best val acc':>12}  {'steps':>6}  {'status':<13}  "
+    score = rows[0].scores[0] if rows else TASK_SCORES[CLASSIFICATION][0]
+    title = COLUMN_TITLES[score]
+    width = max(12, len(title))
+    lines = [f"  {'':1} {'lr':>9}  {'best val loss':>13}  {title:>{width}}  {'steps':>6}  {'status':<13}  "
              "best checkpoint"]
     for r in rows:
         mark = "*" if r is best else " "
-        accuracy = f"{r.best_val_accuracy:.4f}" if math.isfinite(r.best_val_accuracy) else "-"
-        lines.append(f"  {mark} {r.lr:>9.3g}  {r.best_val_loss:>13.6f}  {accuracy:>12}  {r.steps_trained:>6d}  "
+        value = f"{r.best(score):.4f}" if math.isfinite(r.best(score)) else "-"
+        lines.append(f"  {mark} {r.lr:>9.3g}  {r.best_val_loss:>13.6f}  {value:>{width}}  {r.steps_trained:>6d}  "
                      f"{r.status:<13}  {r.best_checkpoint or '-'}")
     return "\n".join(lines)
 
 
 def csv_bytes(rows: list[TrialResult]) -> bytes:
+    scores = rows[0].scores if rows else TASK_SCORES[CLASSIFICATION]
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow([*CSV_COLUMNS, *(f"{kind}_{name}" for name in scores for kind in ("best", "final"))])
     for r in rows:
         writer.writerow([repr(r.lr), repr(r.best_val_loss), repr(r.final_val_loss), r.steps_trained, r.status,
-                         r.trial_id, r.best_checkpoint, repr(r.best_val_accuracy), repr(r.final_val_accuracy)])
+                         r.trial_id, r.best_checkpoint,
+                         *(repr(value(name)) for name in scores for value in (r.best, r.final))])
     return out.getvalue().encode()
 
 
@@ -175,7 +194,7 @@ def plot_png(rows: list[TrialResult], title: str, base_value: float | None = Non
     out = io.BytesIO()
     # The trials, machine-readable, in the PNG's text chunk: what the plot shows can be checked without eyes.
     trials = "; ".join(f"lr={r.lr!r} status={r.status} best_val_loss={r.best_val_loss!r} "
-                       f"best_val_accuracy={r.best_val_accuracy!r}" for r in rows)
+                       + " ".join(f"best_{name}={r.best(name)!r}" for name in r.scores) for r in rows)
     fig.savefig(out, format="png", dpi=100, metadata={"Title": title, "Description": trials,
                                                       "Comment": f"plotted: {metric}"})
     plt.close(fig)

@@ -21,7 +21,8 @@ from raytrain_app.checkpoint.format import (
     read_json,
     step_of,
 )
-from raytrain_app.core.trainer import UNVALIDATED_ACCURACY, UNVALIDATED_LOSS
+from raytrain_app.core.config import CLASSIFICATION, TASK_SCORES, higher_is_better
+from raytrain_app.core.trainer import UNVALIDATED_LOSS, unvalidated
 from raytrain_app.ray_adapter import ray_compat
 from raytrain_app.storage.location import Location
 from raytrain_app.storage.publish import publish_bytes
@@ -109,14 +110,16 @@ def _rebuild_snapshot(run_dir: Location, snapshot_file: Location, warn: Any) -> 
         meta = read_json(run_dir.join(name, META_FILE))
         if meta is None or checkpoint_problem(run_dir.join(name)) is not None:
             continue
-        loss, accuracy = meta.get("eval_val_loss"), meta.get("eval_val_accuracy")
-        score = (meta.get("config") or {}).get("select_metric") or "val_loss"
+        loss, config = meta.get("eval_val_loss"), meta.get("config") or {}
+        score = config.get("select_metric") or "val_loss"
+        scores = TASK_SCORES[config.get("task") or CLASSIFICATION]  # written before tasks: classification
         metrics = {"epoch": meta["epoch"], "global_step": meta["global_step"],
                    "batch_index": (meta.get("data_position") or {}).get("batch_index", 0),
                    "val_loss": UNVALIDATED_LOSS if loss is None else loss,
-                   "val_accuracy": UNVALIDATED_ACCURACY if loss is None or accuracy is None else accuracy,
+                   **{name: unvalidated(name) if loss is None or meta.get(f"eval_{name}") is None
+                      else meta[f"eval_{name}"] for name in scores},
                    "validated": loss is not None, "best_val_loss": meta.get("best_val_loss"),
-                   "best_val_accuracy": meta.get("best_val_accuracy")}
+                   **{f"best_{name}": meta.get(f"best_{name}") for name in scores}}
         results.append((index, name, metrics))
     what = "cut off or damaged" if snapshot_file.is_file() else "missing"
     if not results:
@@ -125,7 +128,7 @@ def _rebuild_snapshot(run_dir: Location, snapshot_file: Location, warn: Any) -> 
                               "--run-name.")
     warn(f"⚠️  WARNING: Ray's record of run {run_dir} ({RUN_SNAPSHOT_FILE}) is {what}: rebuilding it from the "
          f"run's {len(results)} whole checkpoint(s).")
-    snapshot = ray_compat.new_run_record(results, score, higher_is_better=score == "val_accuracy")
+    snapshot = ray_compat.new_run_record(results, score, higher_is_better=higher_is_better(score))
     return Recovery(state=run_dir.join(results[-1][1], STATE_FILE), snapshot_file=snapshot_file,
                     new_snapshot=snapshot)
 

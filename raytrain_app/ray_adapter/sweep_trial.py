@@ -14,8 +14,9 @@ import math
 from typing import Any
 
 from raytrain_app.checkpoint.resolve import verified_name
-from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.config import TrainConfig, higher_is_better
 from raytrain_app.observability.console import configure_console
+from raytrain_app.observability.metrics import SCORES, measured
 from raytrain_app.observability.sweep_results import trial_dir_name
 from raytrain_app.ray_adapter.driver import make_trainer
 from raytrain_app.ray_adapter.run_record import latest_run_metrics, recover_run
@@ -32,7 +33,6 @@ TRAIN_FAILED_MARK = "training_failed.json"  # {"max_failures", "global_step", "e
 # reserve their own. Tune rejects 0.
 TRIAL_DRIVER_CPUS = 0.1
 LOSS_KEYS = ("val_loss", "best_val_loss", "train_ema_loss")
-ACCURACY_KEYS = ("val_accuracy", "best_val_accuracy")
 
 
 def trial_run_name(trial_id: str) -> str:
@@ -50,18 +50,20 @@ def tune_metrics(metrics: dict[str, Any], base_global_step: int) -> dict[str, An
     """What a trial reports to Tune: the worker's metrics, plus `steps_trained` since the base checkpoint (ASHA's
     clock: it keeps counting across retries and restores, unlike Tune's own iteration count). A diverged
     loss is reported as +inf: NaN compares false with everything, so ASHA would never stop that trial. So is the
-    stand-in Ray Train is given for a loss that was not measured or not finite (UNVALIDATED_LOSS), and an
-    accuracy that was not measured is -inf (UNVALIDATED_ACCURACY): the worst for --select-metric val_accuracy."""
-    from raytrain_app.core.trainer import UNVALIDATED_ACCURACY, UNVALIDATED_LOSS
+    stand-in Ray Train is given for a loss that was not measured or not finite (UNVALIDATED_LOSS), and a task's
+    score that was not measured is its worst: -inf for val_accuracy, +inf for val_rmse and val_mae (the worst
+    for --select-metric by that score)."""
+    from raytrain_app.core.trainer import UNVALIDATED_LOSS
 
     out = dict(metrics)
     out["steps_trained"] = int(out["global_step"]) - base_global_step
     for key in LOSS_KEYS:
         if key in out and not (math.isfinite(out[key]) and out[key] < UNVALIDATED_LOSS):
             out[key] = math.inf
-    for key in ACCURACY_KEYS:
-        if key in out and not out[key] > UNVALIDATED_ACCURACY:
-            out[key] = -math.inf
+    for name in SCORES:
+        for key in (name, f"best_{name}"):
+            if key in out and not measured(name, out[key]):
+                out[key] = -math.inf if higher_is_better(name) else math.inf
     return out
 
 

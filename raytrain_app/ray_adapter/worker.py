@@ -9,6 +9,7 @@ is used here and in the driver only.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -41,16 +42,16 @@ from raytrain_app.checkpoint.state import (
     training_state,
 )
 from raytrain_app.checkpoint.writer import CheckpointWriter
-from raytrain_app.core.config import TrainConfig
+from raytrain_app.core.config import SCORE_LABELS, TrainConfig
 from raytrain_app.core.model import set_normalization
 from raytrain_app.core.model_spec import build_model
 from raytrain_app.core.parallel import parallelize
 from raytrain_app.core.rng import seed_everything
-from raytrain_app.core.trainer import UNVALIDATED_ACCURACY, UNVALIDATED_LOSS, Scores, Trainer
+from raytrain_app.core.trainer import UNVALIDATED_LOSS, Scores, Trainer, unvalidated
 from raytrain_app.datasets.dataset import Dataset
 from raytrain_app.datasets.formats import open_dataset
 from raytrain_app.observability.console import configure_console
-from raytrain_app.observability.metrics import RunMetrics
+from raytrain_app.observability.metrics import RunMetrics, measured, scores_in
 from raytrain_app.observability.progress import ProgressSender
 from raytrain_app.ray_adapter import ray_compat
 from raytrain_app.ray_adapter.control import Interrupts
@@ -224,10 +225,10 @@ class WorkerRun:
             self.recorder.commit({
                 "step": metrics["global_step"], "epoch": metrics["epoch"],
                 "val_loss": scores.loss if scores is not None else None,
-                "val_accuracy": scores.accuracy if scores is not None else None,
+                **{name: scores.values[name] if scores is not None else None for name in self.cfg.scores},
                 "best_val_loss": metrics["best_val_loss"] if metrics["best_val_loss"] < UNVALIDATED_LOSS else None,
-                "best_val_accuracy": (metrics["best_val_accuracy"]
-                                      if metrics["best_val_accuracy"] > UNVALIDATED_ACCURACY else None),
+                **{f"best_{name}": metrics[f"best_{name}"] if measured(name, metrics[f"best_{name}"]) else None
+                   for name in self.cfg.scores},
                 "train_ema_loss": metrics["train_ema_loss"], "validated": metrics["validated"],
                 "skipped_steps": metrics["skipped_steps"],
                 **self.recorder.speed(self.trainer.world_size, self.trainer.grad_accum),
@@ -333,23 +334,26 @@ class WorkerRun:
         # A sweep trial's last report: ASHA and the results table see a diverged trial (no checkpoint with it).
         ray.train.report({"epoch": trainer.epoch, "global_step": trainer.global_step,
                           "batch_index": trainer.batch_index, "val_loss": float("inf"),
-                          "val_accuracy": UNVALIDATED_ACCURACY, "best_val_loss": trainer.best_val_loss,
-                          "best_val_accuracy": max(trainer.best_val_accuracy, UNVALIDATED_ACCURACY),
+                          **{name: unvalidated(name) for name in self.cfg.scores},
+                          "best_val_loss": trainer.best_val_loss,
+                          **{f"best_{name}": best if math.isfinite(best) else unvalidated(name)
+                             for name, best in trainer.best_scores.items()},
                           "train_ema_loss": trainer.mean_ema(),
                           "skipped_steps": int(trainer.skipped_steps), "validated": False, "diverged": True})
 
 
 def validation_line(metrics: dict[str, Any], epochs: int) -> str:
-    """The console line of one checkpoint: where, the losses, the learning rate."""
-    validated = metrics["validated"]
+    """The console line of one checkpoint: where, the losses and the task's scores (val_accuracy; val_rmse and
+    val_mae), the best of them so far, the learning rate."""
+    validated, scores = metrics["validated"], scores_in(metrics)
     return (f"epoch {metrics['epoch'] + (metrics['batch_index'] > 0)}/{epochs} step {metrics['global_step']} "
             f"train_ema_loss {metrics['train_ema_loss']:.4f} "
             + ("saved on request (not validated) " if not validated else
-               f"val_loss {metrics['val_loss']:.6f} val_accuracy {metrics['val_accuracy']:.4f} "
+               f"val_loss {metrics['val_loss']:.6f} " + "".join(f"{name} {metrics[name]:.4f} " for name in scores)
                if metrics["val_loss_finite"] else "val_loss non-finite ")
             + (f"best {metrics['best_val_loss']:.6f} " if metrics["best_val_loss"] < UNVALIDATED_LOSS else "")
-            + (f"best_accuracy {metrics['best_val_accuracy']:.4f} "
-               if metrics["best_val_accuracy"] > UNVALIDATED_ACCURACY else "")
+            + (f"best_{SCORE_LABELS[scores[0]].lower()} {metrics[f'best_{scores[0]}']:.4f} "
+               if scores and measured(scores[0], metrics[f"best_{scores[0]}"]) else "")
             + f"lr {metrics['lr']:.2e}"
             + (f" skipped_steps {metrics['skipped_steps']}" if metrics["skipped_steps"] else ""))
 

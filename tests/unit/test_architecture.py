@@ -103,3 +103,63 @@ def test_the_library_layers_log_and_never_print() -> None:
               if isinstance(node, ast.Name) and node.id == "print"]
     assert prints == [], "print in a library layer: log through logging.getLogger(__name__) instead"
     assert (PACKAGE / "ray_adapter" / "worker.py").is_file() and (PACKAGE / "storage").is_dir()  # scanned something
+
+
+CONFIG = PACKAGE / "core" / "config.py"
+DIRECTION_SOURCES = ("higher_is_better", "selects_max")  # core.config: the one place that says a metric's direction
+
+
+def _says_direction(node: ast.expr) -> bool:
+    """`higher_is_better(metric)` or `cfg.selects_max`, possibly negated."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return _says_direction(node.operand)
+    if isinstance(node, ast.Call):
+        node = node.func
+    return (isinstance(node, ast.Name) and node.id in DIRECTION_SOURCES
+            or isinstance(node, ast.Attribute) and node.attr in DIRECTION_SOURCES)
+
+
+def _is_max_or_min(node: ast.expr) -> bool:
+    """"max", max, or a call of max (a Tune mode, the function, its result)."""
+    if isinstance(node, ast.Call):
+        node = node.func
+    return (isinstance(node, ast.Constant) and node.value in ("max", "min")
+            or isinstance(node, ast.Name) and node.id in ("max", "min"))
+
+
+def _direction_decisions_by_name(source: str, where: str) -> list[str]:
+    """Places that decide a metric's direction themselves: a comparison with a metric's name
+    (`metric == "val_accuracy"`), a choice between max and min (`"max" if ... else "min"`, `(max if ... else
+    min)`) or a `higher_is_better=` argument that is not from core.config."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        bad = None
+        if isinstance(node, ast.Compare) and any(
+                isinstance(c, ast.Constant) and c.value in ("val_accuracy", "val_rmse", "val_mae")
+                for c in (node.left, *node.comparators)):
+            bad = node
+        elif isinstance(node, ast.IfExp) and _is_max_or_min(node.body) and _is_max_or_min(node.orelse) \
+                and not _says_direction(node.test):
+            bad = node
+        elif isinstance(node, ast.keyword) and node.arg == "higher_is_better" and not _says_direction(node.value):
+            bad = node.value
+        if bad is not None:
+            found.append(f"{where}:{bad.lineno} {ast.unparse(bad)}")
+    return found
+
+
+def test_a_metrics_direction_comes_only_from_core_config() -> None:
+    """Whether higher is better (accuracy) or lower (a loss, RMSE, MAE) is said once, in core.config
+    (HIGHER_IS_BETTER); everything that ranks checkpoints, trials or rows asks it. The check itself is checked on
+    the shapes it looks for."""
+    outside = [found for path in sorted(PACKAGE.rglob("*.py")) if path != CONFIG
+               for found in _direction_decisions_by_name(path.read_text(), str(path.relative_to(REPO_ROOT)))]
+    assert outside == []
+    sample = ('a = max if metric == "val_accuracy" else min\n'
+              'b = "max" if up else "min"\n'
+              'c = f(higher_is_better=score == "val_rmse")\n'
+              'd = max(rows) if up else min(rows)\n'
+              'ok = (max if higher_is_better(m) else min, "max" if not cfg.selects_max else "min")\n'
+              'ok = metric == "val_loss"\n')
+    assert sorted(found.split(" ", 1)[0] for found in _direction_decisions_by_name(sample, "s")) == [
+        "s:1", "s:1", "s:2", "s:3", "s:3", "s:4"]

@@ -253,6 +253,29 @@ def test_a_run_selecting_by_accuracy_is_rebuilt_and_resolved_by_accuracy(tmp_pat
     assert {p.name for p in run.glob("checkpoint_step=*")} == {"checkpoint_step=000004", "checkpoint_step=000020"}
 
 
+def test_a_regression_run_selecting_by_rmse_is_rebuilt_and_resolved_by_the_lowest_rmse(tmp_path: Path) -> None:
+    """--select-metric val_rmse: the rebuilt record holds eval_val_rmse and keeps Ray's order for it (the highest
+    RMSE first: an error, lower is better), Ray then deletes the highest, and the run folder's best
+    checkpoint is the one with the lowest RMSE."""
+    run = tmp_path / "run"
+    rmses = {4: 0.5, 8: 0.7, 12: 0.6}  # the losses rank them the other way round
+    for step, rmse in rmses.items():
+        save_checkpoint_dir(str(run / f"checkpoint_step={step:06d}"), {
+            **checkpoint_state(step, 1 - rmse), "eval_val_rmse": rmse, "val_rmse": min(rmses.values()),
+            "eval_val_mae": rmse / 2, "val_mae": 0.25, "config": {"select_metric": "val_rmse", "task": "regression"}})
+    (run / "checkpoint_manager_snapshot.json").write_text("{")
+    plan_recovery(str(run), warn=lambda line: None).apply()
+    assert resolve_checkpoint(str(run)).path.endswith("checkpoint_step=000004/state.pt")
+    manager = ray_checkpoint_manager(run, keep=1, score="val_rmse", order="min")
+    assert [r.metrics["global_step"] for r in manager._checkpoint_results] == [8, 12, 4]  # worst first
+    assert manager._checkpoint_results[0].metrics["val_mae"] == 0.35
+    assert "val_accuracy" not in manager._checkpoint_results[0].metrics
+    save_checkpoint_dir(str(run / "checkpoint_step=000020"), {**checkpoint_state(20, 0.1), "eval_val_rmse": 0.55,
+                                                              "val_rmse": 0.5, "config": {"task": "regression"}})
+    register_with_ray(manager, run / "checkpoint_step=000020", {"val_rmse": 0.55})
+    assert {p.name for p in run.glob("checkpoint_step=*")} == {"checkpoint_step=000004", "checkpoint_step=000020"}
+
+
 def test_a_damaged_manifest_or_meta_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint_step=000005"
     save_checkpoint_dir(str(folder), checkpoint_state(5, 0.5))

@@ -79,3 +79,21 @@ def test_load_model_gives_a_ready_module_from_a_checkpoint_or_an_export(run: Pat
         assert not model.training
         with torch.no_grad():
             assert torch.equal(model(torch.linspace(-1, 1, 2 * 8 * 4).reshape(2, 8, 4)), expected), where
+
+
+def test_show_prints_the_tasks_scores(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Classification's line names the accuracy; a regression checkpoint's names RMSE and MAE, at the checkpoint
+    and the run's best so far."""
+    state = trained_state()
+    save_checkpoint_dir(str(tmp_path / "c"), state)
+    assert main(["show", str(tmp_path / "c")]) == 0
+    assert "\nValidation accuracy at this checkpoint: 0.5000; best so far: " in capsys.readouterr().out
+    for key in ("eval_val_accuracy", "val_accuracy"):
+        state.pop(key, None)
+    state.update(eval_val_rmse=0.6421, val_rmse=0.61, eval_val_mae=0.5, val_mae=0.48,
+                 config={**state["config"], "task": "regression"})
+    save_checkpoint_dir(str(tmp_path / "r"), state)
+    assert main(["show", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert ("\nValidation RMSE at this checkpoint: 0.6421; best so far: 0.6100; MAE at this checkpoint: 0.5000; "
+            "best so far: 0.4800\n") in out and "accuracy" not in out

@@ -52,3 +52,32 @@ def test_verbose_lets_debug_lines_through_to_stdout(monkeypatch: pytest.MonkeyPa
     configure_console(verbose=True)
     logging.getLogger("raytrain_app.core.trainer").debug("a detail")
     assert capsys.readouterr() == ("a detail\n", "")
+
+
+def checkpoint_metrics(**scores: float) -> dict:
+    """The metrics Trainer._checkpoint reports at a validation (epoch 2 of 5, mid-epoch), with the task's scores."""
+    return {"epoch": 1, "global_step": 64, "batch_index": 3, "skipped_steps": 0, "val_loss": 0.446439,
+            "validated": True, "val_loss_finite": True, "best_val_loss": 0.446439, "train_ema_loss": 0.8769,
+            "lr": 8.06e-4, **scores, **{f"best_{name}": value for name, value in scores.items()}}
+
+
+def test_the_validation_line_shows_the_tasks_scores() -> None:
+    """Classification's line is the one docs/observability.md shows; regression's has RMSE and MAE in its place,
+    and the best RMSE; a save before any validation shows no best score."""
+    import sys
+
+    from raytrain_app.core.trainer import UNVALIDATED_LOSS, unvalidated
+    from raytrain_app.ray_adapter.worker import validation_line
+
+    assert validation_line(checkpoint_metrics(val_accuracy=0.8359), 5) == (
+        "epoch 2/5 step 64 train_ema_loss 0.8769 val_loss 0.446439 val_accuracy 0.8359 best 0.446439 "
+        "best_accuracy 0.8359 lr 8.06e-04")
+    assert validation_line(checkpoint_metrics(val_rmse=0.6682, val_mae=0.512), 5) == (
+        "epoch 2/5 step 64 train_ema_loss 0.8769 val_loss 0.446439 val_rmse 0.6682 val_mae 0.5120 best 0.446439 "
+        "best_rmse 0.6682 lr 8.06e-04")
+    unsaved = {**checkpoint_metrics(val_rmse=0.0, val_mae=0.0), "validated": False, "val_loss": UNVALIDATED_LOSS,
+               "best_val_loss": UNVALIDATED_LOSS, "val_rmse": unvalidated("val_rmse"),
+               "best_val_rmse": sys.float_info.max, "val_mae": unvalidated("val_mae"),
+               "best_val_mae": unvalidated("val_mae")}
+    assert validation_line(unsaved, 5) == ("epoch 2/5 step 64 train_ema_loss 0.8769 saved on request (not "
+                                           "validated) lr 8.06e-04")

@@ -260,3 +260,29 @@ def test_offline_files_of_a_run_on_a_bucket_are_warned_about(monkeypatch: pytest
     cfg = TrainConfig(**{**CFG.to_dict(), "use_wandb": True, "wandb_mode": "offline"})
     assert prepare_wandb(cfg, parse_location("s3://bucket/runs/run-x")).wandb_mode == "offline"
     assert "Set WANDB_DIR to a folder that lasts" in capsys.readouterr().out
+
+
+def test_a_regression_runs_rows_report_and_wandb_keys_name_rmse_and_mae(tmp_path: Path, capsys) -> None:
+    """A regression run's metrics.jsonl holds val_rmse and val_mae; its report names the best RMSE (the lowest)
+    at its step and plots it; wandb gets them as val/rmse, val/best_rmse, val/mae, val/best_mae."""
+    from raytrain_app.report import report
+
+    run = tmp_path / "run-r"
+    rec = recorder(run, restored=None, attempt="driver-1", cfg=CFG.replace(task="regression", num_classes=0))
+    logged: dict[int, dict] = {}
+    rec.wandb = type("Run", (), {"log": lambda self, row, step: logged.setdefault(step, {}).update(row)})()
+    for step, loss, rmse in ((4, 0.5, 0.70), (8, 0.4, 0.60), (12, 0.45, 0.65)):
+        train(rec, range(step - 3, step + 1))
+        rec.commit({"step": step, "epoch": step // 4, "val_loss": loss, "val_rmse": rmse, "val_mae": rmse / 2,
+                    "best_val_loss": min(loss, 0.4 if step > 8 else loss), "best_val_rmse": min(rmse, 0.6),
+                    "best_val_mae": min(rmse, 0.6) / 2, "validated": True})
+    assert [r["val_rmse"] for r in rows_of(run) if r["kind"] == "checkpoint"] == [0.7, 0.6, 0.65]
+    assert logged[8]["val/rmse"] == 0.6 and logged[12]["val/best_rmse"] == 0.6
+    assert logged[12]["val/mae"] == 0.325 and logged[12]["val/best_mae"] == 0.3
+    assert not any(key.startswith("perf/val") or key.startswith("perf/best") for row in logged.values() for key in row)
+
+    assert report(str(run), None) == 0
+    out = capsys.readouterr().out
+    assert "Best validation loss: 0.400000 at global step 8\n" in out
+    assert "Best validation RMSE: 0.6000 at global step 8\n" in out and "accuracy" not in out
+    assert (run / "loss.png").stat().st_size > 0

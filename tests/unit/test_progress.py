@@ -67,7 +67,7 @@ def test_rank_0_sends_at_most_once_an_interval_with_its_throughput(monkeypatch: 
     control = SimpleNamespace(report_progress=SimpleNamespace(remote=sent.append))
     sender = ProgressSender(control, epochs=3, start_step=10, progress_every=10, device=torch.device("cpu"))
     trainer = SimpleNamespace(global_step=10, epoch=1, batch_index=4, best_val_loss=float("inf"),
-                              best_val_accuracy=0.75,
+                              best_scores={"val_accuracy": 0.75},
                               cfg=SimpleNamespace(batch_size=8), grad_accum=2, world_size=2,
                               schedule=SimpleNamespace(total_steps=48), ema=torch.tensor(0.25))
     for step in range(11, 31):  # 20 steps, 0.1 s each

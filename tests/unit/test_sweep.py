@@ -259,7 +259,8 @@ def test_trial_steps_count_from_a_mid_epoch_base_in_the_trials_geometry() -> Non
 
 def test_select_metric_val_accuracy_ranks_trials_by_accuracy_not_loss() -> None:
     results = rows()
-    results[0].best_val_accuracy, results[1].best_val_accuracy = 0.9, 0.6  # the lower loss has the lower accuracy
+    results[0].best_scores["val_accuracy"], results[1].best_scores["val_accuracy"] = 0.9, 0.6  # the lower loss:
+    # the lower accuracy
     assert best_trial(results, "val_accuracy").lr == 1e-4 and best_trial(results).lr == 1e-3
     text = table(results, "val_accuracy").splitlines()
     assert text[1].lstrip().startswith("*") and "0.9000" in text[1] and text[3].split()[2] == "-"
@@ -267,6 +268,48 @@ def test_select_metric_val_accuracy_ranks_trials_by_accuracy_not_loss() -> None:
     assert [r["best_val_accuracy"] for r in parsed] == ["0.9", "0.6", "-inf"]
     image = Image.open(io.BytesIO(plot_png(results, "t", base_value=0.5, metric="val_accuracy")))
     assert image.text["Comment"] == "plotted: val_accuracy"
+
+
+def test_a_regression_sweep_ranks_trials_by_the_lowest_rmse_or_loss(tmp_path: Path) -> None:
+    """--select-metric val_rmse: the lowest RMSE wins (not the highest), whichever trial has the lowest loss; the
+    table shows RMSE beside the loss, results.csv each score's best and final value."""
+    from raytrain_app.observability.sweep_results import collect
+    from raytrain_app.storage.location import parse_location
+
+    for trial in ("r_0", "r_1", "r_2"):
+        (tmp_path / f"trial-{trial}").mkdir()
+        (tmp_path / f"trial-{trial}" / "best_model.pt").write_bytes(b"x")
+
+    def trial(name: str, lr: float, losses: list[float], rmses: list[float]) -> FakeResult:
+        maes = [r / 2 for r in rmses]
+        last = {"epoch": 2, "global_step": 16, "steps_trained": 16, "val_loss": losses[-1],
+                "best_val_loss": min(losses), "val_rmse": rmses[-1], "best_val_rmse": min(rmses),
+                "val_mae": maes[-1], "best_val_mae": min(maes)}
+        return FakeResult(str(tmp_path / f"trial-{name}"), lr, last,
+                          {"steps_trained": [8, 16], "val_loss": losses, "val_rmse": rmses, "val_mae": maes})
+
+    results = [trial("r_0", 1e-4, [0.30, 0.20], [0.60, 0.50]),  # the lowest loss
+               trial("r_1", 1e-3, [0.40, 0.25], [0.50, 0.40]),  # the lowest RMSE
+               trial("r_2", 1e-2, [0.90, 0.80], [0.95, 0.90])]
+    rows = collect(results, sweep_dir=parse_location(str(tmp_path)), epochs=2, ended_by_tune=set(),
+                   scores=("val_rmse", "val_mae"))
+    assert [r.best("val_rmse") for r in rows] == [0.5, 0.4, 0.9]
+    assert rows[1].curve_of("val_rmse") == [(8, 0.5), (16, 0.4)] and rows[1].final("val_mae") == 0.2
+    assert best_trial(rows, "val_rmse").lr == 1e-3 and best_trial(rows, "val_mae").lr == 1e-3
+    assert best_trial(rows, "val_loss").lr == 1e-4
+    text = table(rows, "val_rmse").splitlines()
+    assert "best val RMSE" in text[0] and "best val acc" not in text[0]
+    assert text[2].lstrip().startswith("*") and text[2].split()[3] == "0.4000"
+    parsed = list(csv.DictReader(io.StringIO(csv_bytes(rows).decode())))
+    assert list(parsed[0])[-4:] == ["best_val_rmse", "final_val_rmse", "best_val_mae", "final_val_mae"]
+    assert [r["best_val_rmse"] for r in parsed] == ["0.5", "0.4", "0.9"]
+    image = Image.open(io.BytesIO(plot_png(rows, "t", base_value=0.7, metric="val_rmse")))
+    assert image.text["Comment"] == "plotted: val_rmse" and "best_val_rmse=0.4" in image.text["Description"]
+    # A trial without an RMSE yet ranks last: an unmeasured error is +inf, as tune_metrics reports it.
+    metrics = tune_metrics({"global_step": 40, "val_loss": 0.4, "val_rmse": sys.float_info.max,
+                            "best_val_rmse": 0.3, "val_mae": math.nan, "best_val_mae": sys.float_info.max}, 32)
+    assert metrics["val_rmse"] == metrics["val_mae"] == metrics["best_val_mae"] == math.inf
+    assert metrics["best_val_rmse"] == 0.3
 
 
 def test_tune_metrics_turn_an_unmeasured_accuracy_into_minus_inf() -> None:
