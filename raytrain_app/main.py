@@ -224,7 +224,8 @@ def fit(plan: Plan, argv: list[str]) -> Outcome:
     print(f"  Resume this run after an interruption (the same command): {command}")
     fine_tune = shlex.join([python_for_commands(), "-m", "raytrain_app.main", "--data", cfg.data,
                             "--resume-from-checkpoint", best_path, "--lr", f"{cfg.lr / 10:g}",
-                            "--epochs", str(cfg.epochs + 5)])
+                            "--epochs", str(cfg.epochs + 5),
+                            *(["--select-metric", cfg.select_metric] if cfg.select_metric != "val_loss" else [])])
     print(f"  Fine-tune the best model with a lower learning rate: {fine_tune}")
     return Outcome(0, plan, metrics, best_model=best_path)
 
