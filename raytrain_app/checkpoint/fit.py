@@ -109,7 +109,8 @@ def check_weights_fit(cfg: TrainConfig, summary: StateSummary) -> None:
     from raytrain_app.core.model_spec import build_model
 
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+        # Tensors only: a model's extra state (get_extra_state) has no shape.
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items() if isinstance(v, torch.Tensor)}
     found = summary.model_shapes
     if not has_input_stats(found):  # written before input normalisation: loads as none
         expected = {k: v for k, v in expected.items() if k not in NORMALIZATION_KEYS}

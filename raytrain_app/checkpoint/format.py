@@ -113,7 +113,8 @@ def model_shapes_of(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every weight's shape by name: listed in a sharded checkpoint's state, read off the tensors otherwise."""
     if "sharded" in state:
         return {name: tuple(shape) for name, shape in (state.get("model_shapes") or {}).items()}
-    return {name: tuple(t.shape) for name, t in (state.get("model_state_dict") or {}).items()}
+    return {name: tuple(t.shape) for name, t in (state.get("model_state_dict") or {}).items()
+            if isinstance(t, torch.Tensor)}  # a model's extra state (get_extra_state) has no shape
 
 
 class _HashingWriter:

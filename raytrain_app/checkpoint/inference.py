@@ -56,7 +56,7 @@ def read_weights(state_file: Location, state: dict[str, Any]) -> dict[str, torch
     if "sharded" in state:  # gathered here from every worker's shard: this process holds the whole weights
         with parent_location(state_file).local_copy() as checkpoint_dir:
             return read_full_weights(f"{checkpoint_dir}/{state['sharded']['dir']}", state["model_shapes"])
-    return {k: v.contiguous() for k, v in state["model_state_dict"].items()}
+    return {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state["model_state_dict"].items()}
 
 
 def load_trained_model(where: str, flag: str = "--checkpoint") -> TrainedModel:

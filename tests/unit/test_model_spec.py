@@ -105,3 +105,29 @@ def test_model_args_read_as_pairs_or_json_and_print_back_as_pairs() -> None:
         parse_model_args("channels")
     values = TrainConfig(model=PLUGIN, model_args="channels=16,act=gelu").to_dict()
     assert "--model-args channels=16,act=gelu" in as_flags(values) and "--hidden-dim" not in as_flags(values)
+
+
+class WithVocabulary(torch.nn.Module):
+    """A model with state that is not a tensor (PyTorch's get_extra_state): what docs/own-model.md says is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.vocabulary: list[str] = []
+
+    def get_extra_state(self) -> dict:
+        return {"vocabulary": list(self.vocabulary)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.vocabulary = list(state["vocabulary"])
+
+
+def test_a_models_extra_state_goes_into_checkpoints_and_back(tmp_path: Path) -> None:
+    model = Standardized(WithVocabulary(), num_features=4)
+    model.net.vocabulary = ["cat", "dog"]
+    save_checkpoint_dir(str(tmp_path / "ckpt"), {"epoch": 1, "global_step": 2, "val_loss": 0.5,
+                                                 "model_state_dict": model.state_dict()})
+    loaded = Standardized(WithVocabulary(), num_features=4)
+    loaded.load_state_dict(load_state(str(tmp_path / "ckpt" / "state.pt"))["model_state_dict"])  # weights_only
+    assert loaded.net.vocabulary == ["cat", "dog"]
+    assert torch.equal(loaded.net.linear.weight, model.net.linear.weight)
