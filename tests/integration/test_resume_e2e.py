@@ -36,6 +36,7 @@ from tests.helpers import (
     run_in_process,
     run_name_of,
     train_args,
+    trained_state,
 )
 
 pytestmark = pytest.mark.e2e
@@ -182,14 +183,15 @@ def test_a_fork_with_new_hyperparameters_killed_and_rerun_continues_its_own_run(
 
 
 def test_c_pt_file_from_another_tool_without_epoch_starts_at_epoch_0_with_its_weights(
-        tmp_path: Path, dataset: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """What the driver decides (in this process) and what every worker then restores from the file."""
+        tmp_path: Path, dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the driver decides (in this process) and what every worker then restores from the file: the old
+    script's file holds the Transformer (the built-in model), trained a few steps."""
     from raytrain_app.checkpoint.state import restore_training_state
     from raytrain_app.core.model import SequenceTransformer
     from raytrain_app.core.trainer import Trainer
     from raytrain_app.main import prepare
 
-    best = load_state(str(finished_run.parent / "best_model.pt"))
+    best = trained_state()
     foreign = {  # only the keys the old script wrote, no 'epoch' or 'global_step', a config of its own
         "model_state_dict": best["model_state_dict"],
         "optimizer_state_dict": best["optimizer_state_dict"],
