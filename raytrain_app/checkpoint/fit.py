@@ -106,9 +106,9 @@ def check_weights_fit(cfg: TrainConfig, summary: StateSummary) -> None:
     import torch
 
     from raytrain_app.core.model import NORMALIZATION_KEYS, has_input_stats
-    from raytrain_app.core.model_spec import build_model
+    from raytrain_app.core.model_spec import build_model, on_meta_device
 
-    with torch.device("meta"):
+    with on_meta_device():
         # Tensors only: a model's extra state (get_extra_state) has no shape.
         expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items() if isinstance(v, torch.Tensor)}
     found = summary.model_shapes

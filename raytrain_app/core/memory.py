@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from raytrain_app.core.config import TrainConfig
 from raytrain_app.core.errors import UserError
-from raytrain_app.core.model_spec import BUILTIN, build_model, data_shape, units
+from raytrain_app.core.model_spec import BUILTIN, build_model, data_shape, on_meta_device, units
 
 GB = 1e9
 CUDA_RUNTIME_BYTES = 1.0 * GB  # context, cuBLAS/cuDNN workspaces, kernels: about this on current GPUs
@@ -60,9 +60,7 @@ def model_shapes(cfg: TrainConfig) -> tuple[list[tuple[int, ...]], list[list[tup
     key = json.dumps([cfg.model, cfg.model_args, shape.input_shape, shape.per_step, shape.num_classes, shape.task],
                      sort_keys=True, default=str)
     if key not in _PLUGIN_SHAPES:
-        import torch
-
-        with torch.device("meta"):
+        with on_meta_device():
             model = build_model(cfg)
         unit_list = units(cfg, model)
         in_units = {id(p) for unit in unit_list for p in unit.parameters()}

@@ -15,10 +15,11 @@ weights expect.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +167,37 @@ def build_model(cfg: TrainConfig, spec: ModelSpec | None = None) -> nn.Module:
     if not isinstance(net, nn.Module):
         raise SpecError(f"--model {cfg.model}: build returned {type(net).__name__}, not a torch.nn.Module")
     return net if spec.standardizes_inputs else Standardized(net, shape.num_features)
+
+
+@contextlib.contextmanager
+def without_init(device: str = "meta") -> Iterator[None]:
+    """Build modules on `device` without running torch.nn.init's initialisers (Hugging Face's `no_init_weights`
+    does the same): for a check of shapes, where nothing needs the values. On the meta device (shapes only: no
+    memory, no compute) they would go through PyTorch's reference implementations, whose first use imports for
+    over a second of CPU in every process that checks a model."""
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS if hasattr(nn.init, name)}
+    for name in saved:
+        setattr(nn.init, name, _unchanged)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
+def on_meta_device() -> contextlib.AbstractContextManager[None]:
+    """Modules built inside have shapes only (see `without_init`)."""
+    return without_init("meta")
+
+
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                 "sparse_")
+
+
+def _unchanged(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 def model_args(cfg: TrainConfig, spec: ModelSpec | None = None) -> Any:
