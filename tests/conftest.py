@@ -383,17 +383,23 @@ def uninterrupted(shared_tmp: Path, dataset: Path, regression_dataset: Path):
     from tests.helpers import LAST_STEP, PLUGIN_MODEL, REGRESSION_MODEL, ckpt, train_args
 
     def final_state(workers: int, regression: bool = False) -> Path:
-        def train(folder: Path) -> str:
-            # The config exactly as the driver makes it from the command (data shapes, locations).
-            plan = prepare(train_args(regression_dataset if regression else dataset, folder / "save-dir", workers,
-                                      model=REGRESSION_MODEL if regression else PLUGIN_MODEL))
-            train_all(folder, {"run": {"config": plan.cfg.to_dict()}}, world_size=workers)
-            run_dir = folder / "run"
-            assert sorted(p.name for p in run_dir.glob("checkpoint_step=*"))[-1] == ckpt(run_dir, LAST_STEP).name
-            return str(ckpt(run_dir, LAST_STEP) / "state.pt")
+        def train(folder: Path) -> dict[str, str]:
+            # Both models' runs in the same gloo processes (starting them costs more than training): the configs
+            # exactly as the driver makes them from the commands (data shapes, locations).
+            runs = {name: {"config": prepare(train_args(data, folder / f"save-dir-{name}", workers,
+                                                        model=model)).cfg.to_dict()}
+                    for name, data, model in (("run", dataset, PLUGIN_MODEL),
+                                              ("regression", regression_dataset, REGRESSION_MODEL))}
+            train_all(folder, runs, world_size=workers)
+            finals = {}
+            for name in runs:
+                run_dir = folder / name
+                assert sorted(p.name for p in run_dir.glob("checkpoint_step=*"))[-1] == ckpt(run_dir, LAST_STEP).name
+                finals[name] = str(ckpt(run_dir, LAST_STEP) / "state.pt")
+            return finals
 
-        key = f"uninterrupted-{workers}" + ("-regression" if regression else "")
-        return Path(computed_once(shared_tmp, key, train))
+        return Path(computed_once(shared_tmp, f"uninterrupted-{workers}", train)["regression" if regression
+                                                                                else "run"])
 
     return final_state
 
