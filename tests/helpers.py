@@ -102,6 +102,35 @@ CKPT_CFG = TrainConfig(hidden_dim=16, num_layers=2, num_heads=2, feature_dim=4, 
                        num_workers=1, dropout=0.0)
 
 
+def trained_checkpoint_of(raw: dict, folder: Path, **settings: Any) -> tuple[Path, Path]:
+    """`raw` (a dataset dict; its features scaled and shifted here, so that there is something to standardise)
+    written as folder/data.pkl, and a checkpoint of the model `settings` describe trained on it in this process
+    with its inputs standardised, as a run from scratch does: (the data, folder/best_model.pt)."""
+    import numpy as np
+
+    from raytrain_app.checkpoint.state import with_training_state
+    from raytrain_app.cli.preflight import with_data_shape
+    from raytrain_app.core.model import set_normalization
+    from raytrain_app.core.model_spec import build_model
+    from raytrain_app.datasets.formats import open_dataset, write_pickle_atomic
+    from raytrain_app.datasets.normalize import feature_stats
+
+    for split in raw.values():
+        if isinstance(split, dict):
+            split["x"] = split["x"] * np.float32(4.0) + np.float32(2.0)
+    write_pickle_atomic(raw, str(folder / "data.pkl"))
+    data = open_dataset(str(folder / "data.pkl"))
+    cfg = with_data_shape(TrainConfig(data=str(folder / "data.pkl"), **settings), data)
+    seed_everything(0, 0)
+    model = build_model(cfg)
+    set_normalization(model, *feature_stats(data.train))
+    trainer = Trainer(cfg, model, model, torch.device("cpu"))
+    states: list[dict] = []
+    trainer.fit(data, with_training_state(trainer, lambda m, state, best: states.append(state)))
+    torch.save(states[-1], folder / "best_model.pt")
+    return folder / "data.pkl", folder / "best_model.pt"
+
+
 def trained_state(step: int = 12) -> dict:
     """A full training state of the CKPT_CFG model (the loop's own state_dict) after a few real optimizer steps."""
     seed_everything(0, 0)

@@ -66,10 +66,8 @@ def load_trained_model(where: str, flag: str = "--checkpoint") -> TrainedModel:
     state_file = resolve_state_file(where, flag)
     state = load_state(state_file)
     weights = read_weights(state_file, state)
-    known = {f.name for f in fields(TrainConfig)}
-    # Settings this version knows (a file from another tool may hold others), the shapes from the weights.
-    config = {k: v for k, v in (state.get("config") or {}).items() if k in known}
-    if (config.get("model") or BUILTIN) == BUILTIN:
+    config = _known_settings(state.get("config") or {})
+    if (config.get("model") or BUILTIN) == BUILTIN:  # the built-in's shapes, from its weights
         config.update(arch_from_shapes({k: tuple(v.shape) for k, v in weights.items()}))
     if "per_step" not in (state.get("config") or {}):
         raise CheckpointError(f"{flag} {where}: the checkpoint does not say whether it predicts a class per "
@@ -81,31 +79,33 @@ def load_trained_model(where: str, flag: str = "--checkpoint") -> TrainedModel:
 def load_exported_model(where: str) -> TrainedModel:
     """The model of a safetensors file written by `python -m raytrain_app.ckpt export` (the settings that build
     it are in its metadata), local or a URI."""
-    from safetensors.torch import load
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
     from raytrain_app.storage.location import parse_location
 
     location = parse_location(where, flag="model file")
     if not location.is_file():
         raise CheckpointError(f"{where}: no such file")
-    try:
-        raw = location.read_bytes()
-        weights = load(raw)
-        metadata = _safetensors_metadata(raw)
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line naming it
-        raise CheckpointError(f"{where}: not a safetensors file written by raytrain_app.ckpt export ({e})") from None
+    with location.local_copy() as path:
+        try:
+            weights = load_file(path)
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line naming it
+            raise CheckpointError(f"{where}: not a safetensors file written by raytrain_app.ckpt export ({e})"
+                                  ) from None
     if "config" not in metadata:
         raise CheckpointError(f"{where}: its metadata has no config (it was not written by raytrain_app.ckpt export)")
-    known = {f.name for f in fields(TrainConfig)}
-    config = {k: v for k, v in json.loads(metadata["config"]).items() if k in known}
+    config = _known_settings(json.loads(metadata["config"]))
     return TrainedModel(cfg=TrainConfig.from_dict(config, source=where), weights=weights, source=location,
                         global_step=int(metadata.get("global_step") or 0))
 
 
-def _safetensors_metadata(raw: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file: its header is 8 bytes of length, then JSON."""
-    header_size = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + header_size]).get("__metadata__") or {}
+def _known_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings this version knows (a file from another tool, or a later version, may hold others)."""
+    known = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in config.items() if k in known}
 
 
 def score_table(model: torch.nn.Module, table: pa.Table, cfg: TrainConfig,

@@ -29,10 +29,8 @@ from raytrain_app.checkpoint.format import (
     step_of,
     verify_checkpoint_dir,
 )
-from raytrain_app.core.config import HIGHER_IS_BETTER, higher_is_better
+from raytrain_app.core.config import ALL_SCORES, higher_is_better
 from raytrain_app.storage.location import Location, check_bucket, parse_location
-
-SCORES = tuple(name for name in HIGHER_IS_BETTER if name != "val_loss")  # every task's
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +183,7 @@ def summarize(location: Location, label: str | None = None) -> StateSummary:
         eval_val_loss=_float_or_none(state.get("eval_val_loss")),
         best_val_accuracy=_float_or_none(state.get("val_accuracy")),
         eval_val_accuracy=_float_or_none(state.get("eval_val_accuracy")),
-        best_scores=_scores({name: state.get(name) for name in SCORES}),
+        best_scores=_scores({name: state.get(name) for name in ALL_SCORES}),
     )
 
 
@@ -202,7 +200,7 @@ def _summary_from_meta(meta: dict[str, Any], path: str) -> StateSummary:
         eval_val_loss=_float_or_none(meta.get("eval_val_loss")), sharded=bool(meta.get("sharded")),
         best_val_accuracy=_float_or_none(meta.get("best_val_accuracy")),
         eval_val_accuracy=_float_or_none(meta.get("eval_val_accuracy")), from_meta=True,
-        best_scores=_scores({name: meta.get(f"best_{name}") for name in SCORES}))
+        best_scores=_scores({name: meta.get(f"best_{name}") for name in ALL_SCORES}))
 
 
 def _scores(values: dict[str, Any]) -> dict[str, float]:

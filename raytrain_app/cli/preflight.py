@@ -9,7 +9,7 @@ import math
 from raytrain_app.checkpoint.fit import check_weights_fit, fit_to_checkpoint
 from raytrain_app.checkpoint.format import load_state
 from raytrain_app.checkpoint.resolve import StateSummary, summarize
-from raytrain_app.core.config import SCORE_LABELS, TrainConfig
+from raytrain_app.core.config import ARCH_FIELDS, SCORE_LABELS, TrainConfig
 from raytrain_app.core.errors import UserError
 from raytrain_app.datasets.dataset import Dataset
 from raytrain_app.datasets.formats import open_dataset
@@ -22,9 +22,6 @@ def with_data_shape(cfg: TrainConfig, data: Dataset) -> TrainConfig:
                       per_step=data.per_step, input_shape=list(data.input_shape), task=data.task)
     cfg.check_select_metric()
     return cfg
-
-
-BUILTIN_ONLY_FLAGS = ("hidden_dim", "num_layers", "num_heads")
 
 
 # A model whose weights take up to this much is checked on the CPU, on zeros (a forward pass of two samples takes
@@ -79,7 +76,7 @@ def _check_model_flags(cfg: TrainConfig, given: set[str]) -> None:
     from raytrain_app.core.model_spec import BUILTIN, SpecError
 
     if cfg.model != BUILTIN:
-        builtin_flags = sorted(f"--{name.replace('_', '-')}" for name in BUILTIN_ONLY_FLAGS if name in given)
+        builtin_flags = sorted(f"--{name.replace('_', '-')}" for name in ARCH_FIELDS if name in given)
         if builtin_flags:
             raise SpecError(f"{', '.join(builtin_flags)}: settings of the built-in transformer, not of --model "
                             f"{cfg.model}; give your model's settings with --model-args")

@@ -31,8 +31,10 @@ def _opt(default: Any, help: str, *, cli: bool = True, identity: bool = True, **
     return field(default=default, metadata={"help": help, "cli": cli, "identity": identity, **extra})
 
 
-# Fields that define the network's shapes: a checkpoint can only be loaded into the same values.
+# Fields that define the built-in network's shapes (its settings, flags of their own): a checkpoint can only be
+# loaded into the same values.
 ARCH_FIELDS = ("hidden_dim", "num_layers", "num_heads")
+BUILTIN_MODEL = "transformer"  # --model's default (raytrain_app.core.model_spec)
 
 # What the targets are (from the data): integer labels, or float values.
 CLASSIFICATION, REGRESSION = "classification", "regression"
@@ -40,6 +42,7 @@ CLASSIFICATION, REGRESSION = "classification", "regression"
 # chosen by: the one place that says whether higher is better (checkpoints kept, best_model.pt, a run folder's
 # best checkpoint, a sweep's ranking and early stopping).
 TASK_SCORES = {CLASSIFICATION: ("val_accuracy",), REGRESSION: ("val_rmse", "val_mae")}
+ALL_SCORES = tuple(name for scores in TASK_SCORES.values() for name in scores)
 HIGHER_IS_BETTER = {"val_loss": False, "val_accuracy": True, "val_rmse": False, "val_mae": False}
 SCORE_LABELS = {"val_loss": "loss", "val_accuracy": "accuracy", "val_rmse": "RMSE", "val_mae": "MAE"}
 
@@ -67,7 +70,7 @@ class TrainConfig:
 
     # --- model (section "model"; architecture fields must match a checkpoint being loaded) ---
     model: str = _opt(
-        "transformer", "The model: transformer (the built-in one) or your own ModelSpec as package.module:attribute, "
+        BUILTIN_MODEL, "The model: transformer (the built-in one) or your own ModelSpec as package.module:attribute, "
         "importable where the command runs and on every node (see docs/own-model.md). A run started from a "
         "checkpoint trains the checkpoint's model.", added_later=True)
     model_args: dict[str, Any] | None = _opt(
@@ -351,8 +354,8 @@ def as_flags(values: dict[str, Any], names: tuple[str, ...] | None = None) -> st
     """Settings as the command-line flags that give them (`--use-amp`, `--no-compile`, `--lr 0.001`); `names`
     picks and orders them (default: every CLI setting in `values`)."""
     cli = {f.name for f in cli_fields()}
-    if values.get("model") not in (None, "transformer"):  # a plug-in: the built-in model's flags do not apply
-        cli -= {"hidden_dim", "num_layers", "num_heads"}
+    if values.get("model") not in (None, BUILTIN_MODEL):  # a plug-in: the built-in model's flags do not apply
+        cli -= set(ARCH_FIELDS)
     parts: list[str] = []
     for name in names or tuple(values):
         value = values.get(name)

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from raytrain_app.core.config import CLASSIFICATION, REGRESSION, ConfigError, TrainConfig
+from raytrain_app.core.config import ARCH_FIELDS, BUILTIN_MODEL, CLASSIFICATION, REGRESSION, ConfigError, TrainConfig
 
 TASKS = (CLASSIFICATION, REGRESSION)
-BUILTIN = "transformer"  # --model's default: the built-in SequenceTransformer
+BUILTIN = BUILTIN_MODEL  # --model's default: the built-in SequenceTransformer
 # Imported by name like any plug-in (and so the model module, which uses this protocol, is not imported here).
 BUILTIN_SPEC = "raytrain_app.core.model:TRANSFORMER"
 
@@ -126,11 +126,6 @@ def _same_kind(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def args_dict(args: Any) -> dict[str, Any]:
-    """A settings object as the plain dict checkpoints record."""
-    return dataclasses.asdict(args) if args is not None else {}
-
-
 def data_shape(cfg: TrainConfig) -> DataShape:
     """The shape the config's model is built for (filled from the data or the checkpoint; a config written before
     inputs of any shape holds sequences [seq_len, feature_dim])."""
@@ -204,7 +199,7 @@ def model_args(cfg: TrainConfig, spec: ModelSpec | None = None) -> Any:
     """The model's settings object: the built-in's from its flags, a plug-in's from --model-args."""
     spec = spec or load_spec(cfg.model)
     if cfg.model == BUILTIN:  # its settings are flags of their own
-        return spec.args(hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
+        return spec.args(**{name: getattr(cfg, name) for name in ARCH_FIELDS})
     return spec_args(spec, cfg.model_args, cfg.model)
 
 
@@ -250,7 +245,7 @@ def model_identity(config: dict[str, Any] | None) -> dict[str, Any]:
     name = config.get("model") or BUILTIN
     if name == BUILTIN:
         defaults = load_spec(BUILTIN).args()
-        args = {f: config.get(f, getattr(defaults, f)) for f in ("hidden_dim", "num_layers", "num_heads")}
+        args = {f: config.get(f, getattr(defaults, f)) for f in ARCH_FIELDS}
     else:
         args = dict(config.get("model_args") or {})
     return {"spec": name, "args": args}

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raytrain_app.core.config import CLASSIFICATION, TASK_SCORES
+from raytrain_app.core.config import CLASSIFICATION
 
 
 def loss_fn(task: str, outputs: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -36,14 +36,10 @@ def score_sums(task: str, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 
 def scores_from_sums(task: str, sums: list[float], count: float) -> dict[str, float]:
-    """The task's scores (TASK_SCORES) from their sums over `count` targets."""
+    """The task's scores (core.config.TASK_SCORES) from their sums over `count` targets."""
     if task == CLASSIFICATION:
         return {"val_accuracy": sums[0] / count}
     return {"val_rmse": math.sqrt(sums[0] / count), "val_mae": sums[1] / count}
-
-
-def num_scores(task: str) -> int:
-    return len(TASK_SCORES[task])
 
 
 def output_shape(task: str, batch: int, input_shape: tuple[int, ...], per_step: bool, num_classes: int) -> list[int]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from raytrain_app.core.config import HIGHER_IS_BETTER, TrainConfig
+from raytrain_app.core.config import ALL_SCORES, TrainConfig
 from raytrain_app.core.model import transformer_flops_per_token
 from raytrain_app.core.model_spec import count_flops
 from raytrain_app.core.trainer import unvalidated
@@ -42,13 +42,12 @@ from raytrain_app.storage.publish import publish_bytes
 
 log = logging.getLogger(__name__)
 
-SCORES = tuple(name for name in HIGHER_IS_BETTER if name != "val_loss")  # every task's (core.config.TASK_SCORES)
 
 
 def scores_in(keys: Any, prefix: str = "") -> tuple[str, ...]:
     """The task's scores a metrics dict, progress message or metrics.jsonl row holds (as `prefix` + name):
     val_accuracy for classification, val_rmse and val_mae for regression."""
-    return tuple(name for name in SCORES if f"{prefix}{name}" in keys)
+    return tuple(name for name in ALL_SCORES if f"{prefix}{name}" in keys)
 
 
 def measured(name: str, value: float | None) -> bool:

@@ -12,17 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from raytrain_app.checkpoint.state import with_training_state
 from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import set_normalization
 from raytrain_app.core.model_spec import build_model
-from raytrain_app.core.rng import seed_everything
-from raytrain_app.core.trainer import Trainer
 from raytrain_app.data import main as data_main
 from raytrain_app.datasets.formats import make_synthetic, open_dataset, write_pickle_atomic
-from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.evaluate import main
-from tests.helpers import PLUGIN, run_in_process
+from tests.helpers import PLUGIN, run_in_process, trained_checkpoint_of
 
 BATCH = 32  # the batch size evaluate is run with below, and the one the computation here uses
 
@@ -36,21 +31,8 @@ def trained_checkpoint(folder: Path, per_step: bool, model: str = "transformer")
     inputs standardised): the checkpoint's predictions are neither constant nor perfect."""
     raw = make_synthetic(num_train=256, num_val=64, num_test=90, seq_len=8, feature_dim=4, num_classes=3,
                          per_step=per_step, seed=1)
-    for split in raw.values():
-        if isinstance(split, dict):
-            split["x"] = split["x"] * np.float32(4.0) + np.float32(2.0)  # something to standardise
-    write_pickle_atomic(raw, str(folder / "data.pkl"))
-    data = open_dataset(str(folder / "data.pkl"))
-    cfg = TrainConfig(data=str(folder / "data.pkl"), **MODELS[model], feature_dim=4, seq_len=8, num_classes=3,
-                      per_step=per_step, epochs=1, batch_size=16, eval_every=100, num_workers=1)
-    seed_everything(0, 0)
-    model = build_model(cfg)
-    set_normalization(model, *feature_stats(data.train))
-    trainer = Trainer(cfg, model, model, torch.device("cpu"))
-    states: list[dict] = []
-    trainer.fit(data, with_training_state(trainer, lambda m, state, best: states.append(state)))
-    torch.save(states[-1], folder / "best_model.pt")
-    return folder / "data.pkl", folder / "best_model.pt"
+    return trained_checkpoint_of(raw, folder, **MODELS[model], epochs=1, batch_size=16, eval_every=100,
+                                 num_workers=1)
 
 
 def expected_scores(checkpoint: Path, data: Path) -> dict:

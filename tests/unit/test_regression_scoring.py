@@ -15,19 +15,15 @@ import torch
 from PIL import Image
 
 from raytrain_app.checkpoint.inference import load_trained_model, score_table
-from raytrain_app.checkpoint.state import with_training_state
+from raytrain_app.cli.preflight import with_data_shape
 from raytrain_app.core.config import TrainConfig
-from raytrain_app.core.model import set_normalization
 from raytrain_app.core.model_spec import build_model
-from raytrain_app.core.rng import seed_everything
-from raytrain_app.core.trainer import Trainer
 from raytrain_app.data import main as data_main
 from raytrain_app.datasets.formats import make_synthetic, open_dataset, write_pickle_atomic
-from raytrain_app.datasets.normalize import feature_stats
 from raytrain_app.datasets.prediction_input import Shape, open_prediction_input, read_piece
 from raytrain_app.evaluate import main
 from raytrain_app.predict import outputs_text
-from tests.helpers import run_in_process
+from tests.helpers import run_in_process, trained_checkpoint_of
 
 BATCH = 32  # the batch size evaluate is run with below, and the one the computation here uses
 REGRESSOR = "tests.plugins:regressor"
@@ -36,11 +32,8 @@ SHAPES = {False: (6,), True: (8, 4)}
 
 
 def config_for(data_path: Path, model: str, **changes: object) -> TrainConfig:
-    """A config as the driver fills it from the data (task, input shape, per-step-ness, classes)."""
-    data = open_dataset(str(data_path))
-    return TrainConfig(data=str(data_path), model=model, feature_dim=data.feature_dim, seq_len=data.seq_len,
-                       num_classes=data.num_classes, per_step=data.per_step, input_shape=list(data.input_shape),
-                       task=data.task, **changes)
+    """The config of `model` on the data at `data_path`, its shapes and task as the driver fills them in."""
+    return with_data_shape(TrainConfig(data=str(data_path), model=model, **changes), open_dataset(str(data_path)))
 
 
 def trained_regression(folder: Path, per_step: bool) -> tuple[Path, Path]:
@@ -48,21 +41,8 @@ def trained_regression(folder: Path, per_step: bool) -> tuple[Path, Path]:
     epochs in this process with its inputs standardised): its predictions are neither constant nor perfect."""
     raw = make_synthetic(num_train=256, num_val=64, num_test=90, per_step=per_step, seed=1, task="regression",
                          input_shape=SHAPES[per_step])
-    for split in raw.values():
-        if isinstance(split, dict):
-            split["x"] = split["x"] * np.float32(4.0) + np.float32(2.0)  # something to standardise
-    write_pickle_atomic(raw, str(folder / "data.pkl"))
-    cfg = config_for(folder / "data.pkl", REGRESSOR, epochs=4, lr=1e-2, warmup_steps=4, batch_size=16, eval_every=100,
-                     num_workers=1)
-    data = open_dataset(str(folder / "data.pkl"))
-    seed_everything(0, 0)
-    model = build_model(cfg)
-    set_normalization(model, *feature_stats(data.train))
-    trainer = Trainer(cfg, model, model, torch.device("cpu"))
-    states: list[dict] = []
-    trainer.fit(data, with_training_state(trainer, lambda m, state, best: states.append(state)))
-    torch.save(states[-1], folder / "best_model.pt")
-    return folder / "data.pkl", folder / "best_model.pt"
+    return trained_checkpoint_of(raw, folder, model=REGRESSOR, epochs=4, lr=1e-2, warmup_steps=4, batch_size=16,
+                                 eval_every=100, num_workers=1)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["per-sample", "per-step"])
