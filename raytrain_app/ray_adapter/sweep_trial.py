@@ -14,9 +14,9 @@ import math
 from typing import Any
 
 from raytrain_app.checkpoint.resolve import verified_name
-from raytrain_app.core.config import TrainConfig, higher_is_better
+from raytrain_app.core.config import ALL_SCORES, TrainConfig, higher_is_better
 from raytrain_app.observability.console import configure_console
-from raytrain_app.observability.metrics import SCORES, measured
+from raytrain_app.observability.metrics import measured
 from raytrain_app.observability.sweep_results import trial_dir_name
 from raytrain_app.ray_adapter.driver import make_trainer
 from raytrain_app.ray_adapter.run_record import latest_run_metrics, recover_run
@@ -60,7 +60,7 @@ def tune_metrics(metrics: dict[str, Any], base_global_step: int) -> dict[str, An
     for key in LOSS_KEYS:
         if key in out and not (math.isfinite(out[key]) and out[key] < UNVALIDATED_LOSS):
             out[key] = math.inf
-    for name in SCORES:
+    for name in ALL_SCORES:
         for key in (name, f"best_{name}"):
             if key in out and not measured(name, out[key]):
                 out[key] = -math.inf if higher_is_better(name) else math.inf
